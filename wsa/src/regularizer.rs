@@ -2,7 +2,7 @@
 //! `N(μ̃, σ̃²)`, and its gradient with respect to every scalar of the tensor.
 
 use crate::Real;
-use crate::error::{Error, Result, ensure_finite};
+use crate::error::{Error, Result};
 use crate::scope::{Scope, mean_and_variance};
 
 /// `KL(N(μ,σ²) ‖ N(μ̃,σ̃²)) = ln(σ̃/σ) + (σ² + (μ − μ̃)²) / (2σ̃²) − 1/2`.
@@ -34,8 +34,11 @@ pub fn add_kl_grad<F: Real>(
         });
     }
     target.validate()?;
-    ensure_finite("tensor", w)?;
+    // Any NaN or infinity in `w` shows up in the sums: no separate pass over the tensor.
     let (mean, var) = mean_and_variance(w);
+    if !(mean.is_finite() && var.is_finite()) {
+        return Err(Error::NonFinite { what: "tensor" });
+    }
     let scope = Scope {
         mean,
         std: (var + eps).sqrt(),

@@ -48,19 +48,23 @@ impl Scope {
     }
 }
 
-/// Population mean and variance in f64. The caller guarantees `w` is non-empty.
+/// Population mean and variance in f64, in one pass. Sums are taken around the first element
+/// so that a large common offset does not cancel the variance away. The caller guarantees `w`
+/// is non-empty; a non-finite element makes the result non-finite.
 pub(crate) fn mean_and_variance<F: Real>(w: &[F]) -> (f64, f64) {
     let n = w.len() as f64;
-    let mean = w.iter().map(|x| x.as_f64()).sum::<f64>() / n;
-    let var = w
-        .iter()
-        .map(|x| {
-            let d = x.as_f64() - mean;
-            d * d
-        })
-        .sum::<f64>()
-        / n;
-    (mean, var)
+    let shift = w[0].as_f64();
+    let (mut sum, mut sum_sq) = (0.0, 0.0);
+    for x in w {
+        let d = x.as_f64() - shift;
+        sum += d;
+        sum_sq += d * d;
+    }
+    let mean_shift = sum / n;
+    (
+        (shift + mean_shift),
+        (sum_sq / n - mean_shift * mean_shift).max(0.0),
+    )
 }
 
 /// Which of a head's tensors carry a scope.
