@@ -1,7 +1,23 @@
 #!/usr/bin/env bash
-# Benchmarks that write JSON under target/bench/ (see docs/benchmarks.md).
+# Benchmarks that write JSON under target/bench/ (see docs/benchmarks.md): the head's training
+# epoch against GEMM, and the backbone in tract against onnxruntime on the same ONNX file
+# (run one after the other so they do not compete for the cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 export PATH="$HOME/.cargo/bin:$PATH"
+scripts/fetch-model.sh
 cargo bench --locked -p wsa --bench train_epoch
+cargo bench --locked -p edge-client --bench backbone
+.venv-models/bin/python models/verify.py --bench
+.venv-models/bin/python - <<'PY'
+import json
+tract = json.load(open("target/bench/tract_backbone.json"))["rows"]
+ort = {(r["size"], r["threads"]): r["images_per_s"]
+       for r in json.load(open("target/bench/ort_backbone.json"))["results"]}
+print("| side | threads | tract images/s | onnxruntime images/s | tract time / ort time |")
+print("|---|---|---|---|---|")
+for r in tract:
+    o = ort[(r["side"], r["threads"])]
+    print(f"| {r['side']} | {r['threads']} | {r['images_per_s']:.1f} | {o:.1f} | {o / r['images_per_s']:.2f} |")
+PY

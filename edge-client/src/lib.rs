@@ -1,48 +1,21 @@
-//! The edge client's side of a round, free of sockets: take the round's global head, target
-//! scopes and training configuration, train on the local features, and produce the update the
-//! aggregator folds. The backbone (feature extraction) and the QUIC transport build on this.
+//! The edge client: frozen features in, head updates out.
+//!
+//! A [`Backbone`] (tract running the MobileNetV2 features ONNX at a fixed input side) turns
+//! images from the `datasets` loaders into feature vectors after [`preprocess`]ing them; the
+//! [`cache`] keeps those features on disk, keyed by the backbone's hash, input side,
+//! preprocessing and the source data, so they are computed once. [`local_round`] trains the
+//! round's global head on them and packages the [`ClientUpdate`]. The QUIC transport builds
+//! on these pieces.
 #![warn(missing_docs, unreachable_pub)]
 
-use wsa::{Head, LabelledFeatures, Scope, TrainConfig, TrainMetrics};
+mod backbone;
+pub mod cache;
+mod error;
+mod features;
+pub mod preprocess;
+mod round;
 
-/// What the aggregator sends a client for one round.
-#[derive(Debug, Clone)]
-pub struct RoundTask {
-    /// The round number.
-    pub round: u64,
-    /// The global head to start from (and the FedProx anchor).
-    pub global: Head<f32>,
-    /// Local training settings, with the strategy's FedProx or WSA term already set.
-    pub train: TrainConfig,
-}
-
-/// What a client returns for one round.
-#[derive(Debug, Clone)]
-pub struct ClientUpdate {
-    /// The round the update answers.
-    pub round: u64,
-    /// The trained head's flat parameters.
-    pub params: Vec<f32>,
-    /// The trained head's scopes, one per scoped tensor.
-    pub scopes: Vec<Scope>,
-    /// Loss, accuracy, regularizer values and sample counts.
-    pub metrics: TrainMetrics,
-}
-
-/// Trains the task's head on `data` and packages the result. `client_seed` decorrelates the
-/// shuffles of clients that share a round seed.
-pub fn local_round(
-    task: &RoundTask,
-    data: &LabelledFeatures,
-    client_seed: u64,
-) -> wsa::Result<ClientUpdate> {
-    let mut cfg = task.train.clone();
-    cfg.seed = cfg.seed ^ client_seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ task.round;
-    let outcome = wsa::train(&task.global, data, &cfg)?;
-    Ok(ClientUpdate {
-        round: task.round,
-        params: outcome.head.to_flat(),
-        scopes: outcome.scopes,
-        metrics: outcome.metrics,
-    })
-}
+pub use backbone::{Backbone, INPUT_SIDES};
+pub use error::{BackboneError, FeatureError};
+pub use features::cached_features;
+pub use round::{ClientUpdate, RoundTask, local_round};

@@ -1,6 +1,6 @@
 //! One local training epoch of a 1280→256→10 MLP head (MobileNetV2 features → 10 classes), in
 //! samples/s, next to the f32 GEMM rate on the very GEMMs a training step performs, timed in
-//! the same run. Writes JSON to `target/bench/train_epoch.json` (or the path in argv[1]).
+//! the same run. Writes JSON to the workspace's `target/bench/train_epoch.json` (or the path in argv[1]).
 //!
 //! `cargo bench -p wsa --bench train_epoch`
 
@@ -85,7 +85,13 @@ fn main() {
     let out = std::env::args()
         .nth(1)
         .filter(|a| !a.starts_with("--"))
-        .unwrap_or_else(|| "target/bench/train_epoch.json".into());
+        .unwrap_or_else(|| {
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../target/bench/train_epoch.json"
+            )
+            .into()
+        });
     let spec = SyntheticSpec {
         dim: INPUT,
         ..SyntheticSpec::default()

@@ -1,0 +1,45 @@
+//! The client's side of one round, free of sockets.
+
+use wsa::{Head, LabelledFeatures, Scope, TrainConfig, TrainMetrics};
+
+/// What the aggregator sends a client for one round.
+#[derive(Debug, Clone)]
+pub struct RoundTask {
+    /// The round number.
+    pub round: u64,
+    /// The global head to start from (and the FedProx anchor).
+    pub global: Head<f32>,
+    /// Local training settings, with the strategy's FedProx or WSA term already set.
+    pub train: TrainConfig,
+}
+
+/// What a client returns for one round.
+#[derive(Debug, Clone)]
+pub struct ClientUpdate {
+    /// The round the update answers.
+    pub round: u64,
+    /// The trained head's flat parameters.
+    pub params: Vec<f32>,
+    /// The trained head's scopes, one per scoped tensor.
+    pub scopes: Vec<Scope>,
+    /// Loss, accuracy, regularizer values and sample counts.
+    pub metrics: TrainMetrics,
+}
+
+/// Trains the task's head on `data` and packages the result. `client_seed` decorrelates the
+/// shuffles of clients that share a round seed.
+pub fn local_round(
+    task: &RoundTask,
+    data: &LabelledFeatures,
+    client_seed: u64,
+) -> wsa::Result<ClientUpdate> {
+    let mut cfg = task.train.clone();
+    cfg.seed = cfg.seed ^ client_seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ task.round;
+    let outcome = wsa::train(&task.global, data, &cfg)?;
+    Ok(ClientUpdate {
+        round: task.round,
+        params: outcome.head.to_flat(),
+        scopes: outcome.scopes,
+        metrics: outcome.metrics,
+    })
+}

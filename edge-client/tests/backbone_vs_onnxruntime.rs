@@ -1,0 +1,114 @@
+//! tract and onnxruntime agree on the features of the same preprocessed inputs (real ImageNet
+//! images and a random tensor) at 96² and 224²; our normalisation reproduces the reference
+//! inputs from the same resized pixels.
+//!
+//! The model and the onnxruntime reference come from `scripts/fetch-model.sh` (which runs
+//! `models/verify.py`). Without them the test says SKIPPED, unless `WSA_REQUIRE_MODEL=1` (set
+//! by the test script after fetching), where their absence fails it.
+
+use std::path::{Path, PathBuf};
+
+use datasets::Image;
+use edge_client::Backbone;
+use edge_client::preprocess::preprocess_into;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn require_model() -> bool {
+    std::env::var("WSA_REQUIRE_MODEL").is_ok_and(|v| v == "1")
+}
+
+fn read_f32(path: &Path) -> Vec<f32> {
+    std::fs::read(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect()
+}
+
+#[test]
+fn tract_matches_onnxruntime_at_96_and_224() {
+    let model = root().join("models/mobilenet_v2_features.onnx");
+    let reference = root().join("models/testdata/reference");
+    let index = reference.join("index.json");
+    if !model.exists() || !index.exists() {
+        assert!(
+            !require_model(),
+            "WSA_REQUIRE_MODEL=1 but {} or {} is missing",
+            model.display(),
+            index.display()
+        );
+        eprintln!("SKIPPED: no model or reference (run scripts/fetch-model.sh)");
+        return;
+    }
+    let index: serde_json::Value = serde_json::from_slice(&std::fs::read(&index).unwrap()).unwrap();
+    let cases = index["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 2);
+    for case in cases {
+        let side = case["size"].as_u64().unwrap() as usize;
+        let inputs = read_f32(&reference.join(case["input"]["file"].as_str().unwrap()));
+        let want = read_f32(&reference.join(case["features"]["file"].as_str().unwrap()));
+        let backbone = Backbone::load(&model, side).unwrap();
+        assert_eq!(backbone.dim(), 1280);
+        let got = backbone.features_of_inputs(&inputs, 2).unwrap();
+        assert_eq!(got.len(), want.len());
+        let max_mag = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let max_diff = got
+            .iter()
+            .zip(&want)
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        eprintln!(
+            "side {side}: max |tract − onnxruntime| = {max_diff:e}, max |feature| = {max_mag}"
+        );
+        assert!(max_mag > 0.1, "reference features look empty");
+        assert!(
+            max_diff <= 1e-4 * max_mag,
+            "side {side}: {max_diff} > 1e-4 × {max_mag}"
+        );
+
+        // The reference's real-image inputs are normalised from already-resized RGB bytes:
+        // preprocessing those bytes at the same side must give the same floats.
+        let rgb = std::fs::read(reference.join(case["rgb"]["file"].as_str().unwrap())).unwrap();
+        let per = 3 * side * side;
+        for (i, pixels) in rgb.chunks_exact(per).enumerate() {
+            let image = Image {
+                width: side as u32,
+                height: side as u32,
+                channels: 3,
+                pixels: pixels.to_vec(),
+            };
+            let mut ours = vec![0.0; per];
+            preprocess_into(&image, side, &mut ours).unwrap();
+            let diff = ours
+                .iter()
+                .zip(&inputs[i * per..(i + 1) * per])
+                .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                diff < 1e-5,
+                "image {i} at {side}: normalisation differs by {diff}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_missing_or_broken_model_is_a_typed_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("none.onnx");
+    assert!(matches!(
+        Backbone::load(&missing, 96),
+        Err(edge_client::BackboneError::Io { .. })
+    ));
+    let garbage = dir.path().join("garbage.onnx");
+    std::fs::write(&garbage, b"definitely not protobuf").unwrap();
+    assert!(matches!(
+        Backbone::load(&garbage, 96),
+        Err(edge_client::BackboneError::Model { .. })
+    ));
+    assert!(matches!(
+        Backbone::load(&garbage, 8),
+        Err(edge_client::BackboneError::BadInputSide { .. })
+    ));
+}
