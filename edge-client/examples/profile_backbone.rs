@@ -17,11 +17,15 @@ fn main() -> TractResult<()> {
         env!("CARGO_MANIFEST_DIR"),
         "/../models/mobilenet_v2_features.onnx"
     );
-    let plan = tract_onnx::onnx()
+    let mut model = tract_onnx::onnx()
         .model_for_path(path)?
         .with_input_fact(0, f32::fact([1, 3, side, side]).into())?
-        .into_optimized()?
-        .into_runnable()?;
+        .into_typed()?;
+    if std::env::var("NCHW").is_err() {
+        let t = tract_onnx::tract_core::transform::get_transform("conv_nhwc")?.expect("conv_nhwc");
+        model.transform(&*t)?;
+    }
+    let plan = model.into_optimized()?.into_runnable()?;
     let mut state = TypedSimpleState::new(&plan)?;
     let input = Tensor::zero::<f32>(&[1, 3, side, side])?;
     let mut per_op: HashMap<String, (f64, usize)> = HashMap::new();

@@ -14,6 +14,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use ndarray::{Array2, ArrayView1, Axis};
 use sha2::{Digest, Sha256};
 use tract_onnx::prelude::*;
+use tract_onnx::tract_core::transform::get_transform;
 
 use crate::error::BackboneError;
 use crate::preprocess::preprocess_into;
@@ -63,6 +64,16 @@ impl Backbone {
         let plan = tract_onnx::onnx()
             .model_for_read(&mut bytes.as_slice())
             .and_then(|m| m.with_input_fact(0, f32::fact([1, 3, side, side]).into()))
+            .and_then(|m| m.into_typed())
+            .and_then(|mut m| {
+                // ONNX convs are NCHW, where tract's depthwise kernel walks one plane at a
+                // time; channel-last it vectorises over channels. Measured at 96²: depthwise
+                // convs 3.2× faster, the whole image ~23% faster, same features.
+                let nhwc = get_transform("conv_nhwc")?
+                    .ok_or_else(|| anyhow::anyhow!("tract has no conv_nhwc transform"))?;
+                m.transform(&*nhwc)?;
+                Ok(m)
+            })
             .and_then(|m| m.into_optimized())
             .and_then(|m| m.into_runnable())
             .map_err(model_err)?;
