@@ -12,3 +12,5 @@ scripts/fetch-fashion-mnist.sh
 cargo fmt --all -- --check
 cargo clippy --locked --workspace --all-targets -- -D warnings
 WSA_REQUIRE_MODEL=1 cargo test --locked --workspace --all-targets
+# The wire decoder's fuzz target builds (running it needs nightly + cargo-fuzz: protocol/fuzz/README.md).
+CARGO_TARGET_DIR=target/fuzz cargo check --locked --manifest-path protocol/fuzz/Cargo.toml

@@ -7,6 +7,13 @@
 //! The QUIC server, the round engine with deadlines and quorum, and checkpoints build on these.
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod auth;
+pub mod backend;
+pub mod checkpoint;
+pub mod engine;
+pub mod server;
+pub mod tls;
+
 use serde::{Deserialize, Serialize};
 use wsa::{
     FusionRule, Head, HeadSpec, ParamSum, Scope, ScopeFusion, ScopeSelection, TrainConfig,

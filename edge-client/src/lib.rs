@@ -12,6 +12,7 @@ mod backbone;
 pub mod cache;
 mod error;
 mod features;
+pub mod net;
 pub mod preprocess;
 mod round;
 

@@ -1,6 +1,6 @@
-//! `edge-client`: the edge device's command line. Today it extracts and caches backbone
-//! features for a data set and trains a head on them locally (`features`, `probe`); joining
-//! an aggregator over QUIC comes with the transport.
+//! `edge-client`: the edge device's command line. `join` takes part in a federated run over
+//! QUIC; `features` extracts and caches backbone features; `probe` trains heads centrally on
+//! them to check what the frozen features are worth.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -31,6 +31,8 @@ enum Command {
         #[arg(long, default_value = "train")]
         split: String,
     },
+    /// Join an aggregator and train on local data until the run ends (Ctrl-C stops cleanly).
+    Join(Box<JoinArgs>),
     /// Train linear and MLP heads centrally on cached features; report test accuracy.
     Probe {
         #[command(flatten)]
@@ -61,6 +63,191 @@ struct Source {
     /// Worker threads for feature extraction.
     #[arg(long, default_value_t = std::thread::available_parallelism().map_or(1, |n| n.get()))]
     threads: usize,
+}
+
+/// `join`'s settings: a TOML file (`--config`), overridden by flags.
+#[derive(Args, Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JoinArgs {
+    /// TOML file with any of the settings below (flags win).
+    #[arg(long)]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// Aggregator address, host:port.
+    #[arg(long)]
+    server: Option<String>,
+    /// Name in the aggregator's certificate (default: the host part of --server).
+    #[arg(long)]
+    server_name: Option<String>,
+    /// The deployment's CA certificate (PEM).
+    #[arg(long)]
+    ca_cert: Option<PathBuf>,
+    /// This client's id.
+    #[arg(long)]
+    client_id: Option<String>,
+    /// File holding this client's token.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Local data: an IDX folder (`--data-format idx`) or a `class/*.png|jpg` tree.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// `idx` or `image-folder`.
+    #[arg(long)]
+    data_format: Option<String>,
+    /// For IDX data: `train` or `test`.
+    #[arg(long)]
+    split: Option<String>,
+    /// Use only the first N images (0: all).
+    #[arg(long)]
+    limit: Option<usize>,
+    /// The features ONNX.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Backbone input side.
+    #[arg(long)]
+    side: Option<usize>,
+    /// Where feature caches live.
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Threads for feature extraction.
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Give up after this many failed connection attempts in a row (default: never).
+    #[arg(long)]
+    max_attempts: Option<u32>,
+    /// Write the client's report (rounds, verdicts) as JSON here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+}
+
+impl JoinArgs {
+    /// Flags over the config file's values.
+    fn resolve(self) -> Result<Self> {
+        let file: JoinArgs = match &self.config {
+            Some(path) => toml::from_str(
+                &std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?,
+            )
+            .with_context(|| format!("parsing {}", path.display()))?,
+            None => JoinArgs::default(),
+        };
+        Ok(JoinArgs {
+            config: self.config,
+            server: self.server.or(file.server),
+            server_name: self.server_name.or(file.server_name),
+            ca_cert: self.ca_cert.or(file.ca_cert),
+            client_id: self.client_id.or(file.client_id),
+            token_file: self.token_file.or(file.token_file),
+            data: self.data.or(file.data),
+            data_format: self.data_format.or(file.data_format),
+            split: self.split.or(file.split),
+            limit: self.limit.or(file.limit),
+            model: self.model.or(file.model),
+            side: self.side.or(file.side),
+            cache_dir: self.cache_dir.or(file.cache_dir),
+            threads: self.threads.or(file.threads),
+            max_attempts: self.max_attempts.or(file.max_attempts),
+            report: self.report.or(file.report),
+        })
+    }
+}
+
+fn need<T>(value: Option<T>, name: &str) -> Result<T> {
+    value.with_context(|| {
+        format!(
+            "--{name} (or `{}` in the config) is required",
+            name.replace('-', "_")
+        )
+    })
+}
+
+fn join(args: JoinArgs) -> Result<()> {
+    let args = args.resolve()?;
+    let server: String = need(args.server.clone(), "server")?;
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(&server)
+        .with_context(|| format!("resolving {server}"))?
+        .next()
+        .with_context(|| format!("{server} resolves to nothing"))?;
+    let server_name = args.server_name.clone().unwrap_or_else(|| {
+        server.rsplit_once(':').map_or(server.clone(), |(h, _)| {
+            h.trim_matches(['[', ']']).to_owned()
+        })
+    });
+    let client_id: String = need(args.client_id.clone(), "client-id")?;
+    let token_file: PathBuf = need(args.token_file.clone(), "token-file")?;
+    let token = std::fs::read_to_string(&token_file)
+        .with_context(|| format!("reading {}", token_file.display()))?
+        .trim()
+        .as_bytes()
+        .to_vec();
+    let data_path: PathBuf = need(args.data.clone(), "data")?;
+    let side = args.side.unwrap_or(96);
+    let model = args
+        .model
+        .clone()
+        .unwrap_or_else(|| "models/mobilenet_v2_features.onnx".into());
+    let cache_dir = args.cache_dir.clone().unwrap_or_else(|| "cache".into());
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let mut set = match args.data_format.as_deref().unwrap_or("image-folder") {
+        "idx" => load_split(&data_path, args.split.as_deref().unwrap_or("train"))?,
+        "image-folder" => datasets::read_image_folder(&data_path, &Limits::default())
+            .with_context(|| format!("reading {}", data_path.display()))?,
+        other => anyhow::bail!("unknown data format {other:?}: use idx or image-folder"),
+    };
+    if let Some(n) = args.limit.filter(|&n| n > 0 && n < set.len()) {
+        set.images.truncate(n);
+        set.labels.truncate(n);
+    }
+    let backbone = Backbone::load(&model, side)?;
+    let cache = cache_dir.join(format!("{client_id}-{side}.feat"));
+    let (data, outcome) = cached_features(&backbone, &set, &cache, threads, true)?;
+    tracing::info!(rows = data.len(), ?outcome, "local features ready");
+    drop(backbone);
+
+    let opts = edge_client::net::ConnectOptions {
+        server: addr,
+        server_name,
+        ca_cert: need(args.ca_cert.clone(), "ca-cert")?,
+        client_id,
+        token,
+        limits: protocol::Limits::default(),
+        quic: protocol::quic::QuicLimits::default(),
+        backoff: edge_client::net::Backoff {
+            max_attempts: args.max_attempts,
+            ..Default::default()
+        },
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let report = runtime.block_on(async move {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                tracing::info!("Ctrl-C: leaving the run");
+                let _ = stop_tx.send(true);
+            }
+        });
+        edge_client::net::run(opts, std::sync::Arc::new(data), stop_rx).await
+    })?;
+    let accepted = report
+        .rounds
+        .iter()
+        .filter(|r| r.outcome == "accepted")
+        .count();
+    println!(
+        "{:?} after {} rounds ({accepted} updates accepted, {} connections)",
+        report.end,
+        report.rounds.len(),
+        report.connections
+    );
+    if let Some(path) = &args.report {
+        std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
 }
 
 fn load_split(data: &Path, split: &str) -> Result<ImageSet> {
@@ -113,6 +300,7 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
+        Command::Join(args) => join(*args)?,
         Command::Features { source, split } => {
             let backbone = Backbone::load(&source.model, source.side)?;
             let f = features(&source, &backbone, &split)?;

@@ -1,0 +1,1177 @@
+//! The round engine driven by a fake clock and synthetic clients: round lifecycle, every
+//! rejection reason, determinism, resumption through a checkpoint file, sampling, and the fold
+//! checked against a second implementation.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use aggregator::Strategy;
+use aggregator::checkpoint::Checkpoint;
+use aggregator::engine::{
+    Action, ClosedBy, Engine, EngineConfig, EngineError, Event, Millis, RoundReport, Sampling,
+    sample_sizes,
+};
+use protocol::{
+    Capabilities, EncodedParams, Encoding, Outcome, RejectReason, RoundTask, RowLayout, Update,
+    UpdateMetrics, WireScope,
+};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use wsa::synthetic::{SyntheticProblem, SyntheticSpec};
+use wsa::{
+    DEFAULT_SCOPE_EPS, FusionRule, Head, HeadSpec, LabelledFeatures, Scope, ScopeFusion,
+    ScopeSelection, Weighting,
+};
+
+const RUN: u64 = 7;
+
+fn spec() -> HeadSpec {
+    HeadSpec::mlp(8, &[6], 3)
+}
+
+fn config(strategy: Strategy) -> EngineConfig {
+    let mut c = EngineConfig::new(RUN, spec(), strategy);
+    c.seed = 11;
+    c.rounds = 4;
+    c.round_timeout_ms = 1_000;
+    c
+}
+
+fn all_caps() -> Capabilities {
+    Capabilities {
+        f16: true,
+        int8: true,
+    }
+}
+
+/// An engine, a fake clock, and everything the engine asked for so far.
+struct Sim {
+    engine: Engine,
+    now: u64,
+    /// The last task each client got.
+    tasks: BTreeMap<String, Arc<RoundTask>>,
+    log: Vec<Action>,
+}
+
+impl Sim {
+    fn new(config: EngineConfig) -> Self {
+        Self::of(Engine::new(config).unwrap())
+    }
+
+    /// Connects `clients` to a fresh engine whose first round waits for all of them.
+    fn start(mut config: EngineConfig, clients: &[(&str, u64)]) -> Self {
+        config.min_connected = clients.len();
+        let mut sim = Self::new(config);
+        sim.connect_all(clients);
+        sim
+    }
+
+    fn of(engine: Engine) -> Self {
+        Self {
+            engine,
+            now: 0,
+            tasks: BTreeMap::new(),
+            log: Vec::new(),
+        }
+    }
+
+    fn event(&mut self, event: Event) -> Vec<Action> {
+        let actions = self.engine.handle(Millis(self.now), event);
+        for a in &actions {
+            if let Action::SendTask { client, task } = a {
+                self.tasks.insert(client.clone(), task.clone());
+            }
+        }
+        self.log.extend(actions.iter().cloned());
+        actions
+    }
+
+    fn connect(&mut self, client: &str, n_samples: u64) -> Vec<Action> {
+        self.event(Event::Connected {
+            client: client.into(),
+            n_samples,
+            capabilities: all_caps(),
+        })
+    }
+
+    fn connect_all(&mut self, clients: &[(&str, u64)]) -> Vec<Action> {
+        clients
+            .iter()
+            .flat_map(|&(c, n)| self.connect(c, n))
+            .collect()
+    }
+
+    fn send(&mut self, client: &str, update: Update) -> Vec<Action> {
+        self.event(Event::Update {
+            client: client.into(),
+            update: Box::new(update.into()),
+            wire_bytes: 1000,
+        })
+    }
+
+    /// The outcome of `update` sent on `client`'s session.
+    fn verdict(&mut self, client: &str, update: Update) -> Outcome {
+        let actions = self.send(client, update);
+        outcomes(&actions)
+            .into_iter()
+            .find(|(c, _)| c == client)
+            .map(|(_, o)| o)
+            .expect("every update gets a verdict")
+    }
+
+    fn rejection(&mut self, client: &str, update: Update) -> RejectReason {
+        match self.verdict(client, update) {
+            Outcome::Rejected(r) => r,
+            Outcome::Accepted => panic!("expected a rejection"),
+        }
+    }
+
+    fn tick_at(&mut self, now: u64) -> Vec<Action> {
+        self.now = now;
+        self.event(Event::Tick)
+    }
+
+    fn task(&self, client: &str) -> Arc<RoundTask> {
+        self.tasks[client].clone()
+    }
+}
+
+fn outcomes(actions: &[Action]) -> Vec<(String, Outcome)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::SendVerdict { client, verdict } => {
+                Some((client.clone(), verdict.outcome.clone()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn reports(actions: &[Action]) -> Vec<RoundReport> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::RoundClosed(r) => Some((**r).clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn sent_to(actions: &[Action]) -> Vec<(String, u64)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::SendTask { client, task } => Some((client.clone(), task.round)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn global_of(task: &RoundTask) -> Vec<f32> {
+    task.global
+        .decode(&RowLayout::of_head(&task.shape))
+        .unwrap()
+}
+
+fn selection_of(task: &RoundTask) -> ScopeSelection {
+    ScopeSelection {
+        include_biases: task.train.wsa.is_some_and(|w| w.include_biases),
+    }
+}
+
+/// An update carrying `params` as the client would build it: scopes of its own f32
+/// parameters, the task's encoding, sealed.
+fn update_with(task: &RoundTask, client: &str, n_samples: u64, params: &[f32]) -> Update {
+    let spec = task.shape.to_spec().unwrap();
+    let scopes = Head::from_flat(&spec, params)
+        .unwrap()
+        .scopes(selection_of(task), DEFAULT_SCOPE_EPS)
+        .unwrap();
+    Update {
+        run_id: task.run_id,
+        round: task.round,
+        client_id: client.into(),
+        n_samples,
+        params: EncodedParams::encode(params, &RowLayout::of_head(&task.shape), task.encoding)
+            .unwrap(),
+        scopes: scopes.into_iter().map(WireScope::from).collect(),
+        metrics: UpdateMetrics {
+            loss: 1.0,
+            accuracy: 0.5,
+            kl: 0.1,
+            steps: 3,
+            train_ms: 5,
+        },
+        digest: [0; 32],
+    }
+    .seal()
+}
+
+/// The global head plus small noise drawn from `seed`.
+fn perturbed(task: &RoundTask, client: &str, n_samples: u64, seed: u64) -> Update {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let params: Vec<f32> = global_of(task)
+        .iter()
+        .map(|&w| w + rng.random_range(-0.05f32..0.05))
+        .collect();
+    update_with(task, client, n_samples, &params)
+}
+
+/// The client's answer from real local training on its shard.
+fn trained(task: &RoundTask, client: &str, data: &LabelledFeatures) -> Update {
+    let spec = task.shape.to_spec().unwrap();
+    let start = Head::from_flat(&spec, &global_of(task)).unwrap();
+    let mut cfg = task.train.to_config(&task.targets).unwrap();
+    cfg.seed ^= client.len() as u64;
+    let out = wsa::train(&start, data, &cfg).unwrap();
+    let mut u = update_with(task, client, data.len() as u64, &out.head.to_flat());
+    u.metrics.loss = out.metrics.loss;
+    u.metrics.accuracy = out.metrics.accuracy;
+    u.metrics.kl = out.metrics.regularizer.kl;
+    u.seal()
+}
+
+fn shards(clients: usize, n: usize) -> Vec<LabelledFeatures> {
+    let problem = SyntheticProblem::new(
+        SyntheticSpec {
+            classes: 3,
+            dim: 8,
+            clusters_per_class: 2,
+            noise: 1.0,
+        },
+        5,
+    )
+    .unwrap();
+    (0..clients)
+        .map(|k| problem.sample(n + 10 * k, 100 + k as u64).unwrap())
+        .collect()
+}
+
+fn bits(w: &[f32]) -> Vec<u32> {
+    w.iter().map(|x| x.to_bits()).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Round lifecycle
+
+#[test]
+fn a_round_opens_once_enough_clients_are_connected() {
+    let mut c = config(Strategy::FedAvg);
+    c.min_connected = 3;
+    let mut sim = Sim::new(c);
+    assert!(sim.connect("a", 10).is_empty());
+    assert!(sim.connect("b", 10).is_empty());
+    assert_eq!(sim.engine.next_deadline(), None);
+    let actions = sim.connect("c", 10);
+    let mut sent: Vec<_> = sent_to(&actions).into_iter().map(|(c, _)| c).collect();
+    sent.sort();
+    assert_eq!(sent, ["a", "b", "c"]);
+    assert_eq!(sim.engine.next_deadline(), Some(Millis(1_000)));
+    let task = sim.task("a");
+    assert_eq!((task.run_id, task.round, task.deadline_ms), (RUN, 0, 1_000));
+    assert_eq!(task.global.encoding, Encoding::F32);
+    assert_eq!(global_of(&task), sim.engine.global_params());
+    // Round 0's targets are the initial head's scopes.
+    let scopes = sim
+        .engine
+        .global_head()
+        .scopes(ScopeSelection::default(), DEFAULT_SCOPE_EPS)
+        .unwrap();
+    let wire: Vec<WireScope> = scopes.into_iter().map(WireScope::from).collect();
+    assert_eq!(task.targets, wire);
+}
+
+#[test]
+fn reaching_the_target_closes_the_round_and_checkpoints_before_the_next_tasks() {
+    let mut sim = Sim::start(config(Strategy::FedAvg), &[("a", 10), ("b", 20), ("c", 30)]);
+    let before = sim.engine.global_params().to_vec();
+    for (i, (c, n)) in [("a", 10), ("b", 20)].into_iter().enumerate() {
+        let u = perturbed(&sim.task(c), c, n, i as u64);
+        assert_eq!(sim.verdict(c, u), Outcome::Accepted);
+    }
+    let u = perturbed(&sim.task("c"), "c", 30, 9);
+    let actions = sim.send("c", u);
+    let kinds: Vec<&str> = actions
+        .iter()
+        .map(|a| match a {
+            Action::SendVerdict { .. } => "verdict",
+            Action::RoundClosed(_) => "closed",
+            Action::Checkpoint(_) => "checkpoint",
+            Action::SendTask { .. } => "task",
+            Action::Finished => "finished",
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        ["verdict", "closed", "checkpoint", "task", "task", "task"]
+    );
+    let report = &reports(&actions)[0];
+    assert_eq!(report.closed_by, ClosedBy::Target);
+    assert_eq!(report.accepted, ["a", "b", "c"]);
+    assert_eq!((report.round, report.attempt, report.target), (0, 0, 3));
+    assert_eq!(report.train_loss, Some(1.0));
+    assert_eq!(report.payload_bytes_in, 3 * 4 * spec().param_count() as u64);
+    assert_eq!(report.wire_bytes_in, 3000);
+    assert_ne!(sim.engine.global_params(), &before[..]);
+    assert_eq!(sim.engine.round(), 1);
+    assert!(sent_to(&actions).iter().all(|(_, r)| *r == 1));
+    let Some(Action::Checkpoint(cp)) = actions.iter().find(|a| matches!(a, Action::Checkpoint(_)))
+    else {
+        unreachable!()
+    };
+    assert_eq!(cp.next_round, 1);
+    assert_eq!(cp.global, sim.engine.global_params());
+    assert_eq!(cp.history.rounds_closed, 1);
+    assert_eq!(cp.history.updates_accepted, 3);
+    // The report is a JSON line.
+    let line = serde_json::to_string(report).unwrap();
+    assert!(line.contains("\"closed_by\":\"target\""), "{line}");
+}
+
+#[test]
+fn the_deadline_closes_with_what_arrived_when_the_quorum_is_met() {
+    let mut c = config(Strategy::FedAvg);
+    c.quorum = 2;
+    let mut sim = Sim::start(c, &[("a", 10), ("b", 10), ("c", 10)]);
+    for (i, c) in ["a", "b"].into_iter().enumerate() {
+        let u = perturbed(&sim.task(c), c, 10, i as u64);
+        sim.send(c, u);
+    }
+    assert!(reports(&sim.tick_at(999)).is_empty());
+    let actions = sim.tick_at(1_000);
+    let report = &reports(&actions)[0];
+    assert_eq!(report.closed_by, ClosedBy::Deadline);
+    assert_eq!(report.accepted, ["a", "b"]);
+    assert_eq!(report.duration_ms, 1_000);
+    assert_eq!(sim.engine.round(), 1);
+    // The straggler's late update is stale now.
+    let late = perturbed(&sim.tasks["c"].clone(), "c", 10, 3);
+    let late = Update { round: 0, ..late }.seal();
+    assert_eq!(
+        sim.rejection("c", late),
+        RejectReason::StaleRound { got: 0, current: 1 }
+    );
+}
+
+#[test]
+fn below_quorum_the_round_fails_keeps_the_head_and_is_retried() {
+    let mut c = config(Strategy::FedAvg);
+    c.quorum = 2;
+    c.sampling.fraction = 0.5;
+    let mut sim = Sim::start(c, &[("a", 10), ("b", 10), ("c", 10), ("d", 10)]);
+    let first: Vec<String> = sent_to(&sim.log).into_iter().map(|(c, _)| c).collect();
+    assert_eq!(first.len(), 2);
+    let before = sim.engine.global_params().to_vec();
+    let u = perturbed(&sim.task(&first[0]), &first[0], 10, 1);
+    assert_eq!(sim.verdict(&first[0], u), Outcome::Accepted);
+    sim.log.clear();
+    let actions = sim.tick_at(1_000);
+    let report = &reports(&actions)[0];
+    assert_eq!(report.closed_by, ClosedBy::Failed);
+    assert_eq!((report.round, report.attempt), (0, 0));
+    assert_eq!(report.accepted.len(), 1);
+    assert_eq!(sim.engine.global_params(), &before[..]);
+    assert_eq!((sim.engine.round(), sim.engine.attempt()), (0, 1));
+    assert_eq!(sim.engine.history().rounds_failed, 1);
+    // A checkpoint records the attempt, then the same round number is tried again.
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::Checkpoint(cp) if cp.attempt == 1))
+    );
+    let retry = sent_to(&actions);
+    assert_eq!(retry.len(), 2);
+    assert!(retry.iter().all(|(_, r)| *r == 0));
+    let task = sim.task(&retry[0].0);
+    assert_eq!(global_of(&task), before);
+    // Let the retry succeed.
+    for (i, (c, _)) in retry.iter().enumerate() {
+        let u = perturbed(&sim.task(c), c, 10, 10 + i as u64);
+        sim.send(c, u);
+    }
+    let report = reports(&sim.log).pop().unwrap();
+    assert_eq!((report.round, report.attempt), (0, 1));
+    assert_eq!(report.closed_by, ClosedBy::Target);
+    assert_eq!((sim.engine.round(), sim.engine.attempt()), (1, 0));
+}
+
+#[test]
+fn the_sample_of_a_retry_comes_from_a_new_attempt_seed() {
+    let mut c = config(Strategy::FedAvg);
+    c.sampling.fraction = 0.2;
+    c.quorum = 1;
+    let ids: Vec<String> = (0..20).map(|i| format!("c{i:02}")).collect();
+    let clients: Vec<(&str, u64)> = ids.iter().map(|i| (i.as_str(), 10)).collect();
+    let mut sim = Sim::start(c, &clients);
+    let mut samples = vec![sent_to(&sim.log)];
+    for k in 1..6 {
+        sim.log.clear();
+        sim.tick_at(1_000 * k);
+        samples.push(sent_to(&sim.log));
+    }
+    assert_eq!(sim.engine.attempt(), 5);
+    samples.sort();
+    samples.dedup();
+    assert!(samples.len() > 1, "every attempt drew the same sample");
+}
+
+#[test]
+fn a_round_closes_when_every_selected_client_answered_or_left() {
+    let mut c = config(Strategy::FedAvg);
+    c.quorum = 1;
+    let mut sim = Sim::start(c, &[("a", 10), ("b", 10), ("c", 10)]);
+    let u = perturbed(&sim.task("a"), "a", 10, 1);
+    sim.send("a", u);
+    // b answers with garbage: it has answered, with a rejection.
+    let mut bad = perturbed(&sim.task("b"), "b", 10, 2);
+    bad.metrics.loss = 5.0;
+    assert_eq!(sim.rejection("b", bad), RejectReason::DigestMismatch);
+    let actions = sim.event(Event::Disconnected { client: "c".into() });
+    let report = &reports(&actions)[0];
+    assert_eq!(report.closed_by, ClosedBy::AllAnswered);
+    assert_eq!(report.accepted, ["a"]);
+    assert_eq!(report.disconnected, ["c"]);
+    assert_eq!(report.rejected_by_reason["digest-mismatch"], 1);
+    assert_eq!(sim.engine.round(), 1);
+    // Round 1 waits for a third client.
+    assert!(sent_to(&actions).is_empty());
+    assert_eq!(sim.engine.next_deadline(), None);
+    assert_eq!(sent_to(&sim.connect("d", 10)).len(), 3);
+}
+
+#[test]
+fn a_selected_client_that_reconnects_gets_its_task_again() {
+    let mut sim = Sim::start(config(Strategy::FedAvg), &[("a", 10), ("b", 10)]);
+    sim.now = 400;
+    sim.event(Event::Disconnected { client: "b".into() });
+    sim.now = 500;
+    let actions = sim.connect("b", 10);
+    let Some(Action::SendTask { task, .. }) = actions.first() else {
+        panic!("no task on reconnect: {actions:?}")
+    };
+    assert_eq!((task.round, task.deadline_ms), (0, 500));
+    let u = perturbed(task, "b", 10, 1);
+    assert_eq!(sim.verdict("b", u), Outcome::Accepted);
+}
+
+#[test]
+fn the_run_finishes_after_its_last_round() {
+    let mut c = config(Strategy::FedAvg);
+    c.rounds = 2;
+    let mut sim = Sim::new(c);
+    sim.connect("a", 10);
+    for r in 0..2 {
+        let u = perturbed(&sim.task("a"), "a", 10, r);
+        sim.send("a", u);
+    }
+    assert!(matches!(sim.log.last(), Some(Action::Finished)));
+    assert!(sim.engine.is_finished());
+    assert_eq!(sim.engine.next_deadline(), None);
+    assert_eq!(reports(&sim.log).len(), 2);
+    // Nothing more opens, and Finished is said once.
+    assert!(sim.connect("b", 10).is_empty());
+    let u = perturbed(&sim.task("a"), "a", 10, 7);
+    assert!(matches!(
+        sim.rejection("a", u),
+        RejectReason::StaleRound { got: 1, current: 2 }
+    ));
+}
+
+#[test]
+fn the_report_evaluates_the_new_head_on_the_validation_set() {
+    let mut sim = Sim::new(config(Strategy::FedAvg));
+    let data = shards(1, 50).pop().unwrap();
+    sim.engine.set_validation(data.clone()).unwrap();
+    sim.connect("a", 100);
+    let u = trained(&sim.task("a"), "a", &data);
+    let actions = sim.send("a", u);
+    let eval = reports(&actions)[0].eval.unwrap();
+    let direct = sim
+        .engine
+        .global_head()
+        .evaluate(data.x(), data.labels())
+        .unwrap();
+    assert_eq!(eval, direct);
+    let narrow = SyntheticProblem::new(
+        SyntheticSpec {
+            classes: 3,
+            dim: 4,
+            clusters_per_class: 1,
+            noise: 1.0,
+        },
+        1,
+    )
+    .unwrap()
+    .sample(5, 1)
+    .unwrap();
+    assert!(matches!(
+        sim.engine.set_validation(narrow),
+        Err(EngineError::BadValidationSet(_))
+    ));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rejections
+
+/// Two connected clients a and b, both selected for round 0 with f32 tasks.
+fn two_clients() -> Sim {
+    Sim::start(config(Strategy::FedAvg), &[("a", 100), ("b", 100)])
+}
+
+#[test]
+fn a_duplicate_update_is_refused_and_counted_once() {
+    let mut sim = two_clients();
+    let u = perturbed(&sim.task("a"), "a", 10, 1);
+    assert_eq!(sim.verdict("a", u.clone()), Outcome::Accepted);
+    assert_eq!(sim.rejection("a", u), RejectReason::Duplicate);
+    let u = perturbed(&sim.task("b"), "b", 10, 2);
+    let report = reports(&sim.send("b", u)).pop().unwrap();
+    assert_eq!(report.accepted, ["a", "b"]);
+    assert_eq!(report.rejected_by_reason["duplicate"], 1);
+    assert_eq!(report.rejected[0].client, "a");
+}
+
+#[test]
+fn stale_future_and_closed_rounds() {
+    let mut sim = two_clients();
+    let task = sim.task("a");
+    let future = update_with(
+        &RoundTask {
+            round: 3,
+            ..(*task).clone()
+        },
+        "a",
+        10,
+        &global_of(&task),
+    );
+    assert_eq!(
+        sim.rejection("a", future),
+        RejectReason::FutureRound { got: 3, current: 0 }
+    );
+    for (i, c) in ["a", "b"].into_iter().enumerate() {
+        let u = perturbed(&sim.task(c), c, 10, i as u64);
+        sim.send(c, u);
+    }
+    let stale = perturbed(&task, "a", 10, 5);
+    assert_eq!(
+        sim.rejection("a", stale),
+        RejectReason::StaleRound { got: 0, current: 1 }
+    );
+    // Round 0 fails while only one client is left, and no retry opens: round 0 is closed.
+    let mut sim = Sim::start(config(Strategy::FedAvg), &[("a", 100), ("b", 100)]);
+    let task = sim.task("a");
+    sim.event(Event::Disconnected { client: "b".into() });
+    sim.tick_at(1_000);
+    assert_eq!(sim.engine.next_deadline(), None);
+    let u = perturbed(&task, "a", 10, 1);
+    assert_eq!(sim.rejection("a", u), RejectReason::RoundClosed);
+}
+
+#[test]
+fn unknown_client_and_client_id_mismatch() {
+    let mut sim = two_clients();
+    let u = perturbed(&sim.task("a"), "a", 10, 1);
+    assert_eq!(
+        sim.rejection("mallory", u.clone()),
+        RejectReason::UnknownClient
+    );
+    assert_eq!(sim.rejection("b", u), RejectReason::ClientMismatch);
+    sim.event(Event::Disconnected { client: "b".into() });
+    let u = perturbed(&sim.task("b"), "b", 10, 1);
+    assert_eq!(sim.rejection("b", u), RejectReason::UnknownClient);
+}
+
+#[test]
+fn wrong_run_and_not_selected() {
+    let mut c = config(Strategy::FedAvg);
+    c.sampling.fraction = 0.5;
+    c.min_connected = 4;
+    let mut sim = Sim::new(c);
+    sim.connect_all(&[("a", 100), ("b", 100), ("c", 100), ("d", 100)]);
+    let chosen: Vec<String> = sent_to(&sim.log).into_iter().map(|(c, _)| c).collect();
+    let left_out = ["a", "b", "c", "d"]
+        .into_iter()
+        .find(|c| !chosen.iter().any(|s| s == c))
+        .unwrap();
+    let task = sim.task(&chosen[0]);
+    let u = perturbed(&task, left_out, 10, 1);
+    assert_eq!(sim.rejection(left_out, u), RejectReason::NotSelected);
+    let u = Update {
+        run_id: RUN + 1,
+        ..perturbed(&task, &chosen[0], 10, 1)
+    }
+    .seal();
+    assert_eq!(sim.rejection(&chosen[0], u), RejectReason::WrongRun);
+}
+
+#[test]
+fn digest_encoding_and_shape() {
+    let mut sim = two_clients();
+    let task = sim.task("a");
+    let mut u = perturbed(&task, "a", 10, 1);
+    u.n_samples = 11;
+    assert_eq!(sim.rejection("a", u), RejectReason::DigestMismatch);
+
+    let f16 = update_with(
+        &RoundTask {
+            encoding: Encoding::F16,
+            ..(*task).clone()
+        },
+        "a",
+        10,
+        &global_of(&task),
+    );
+    assert_eq!(sim.rejection("a", f16), RejectReason::WrongEncoding);
+
+    let mut u = perturbed(&task, "a", 10, 1);
+    u.scopes.pop();
+    assert!(matches!(
+        sim.rejection("a", u.seal()),
+        RejectReason::WrongShape(_)
+    ));
+    let mut u = perturbed(&task, "a", 10, 1);
+    u.params.count += 1;
+    u.params.data.extend_from_slice(&[0; 4]);
+    assert!(matches!(
+        sim.rejection("a", u.seal()),
+        RejectReason::WrongShape(_)
+    ));
+    // The count matches but the bytes do not.
+    let mut u = perturbed(&task, "a", 10, 1);
+    u.params.data.truncate(8);
+    assert!(matches!(
+        sim.rejection("a", u.seal()),
+        RejectReason::WrongShape(_)
+    ));
+    // None of it touched the fold: a good update still closes the round normally.
+    let good = perturbed(&task, "a", 10, 1);
+    assert_eq!(sim.verdict("a", good), Outcome::Accepted);
+}
+
+#[test]
+fn a_negative_int8_scale_is_malformed() {
+    let mut c = config(Strategy::FedAvg);
+    c.update_encoding = Encoding::Int8RowScaled;
+    let mut sim = Sim::new(c);
+    sim.connect("a", 100);
+    let task = sim.task("a");
+    assert_eq!(task.encoding, Encoding::Int8RowScaled);
+    let mut u = perturbed(&task, "a", 10, 1);
+    u.params.scales[0] = -1.0;
+    assert!(matches!(
+        sim.rejection("a", u.seal()),
+        RejectReason::Malformed(_)
+    ));
+}
+
+#[test]
+fn non_finite_parameters_scopes_and_metrics() {
+    let mut sim = two_clients();
+    let task = sim.task("a");
+    for bad in [f32::NAN, f32::INFINITY] {
+        let mut u = perturbed(&task, "a", 10, 1);
+        u.params.data[4..8].copy_from_slice(&bad.to_le_bytes());
+        assert_eq!(sim.rejection("a", u.seal()), RejectReason::NonFinite);
+    }
+    let mut u = perturbed(&task, "a", 10, 1);
+    u.scopes[0].std = f64::NAN;
+    assert_eq!(sim.rejection("a", u.seal()), RejectReason::NonFinite);
+    let mut u = perturbed(&task, "a", 10, 1);
+    u.metrics.kl = f64::INFINITY;
+    assert_eq!(sim.rejection("a", u.seal()), RejectReason::NonFinite);
+}
+
+#[test]
+fn bad_sample_counts() {
+    let mut c = config(Strategy::FedAvg);
+    c.bounds.max_n_samples = 50;
+    let mut sim = Sim::start(c, &[("a", 40), ("b", 100)]);
+    let task = sim.task("a");
+    for n in [0, 41] {
+        let u = perturbed(&task, "a", n, 1);
+        assert_eq!(sim.rejection("a", u), RejectReason::BadSampleCount(n));
+    }
+    let u = perturbed(&sim.task("b"), "b", 60, 1);
+    assert_eq!(sim.rejection("b", u), RejectReason::BadSampleCount(60));
+    let u = perturbed(&task, "a", 40, 1);
+    assert_eq!(sim.verdict("a", u), Outcome::Accepted);
+}
+
+#[test]
+fn scopes_must_be_positive_and_match_the_parameters() {
+    let mut sim = two_clients();
+    let task = sim.task("a");
+    for std in [0.0, -0.1] {
+        let mut u = perturbed(&task, "a", 10, 1);
+        u.scopes[1].std = std;
+        assert!(matches!(
+            sim.rejection("a", u.seal()),
+            RejectReason::BadScope(_)
+        ));
+    }
+    // A client that lies about its scope (to pull the fused target) is caught.
+    let mut u = perturbed(&task, "a", 10, 1);
+    u.scopes[0].std *= 1.5;
+    assert!(matches!(
+        sim.rejection("a", u.seal()),
+        RejectReason::BadScope(_)
+    ));
+    let mut u = perturbed(&task, "a", 10, 1);
+    u.scopes[0].mean += u.scopes[0].std;
+    assert!(matches!(
+        sim.rejection("a", u.seal()),
+        RejectReason::BadScope(_)
+    ));
+}
+
+#[test]
+fn an_update_a_million_times_the_global_head_is_refused() {
+    let mut sim = two_clients();
+    let task = sim.task("a");
+    let huge: Vec<f32> = global_of(&task).iter().map(|w| w * 1e6).collect();
+    let u = update_with(&task, "a", 10, &huge);
+    match sim.rejection("a", u) {
+        RejectReason::NormTooLarge { norm, bound } => assert!(norm > 1e4 * bound),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn rejected_updates_leave_the_fold_untouched() {
+    let three = [("a", 100), ("b", 100), ("c", 100)];
+    let honest = |sim: &mut Sim| {
+        for (i, c) in ["a", "b"].into_iter().enumerate() {
+            let u = perturbed(&sim.task(c), c, 10 + i as u64, i as u64);
+            sim.send(c, u);
+        }
+    };
+    let mut clean = Sim::start(config(Strategy::FedAvg), &three);
+    honest(&mut clean);
+    clean.event(Event::Disconnected { client: "c".into() });
+    let mut noisy = Sim::start(config(Strategy::FedAvg), &three);
+    // c's updates pass every check up to the contents, then fail one each.
+    let task = noisy.task("c");
+    let huge: Vec<f32> = global_of(&task).iter().map(|w| w * 1e6).collect();
+    noisy.send("c", update_with(&task, "c", 10, &huge));
+    let mut u = perturbed(&task, "c", 10, 1);
+    u.scopes[0].std *= 2.0;
+    noisy.send("c", u.seal());
+    noisy.send("c", perturbed(&task, "c", 0, 3));
+    honest(&mut noisy);
+    let (rc, rn) = (
+        reports(&clean.log).pop().unwrap(),
+        reports(&noisy.log).pop().unwrap(),
+    );
+    assert_eq!(rc.accepted, rn.accepted);
+    assert_eq!(
+        bits(noisy.engine.global_params()),
+        bits(clean.engine.global_params())
+    );
+    assert_eq!(noisy.engine.targets(), clean.engine.targets());
+    // c was refused (it answered), a and b folded: every selected client answered.
+    assert_eq!(rn.closed_by, ClosedBy::AllAnswered);
+    assert_eq!(rn.rejected.len(), 3);
+    assert_eq!(rn.rejected_count, 3);
+    assert_eq!(rn.rejected_by_reason.values().sum::<u64>(), 3);
+    assert_eq!(noisy.engine.history().updates_rejected, 3);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Encodings
+
+#[test]
+fn f16_and_int8_updates_of_trained_heads_pass_the_scope_check() {
+    for encoding in [Encoding::F16, Encoding::Int8RowScaled] {
+        let mut c = config(Strategy::Wsa {
+            lambda: 1.0,
+            rule: FusionRule::MeanStd,
+        });
+        c.update_encoding = encoding;
+        c.bounds.scope_tolerance = 0.02;
+        c.min_connected = 2;
+        let mut sim = Sim::new(c);
+        let data = shards(2, 80);
+        sim.connect("a", 1000);
+        sim.event(Event::Connected {
+            client: "old".into(),
+            n_samples: 1000,
+            capabilities: Capabilities::default(),
+        });
+        let task = sim.task("a");
+        assert_eq!(task.encoding, encoding);
+        assert_eq!(sim.task("old").encoding, Encoding::F32);
+        let u = trained(&task, "a", &data[0]);
+        assert_eq!(sim.verdict("a", u), Outcome::Accepted, "{encoding:?}");
+        let u = trained(&sim.task("old"), "old", &data[1]);
+        assert_eq!(sim.verdict("old", u), Outcome::Accepted, "{encoding:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The fold against second implementations
+
+#[test]
+fn fedavg_equals_a_weighted_average_computed_by_hand() {
+    let clients = [("a", 10u64), ("b", 25), ("c", 65)];
+    let mut sim = Sim::start(config(Strategy::FedAvg), &clients);
+    let mut sent = Vec::new();
+    for (i, &(c, n)) in clients.iter().enumerate() {
+        let task = sim.task(c);
+        let u = perturbed(&task, c, n, 40 + i as u64);
+        let params = u.params.decode(&RowLayout::of_head(&task.shape)).unwrap();
+        sent.push((params, n, u.scopes.clone()));
+        sim.send(c, u);
+    }
+    let total: f64 = sent.iter().map(|(_, n, _)| *n as f64).sum();
+    let global = sim.engine.global_params();
+    for (j, &g) in global.iter().enumerate() {
+        let expected: f64 = sent
+            .iter()
+            .map(|(w, n, _)| f64::from(w[j]) * *n as f64)
+            .sum::<f64>()
+            / total;
+        assert!(
+            (f64::from(g) - expected).abs() <= 1e-6 * expected.abs().max(1e-3),
+            "param {j}: {g} vs {expected}"
+        );
+    }
+    // The reported scopes are fused too (mean-of-stds rule by default).
+    for (l, t) in sim.engine.targets().iter().enumerate() {
+        let mean: f64 = sent
+            .iter()
+            .map(|(_, n, s)| s[l].mean * *n as f64)
+            .sum::<f64>()
+            / total;
+        let std: f64 = sent
+            .iter()
+            .map(|(_, n, s)| s[l].std * *n as f64)
+            .sum::<f64>()
+            / total;
+        assert!((t.mean - mean).abs() < 1e-12 && (t.std - std).abs() < 1e-12);
+    }
+}
+
+#[test]
+fn wsa_targets_are_the_scope_fusion_of_the_client_scopes() {
+    for rule in [
+        FusionRule::MeanStd,
+        FusionRule::RootMeanVar,
+        FusionRule::Mixture,
+    ] {
+        for weighting in [Weighting::Uniform, Weighting::SampleCount] {
+            let mut c = config(Strategy::Wsa { lambda: 0.5, rule });
+            c.weighting = weighting;
+            c.min_connected = 3;
+            let mut sim = Sim::new(c);
+            let data = shards(3, 40);
+            let ids = ["a", "b", "c"];
+            for (id, d) in ids.iter().zip(&data) {
+                sim.connect(id, d.len() as u64);
+            }
+            let task = sim.task("a");
+            let wsa = task.train.wsa.unwrap();
+            assert_eq!(wsa.lambda, 0.5);
+            assert!(!wsa.include_biases);
+            let mut fusion = ScopeFusion::new(2);
+            for (id, d) in ids.iter().zip(&data) {
+                let u = trained(&sim.task(id), id, d);
+                let scopes: Vec<Scope> = WireScope::to_scopes(&u.scopes).unwrap();
+                fusion.add(&scopes, weighting.weight(u.n_samples)).unwrap();
+                sim.send(id, u);
+            }
+            let expected = fusion.finish(rule).unwrap();
+            assert_eq!(
+                sim.engine.targets(),
+                &expected[..],
+                "{rule:?} {weighting:?}"
+            );
+            // And round 1's tasks carry them.
+            let next = sim.task("a");
+            assert_eq!(next.round, 1);
+            let wire: Vec<WireScope> = expected.into_iter().map(WireScope::from).collect();
+            assert_eq!(next.targets, wire);
+        }
+    }
+}
+
+#[test]
+fn wsa_with_bias_scopes_tells_clients_and_checks_four_scopes() {
+    let mut c = config(Strategy::Wsa {
+        lambda: 0.1,
+        rule: FusionRule::MeanStd,
+    });
+    c.scope_selection.include_biases = true;
+    let mut sim = Sim::start(c, &[("a", 10)]);
+    let task = sim.task("a");
+    assert!(task.train.wsa.unwrap().include_biases);
+    assert_eq!(task.targets.len(), 4);
+    let u = perturbed(&task, "a", 10, 1);
+    assert_eq!(u.scopes.len(), 4);
+    assert_eq!(sim.verdict("a", u), Outcome::Accepted);
+    assert_eq!(sim.engine.targets().len(), 4);
+}
+
+#[test]
+fn fedprox_tasks_carry_mu_and_seeds_differ_per_round() {
+    let mut sim = Sim::new(config(Strategy::FedProx { mu: 0.01 }));
+    sim.connect("a", 10);
+    let t0 = sim.task("a");
+    assert_eq!(t0.train.prox_mu, Some(0.01));
+    assert!(t0.train.wsa.is_none());
+    let u = perturbed(&t0, "a", 10, 1);
+    sim.send("a", u);
+    let t1 = sim.task("a");
+    assert_eq!(t1.round, 1);
+    assert_ne!(t0.train.seed, t1.train.seed);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sampling
+
+#[test]
+fn sample_sizes_follow_fraction_minimum_and_over_selection() {
+    let s = |fraction, min_clients, over_selection| Sampling {
+        fraction,
+        min_clients,
+        over_selection,
+    };
+    assert_eq!(sample_sizes(&s(1.0, 1, 1.0), 1, 10), (10, 10));
+    assert_eq!(sample_sizes(&s(0.3, 1, 1.0), 1, 10), (3, 3));
+    assert_eq!(sample_sizes(&s(0.25, 1, 1.0), 1, 10), (3, 3)); // ceil(2.5)
+    assert_eq!(sample_sizes(&s(0.1, 4, 1.0), 1, 10), (4, 4));
+    assert_eq!(sample_sizes(&s(0.1, 1, 1.0), 6, 10), (6, 6)); // never below the quorum
+    assert_eq!(sample_sizes(&s(0.3, 1, 1.5), 1, 10), (3, 5)); // ceil(4.5)
+    assert_eq!(sample_sizes(&s(0.5, 1, 3.0), 1, 10), (5, 10)); // capped
+    assert_eq!(sample_sizes(&s(0.1, 20, 2.0), 1, 10), (10, 10)); // capped
+    assert_eq!(sample_sizes(&s(1.0, 1, 1.0), 1, 0), (0, 0));
+}
+
+#[test]
+fn no_round_opens_with_fewer_clients_than_the_quorum() {
+    let mut c = config(Strategy::FedAvg);
+    c.quorum = 3;
+    c.sampling.fraction = 0.1;
+    let mut sim = Sim::new(c);
+    assert!(sim.connect("a", 10).is_empty());
+    assert!(sim.connect("b", 10).is_empty());
+    let actions = sim.connect("c", 10);
+    assert_eq!(sent_to(&actions).len(), 3);
+    assert_eq!(sim.engine.open_round().unwrap().target, 3);
+}
+
+#[test]
+fn the_engine_can_move_to_another_thread() {
+    fn send<T: Send>(_: &T) {}
+    send(&Engine::new(config(Strategy::FedAvg)).unwrap());
+}
+
+#[test]
+fn over_selection_closes_as_soon_as_the_target_is_met() {
+    let mut c = config(Strategy::FedAvg);
+    c.sampling = Sampling {
+        fraction: 0.3,
+        min_clients: 2,
+        over_selection: 1.5,
+    };
+    c.min_connected = 10;
+    let mut sim = Sim::new(c);
+    for i in 0..10 {
+        sim.connect(&format!("c{i}"), 10);
+    }
+    let selected: Vec<String> = sent_to(&sim.log).into_iter().map(|(c, _)| c).collect();
+    assert_eq!(selected.len(), 5);
+    let status = sim.engine.open_round().unwrap();
+    assert_eq!((status.target, status.selected), (3, 5));
+    for (i, c) in selected.iter().take(3).enumerate() {
+        let u = perturbed(&sim.task(c), c, 10, i as u64);
+        sim.send(c, u);
+    }
+    let report = reports(&sim.log).pop().unwrap();
+    assert_eq!(report.closed_by, ClosedBy::Target);
+    assert_eq!(report.accepted.len(), 3);
+    assert_eq!(report.selected, selected);
+    // A fourth selected client is now late.
+    let late = perturbed(&sim.tasks[&selected[3]].clone(), &selected[3], 10, 9);
+    let late = Update { round: 0, ..late }.seal();
+    assert!(matches!(
+        sim.rejection(&selected[3], late),
+        RejectReason::StaleRound { .. }
+    ));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Determinism and resumption
+
+/// Runs `rounds` rounds with trained updates from clients a..e, every client answering its
+/// task; `sim` must have all of them connected.
+fn run_rounds(sim: &mut Sim, data: &[LabelledFeatures], rounds: u64) {
+    let ids = ["a", "b", "c", "d", "e"];
+    for _ in 0..rounds {
+        let round = sim.engine.round();
+        let selected: Vec<String> = sim
+            .tasks
+            .iter()
+            .filter(|(_, t)| t.round == round)
+            .map(|(c, _)| c.clone())
+            .collect();
+        assert!(!selected.is_empty());
+        for c in selected {
+            let k = ids.iter().position(|i| *i == c).unwrap();
+            let u = trained(&sim.task(&c), &c, &data[k]);
+            sim.now += 10;
+            sim.send(&c, u);
+        }
+        assert_eq!(sim.engine.round(), round + 1);
+    }
+}
+
+fn resumable_config() -> EngineConfig {
+    let mut c = config(Strategy::Wsa {
+        lambda: 1.0,
+        rule: FusionRule::Mixture,
+    });
+    c.sampling.fraction = 0.6;
+    c.quorum = 2;
+    c.min_connected = 5;
+    c
+}
+
+fn connect_five(sim: &mut Sim, data: &[LabelledFeatures]) {
+    for (id, d) in ["a", "b", "c", "d", "e"].iter().zip(data) {
+        sim.connect(id, d.len() as u64);
+    }
+}
+
+#[test]
+fn the_same_seed_and_events_give_the_same_actions_and_heads() {
+    let data = shards(5, 30);
+    let mut runs = Vec::new();
+    for _ in 0..2 {
+        let mut sim = Sim::new(resumable_config());
+        connect_five(&mut sim, &data);
+        run_rounds(&mut sim, &data, 3);
+        runs.push(sim);
+    }
+    assert_eq!(runs[0].log, runs[1].log);
+    assert_eq!(
+        bits(runs[0].engine.global_params()),
+        bits(runs[1].engine.global_params())
+    );
+    // A different seed samples and trains differently.
+    let mut c = resumable_config();
+    c.seed += 1;
+    let mut other = Sim::new(c);
+    connect_five(&mut other, &data);
+    run_rounds(&mut other, &data, 3);
+    assert_ne!(
+        bits(other.engine.global_params()),
+        bits(runs[0].engine.global_params())
+    );
+}
+
+#[test]
+fn resuming_from_a_checkpoint_file_gives_the_same_head_bits() {
+    let data = shards(5, 30);
+    let mut straight = Sim::new(resumable_config());
+    connect_five(&mut straight, &data);
+    run_rounds(&mut straight, &data, 4);
+    assert!(straight.engine.is_finished());
+
+    let mut first = Sim::new(resumable_config());
+    connect_five(&mut first, &data);
+    run_rounds(&mut first, &data, 2);
+    let Some(Action::Checkpoint(cp)) = first
+        .log
+        .iter()
+        .rev()
+        .find(|a| matches!(a, Action::Checkpoint(_)))
+    else {
+        panic!("no checkpoint")
+    };
+    assert_eq!(cp.next_round, 2);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("run.ckpt");
+    cp.save_atomic(&path).unwrap();
+    drop(first);
+
+    let loaded = Checkpoint::load(&path).unwrap();
+    let mut resumed = Sim::of(Engine::resume(resumable_config(), loaded.clone()).unwrap());
+    assert_eq!(resumed.engine.round(), 2);
+    connect_five(&mut resumed, &data);
+    run_rounds(&mut resumed, &data, 2);
+    assert!(resumed.engine.is_finished());
+    assert_eq!(
+        bits(resumed.engine.global_params()),
+        bits(straight.engine.global_params())
+    );
+    assert_eq!(resumed.engine.targets(), straight.engine.targets());
+    assert_eq!(resumed.engine.history(), straight.engine.history());
+
+    // Another configuration cannot resume this run.
+    let mut other = resumable_config();
+    other.quorum = 3;
+    assert!(matches!(
+        Engine::resume(other, loaded.clone()),
+        Err(EngineError::ConfigMismatch { .. })
+    ));
+    let mut broken = loaded;
+    broken.global.pop();
+    assert!(matches!(
+        Engine::resume(resumable_config(), broken),
+        Err(EngineError::BadCheckpoint(_))
+    ));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Configuration
+
+#[test]
+fn configurations_out_of_domain_are_refused_with_the_field_named() {
+    type Change = Box<dyn Fn(&mut EngineConfig)>;
+    let cases: Vec<(&str, Change)> = vec![
+        ("fraction", Box::new(|c| c.sampling.fraction = 0.0)),
+        (
+            "over_selection",
+            Box::new(|c| c.sampling.over_selection = 0.5),
+        ),
+        ("quorum", Box::new(|c| c.quorum = 0)),
+        ("norm_ratio", Box::new(|c| c.bounds.norm_ratio = f64::NAN)),
+        ("momentum", Box::new(|c| c.train.momentum = 1.0)),
+        (
+            "include_biases",
+            Box::new(|c| c.scope_selection.include_biases = true),
+        ),
+        ("round_timeout_ms", Box::new(|c| c.round_timeout_ms = 0)),
+        ("rounds", Box::new(|c| c.rounds = 0)),
+    ];
+    for (field, change) in cases {
+        let mut c = config(Strategy::FedAvg);
+        change(&mut c);
+        match Engine::new(c) {
+            Err(EngineError::InvalidConfig(msg)) => assert!(msg.contains(field), "{msg}"),
+            other => panic!("{field}: {other:?}"),
+        }
+    }
+    let mut c = config(Strategy::FedAvg);
+    c.head.classes = 1;
+    assert!(Engine::new(c).is_err());
+}
+
+#[test]
+fn the_config_hash_changes_with_any_field_and_round_trips_through_json() {
+    let c = config(Strategy::FedAvg);
+    let mut d = c.clone();
+    d.bounds.scope_tolerance = 0.06;
+    assert_ne!(c.config_hash().unwrap(), d.config_hash().unwrap());
+    let json = serde_json::to_string(&c).unwrap();
+    let back: EngineConfig = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, c);
+    assert_eq!(back.config_hash().unwrap(), c.config_hash().unwrap());
+    // Sections with defaults may be left out of a config file.
+    let minimal = r#"{"run_id":1,"rounds":3,"strategy":{"kind":"fed-avg"},
+        "head":{"input":8,"hidden":[6],"classes":3},"quorum":1,"round_timeout_ms":500,
+        "min_connected":1}"#;
+    let parsed: EngineConfig = serde_json::from_str(minimal).unwrap();
+    assert_eq!(parsed.sampling, Sampling::default());
+}

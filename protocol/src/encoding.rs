@@ -1,0 +1,248 @@
+//! Parameter encodings: f32 as is, f16, and int8 with one scale per row.
+//!
+//! Rows follow the head's tensors ([`RowLayout`]): each weight matrix `[in, out]` contributes
+//! `in` rows of `out` values, each bias one row. Per-row int8 keeps one outlier from
+//! flattening a whole tensor's resolution. Error bounds, tested in `tests/encoding.rs`:
+//! f32 exact; f16 `|x̂ − x| ≤ 2⁻¹¹·|x| + 2⁻²⁵` for `|x| ≤ 65504` (larger is refused);
+//! int8 `|x̂ − x| ≤ max|row| / 254`.
+
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+use serde::{Deserialize, Serialize};
+
+use crate::error::EncodingError;
+use crate::message::HeadShape;
+
+/// How a parameter vector is put on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Encoding {
+    /// 4 bytes per value, exact.
+    #[default]
+    F32,
+    /// 2 bytes per value, IEEE half precision.
+    F16,
+    /// 1 byte per value plus one f32 scale per row.
+    Int8RowScaled,
+}
+
+impl Encoding {
+    /// Bytes per value, scales not counted.
+    pub fn value_bytes(self) -> usize {
+        match self {
+            Encoding::F32 => 4,
+            Encoding::F16 => 2,
+            Encoding::Int8RowScaled => 1,
+        }
+    }
+}
+
+/// How a flat parameter vector splits into rows: `(rows, cols)` segments in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowLayout {
+    segments: Vec<(usize, usize)>,
+}
+
+impl RowLayout {
+    /// The layout of `wsa::Head`'s flat vector: per layer, `W [in, out]` then `b [out]`.
+    pub fn of_head(shape: &HeadShape) -> Self {
+        let mut widths = Vec::with_capacity(shape.hidden.len() + 2);
+        widths.push(shape.input as usize);
+        widths.extend(shape.hidden.iter().map(|&h| h as usize));
+        widths.push(shape.classes as usize);
+        let segments = widths
+            .windows(2)
+            .flat_map(|w| [(w[0], w[1]), (1, w[1])])
+            .collect();
+        Self { segments }
+    }
+
+    /// One segment of `len` values in rows of `cols` (the last row may be shorter).
+    pub fn uniform(len: usize, cols: usize) -> Self {
+        let cols = cols.max(1);
+        let mut segments = vec![(len / cols, cols)];
+        if !len.is_multiple_of(cols) {
+            segments.push((1, len % cols));
+        }
+        Self { segments }
+    }
+
+    /// Total values.
+    pub fn len(&self) -> usize {
+        self.segments.iter().map(|(r, c)| r * c).sum()
+    }
+
+    /// True when there are no values.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Total rows (the number of int8 scales).
+    pub fn rows(&self) -> usize {
+        self.segments.iter().map(|(r, _)| r).sum()
+    }
+
+    fn row_slices(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        self.segments
+            .iter()
+            .flat_map(|&(rows, cols)| std::iter::repeat_n(cols, rows))
+            .scan(0usize, |start, cols| {
+                let s = *start;
+                *start += cols;
+                Some((s, cols))
+            })
+    }
+}
+
+/// An encoded parameter vector.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EncodedParams {
+    /// How `data` is to be read.
+    pub encoding: Encoding,
+    /// Number of values.
+    pub count: u32,
+    /// `count · value_bytes` bytes, little-endian.
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
+    /// One scale per row for int8; empty otherwise.
+    pub scales: Vec<f32>,
+}
+
+impl EncodedParams {
+    /// Encodes `values` laid out as `layout`.
+    pub fn encode(
+        values: &[f32],
+        layout: &RowLayout,
+        encoding: Encoding,
+    ) -> Result<Self, EncodingError> {
+        if values.len() != layout.len() {
+            return Err(EncodingError::Length {
+                expected: layout.len(),
+                got: values.len(),
+            });
+        }
+        let count = u32::try_from(values.len()).map_err(|_| EncodingError::Length {
+            expected: u32::MAX as usize,
+            got: values.len(),
+        })?;
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Err(EncodingError::NonFinite { index: i });
+        }
+        let (data, scales) = match encoding {
+            Encoding::F32 => {
+                let mut data = Vec::with_capacity(values.len() * 4);
+                for v in values {
+                    data.extend_from_slice(&v.to_le_bytes());
+                }
+                (data, Vec::new())
+            }
+            Encoding::F16 => {
+                if let Some(i) = values.iter().position(|v| v.abs() > f16::MAX.to_f32()) {
+                    return Err(EncodingError::OutOfRange {
+                        index: i,
+                        value: values[i],
+                    });
+                }
+                let mut halves = vec![f16::ZERO; values.len()];
+                halves.convert_from_f32_slice(values);
+                let mut data = Vec::with_capacity(values.len() * 2);
+                for h in halves {
+                    data.extend_from_slice(&h.to_le_bytes());
+                }
+                (data, Vec::new())
+            }
+            Encoding::Int8RowScaled => {
+                let mut data = vec![0u8; values.len()];
+                let mut scales = Vec::with_capacity(layout.rows());
+                for (start, cols) in layout.row_slices() {
+                    let row = &values[start..start + cols];
+                    let max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    let scale = max / 127.0;
+                    scales.push(scale);
+                    let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+                    for (q, v) in data[start..start + cols].iter_mut().zip(row) {
+                        *q = ((v * inv).round().clamp(-127.0, 127.0) as i8) as u8;
+                    }
+                }
+                (data, scales)
+            }
+        };
+        Ok(Self {
+            encoding,
+            count,
+            data,
+            scales,
+        })
+    }
+
+    /// Decodes into f32 values, checking every length against `layout` first.
+    pub fn decode(&self, layout: &RowLayout) -> Result<Vec<f32>, EncodingError> {
+        let mut out = vec![0f32; layout.len()];
+        self.decode_into(layout, &mut out)?;
+        Ok(out)
+    }
+
+    /// Decodes into `out` (of `layout.len()` values).
+    pub fn decode_into(&self, layout: &RowLayout, out: &mut [f32]) -> Result<(), EncodingError> {
+        let n = layout.len();
+        if self.count as usize != n || out.len() != n {
+            return Err(EncodingError::Length {
+                expected: n,
+                got: self.count as usize,
+            });
+        }
+        let want_bytes = n * self.encoding.value_bytes();
+        if self.data.len() != want_bytes {
+            return Err(EncodingError::DataBytes {
+                expected: want_bytes,
+                got: self.data.len(),
+            });
+        }
+        let want_scales = match self.encoding {
+            Encoding::Int8RowScaled => layout.rows(),
+            _ => 0,
+        };
+        if self.scales.len() != want_scales {
+            return Err(EncodingError::Scales {
+                expected: want_scales,
+                got: self.scales.len(),
+            });
+        }
+        match self.encoding {
+            Encoding::F32 => {
+                for (o, b) in out.iter_mut().zip(self.data.chunks_exact(4)) {
+                    *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
+            }
+            Encoding::F16 => {
+                let halves: Vec<f16> = self
+                    .data
+                    .chunks_exact(2)
+                    .map(|b| f16::from_le_bytes([b[0], b[1]]))
+                    .collect();
+                halves.convert_to_f32_slice(out);
+            }
+            Encoding::Int8RowScaled => {
+                if let Some(i) = self
+                    .scales
+                    .iter()
+                    .position(|s| !(s.is_finite() && *s >= 0.0))
+                {
+                    return Err(EncodingError::BadScale { row: i });
+                }
+                for ((start, cols), &scale) in layout.row_slices().zip(&self.scales) {
+                    let q = &self.data[start..start + cols];
+                    for (o, &b) in out[start..start + cols].iter_mut().zip(q) {
+                        *o = f32::from(b as i8) * scale;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of payload (values and scales), as counted for bandwidth figures.
+    pub fn payload_bytes(&self) -> usize {
+        self.data.len() + 4 * self.scales.len()
+    }
+}

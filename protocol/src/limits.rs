@@ -1,0 +1,88 @@
+//! Bounds on what a peer may send, from configuration.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ProtocolError;
+use crate::message::Message;
+
+/// Size and count limits. The frame length is checked before its body is read, so no
+/// allocation exceeds `max_message_bytes`; the counts are checked after decoding, before the
+/// message is acted on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Largest frame body.
+    pub max_message_bytes: u32,
+    /// Most parameters in a head.
+    pub max_params: u32,
+    /// Most hidden layers in a head.
+    pub max_hidden_layers: u32,
+    /// Most scopes (scoped tensors) in a message.
+    pub max_scopes: u32,
+    /// Longest client id, in bytes.
+    pub max_client_id_bytes: u32,
+    /// Longest auth token, in bytes.
+    pub max_token_bytes: u32,
+}
+
+impl Default for Limits {
+    /// Room for heads of up to 16M parameters in f32.
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 64 << 20,
+            max_params: 16 << 20,
+            max_hidden_layers: 16,
+            max_scopes: 64,
+            max_client_id_bytes: 128,
+            max_token_bytes: 256,
+        }
+    }
+}
+
+impl Limits {
+    /// Checks the counts inside a decoded message.
+    pub fn check(&self, message: &Message) -> Result<(), ProtocolError> {
+        let over = |what: &'static str, got: usize, max: u32| {
+            if got as u64 > u64::from(max) {
+                Err(ProtocolError::LimitExceeded {
+                    what,
+                    got: got as u64,
+                    max: max.into(),
+                })
+            } else {
+                Ok(())
+            }
+        };
+        match message {
+            Message::Hello(h) => {
+                over(
+                    "client id bytes",
+                    h.client_id.len(),
+                    self.max_client_id_bytes,
+                )?;
+                if let crate::Auth::Token(t) = &h.auth {
+                    over("token bytes", t.len(), self.max_token_bytes)?;
+                }
+            }
+            Message::RoundTask(t) => {
+                over(
+                    "hidden layers",
+                    t.shape.hidden.len(),
+                    self.max_hidden_layers,
+                )?;
+                over("parameters", t.global.count as usize, self.max_params)?;
+                over("scopes", t.targets.len(), self.max_scopes)?;
+            }
+            Message::Update(u) => {
+                over(
+                    "client id bytes",
+                    u.client_id.len(),
+                    self.max_client_id_bytes,
+                )?;
+                over("parameters", u.params.count as usize, self.max_params)?;
+                over("scopes", u.scopes.len(), self.max_scopes)?;
+            }
+            Message::Welcome(_) | Message::Verdict(_) | Message::Goodbye(_) => {}
+        }
+        Ok(())
+    }
+}

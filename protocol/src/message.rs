@@ -1,0 +1,321 @@
+//! The messages. Their postcard encoding is the wire format, pinned by golden-bytes tests:
+//! variants and fields are only ever appended (a new field means a new protocol version, since
+//! postcard is not self-describing), never reordered or removed.
+
+use serde::{Deserialize, Serialize};
+
+use crate::encoding::EncodedParams;
+
+/// Every message on the wire.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Message {
+    /// Client → aggregator, first message of a connection.
+    Hello(Hello),
+    /// Aggregator → client: the hello was accepted.
+    Welcome(Welcome),
+    /// Aggregator → client: train this round.
+    RoundTask(RoundTask),
+    /// Client → aggregator: the result of a round task.
+    Update(Update),
+    /// Aggregator → client: the answer to a hello or an update.
+    Verdict(Verdict),
+    /// Either side: the session ends.
+    Goodbye(Goodbye),
+}
+
+impl Message {
+    /// The variant's name, for logs and errors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "hello",
+            Message::Welcome(_) => "welcome",
+            Message::RoundTask(_) => "round-task",
+            Message::Update(_) => "update",
+            Message::Verdict(_) => "verdict",
+            Message::Goodbye(_) => "goodbye",
+        }
+    }
+}
+
+/// How a client proves who it is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Auth {
+    /// A per-client secret issued with the client's credentials.
+    #[serde(with = "serde_bytes")]
+    Token(Vec<u8>),
+    /// The TLS client certificate already identifies the client.
+    ClientCertificate,
+}
+
+/// The parameter encodings a client can produce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Capabilities {
+    /// Can send f16 parameters.
+    pub f16: bool,
+    /// Can send int8 parameters with per-row scales.
+    pub int8: bool,
+}
+
+/// The first message of a client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The protocol version the client speaks (also in every frame header).
+    pub protocol_version: u16,
+    /// The client's name, as in its credentials.
+    pub client_id: String,
+    /// Its proof of identity.
+    pub auth: Auth,
+    /// What it can encode.
+    pub capabilities: Capabilities,
+    /// Rows of local training data it holds (the aggregator bounds what updates may claim).
+    pub n_samples: u64,
+}
+
+/// The aggregator's answer to an accepted hello.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// The run the client joined.
+    pub run_id: u64,
+    /// The round the run is in (tasks may follow at any time).
+    pub round: u64,
+}
+
+/// The shape of the head being trained, as on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeadShape {
+    /// Feature width.
+    pub input: u32,
+    /// Hidden widths, input side first; empty for a linear head.
+    pub hidden: Vec<u32>,
+    /// Classes.
+    pub classes: u32,
+}
+
+/// A layer's weight scope, as on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct WireScope {
+    /// μ.
+    pub mean: f64,
+    /// σ.
+    pub std: f64,
+}
+
+/// The WSA term a client adds to its loss.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct WsaSpec {
+    /// λ.
+    pub lambda: f64,
+    /// Whether biases carry scopes too.
+    pub include_biases: bool,
+    /// ε in `σ = sqrt(var + ε)`.
+    pub eps: f64,
+}
+
+/// Local training settings for one round.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TrainSpec {
+    /// Passes over the local data.
+    pub epochs: u32,
+    /// Rows per SGD step.
+    pub batch_size: u32,
+    /// Learning rate.
+    pub lr: f64,
+    /// Heavy-ball momentum.
+    pub momentum: f64,
+    /// L2 weight decay.
+    pub weight_decay: f64,
+    /// Seed of the shuffles (the client mixes in its own id).
+    pub seed: u64,
+    /// FedProx μ, if the strategy uses it.
+    pub prox_mu: Option<f64>,
+    /// The WSA term, if the strategy uses it (its targets are the task's `targets`).
+    pub wsa: Option<WsaSpec>,
+}
+
+/// One round's work for one client.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundTask {
+    /// The run.
+    pub run_id: u64,
+    /// The round this task belongs to.
+    pub round: u64,
+    /// The head's shape.
+    pub shape: HeadShape,
+    /// The global head's parameters (flat layout of `wsa::Head`).
+    pub global: EncodedParams,
+    /// The target scope of each scoped tensor (the fused scopes of the last round).
+    pub targets: Vec<WireScope>,
+    /// How to train.
+    pub train: TrainSpec,
+    /// How to encode the update.
+    pub encoding: crate::Encoding,
+    /// Milliseconds the client has before the round closes without it.
+    pub deadline_ms: u64,
+}
+
+/// What a client's local training measured.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct UpdateMetrics {
+    /// Mean cross-entropy of the last local epoch.
+    pub loss: f64,
+    /// Training accuracy of the last local epoch.
+    pub accuracy: f64,
+    /// Σ KL to the targets at the final parameters (0 without WSA).
+    pub kl: f64,
+    /// SGD steps taken.
+    pub steps: u64,
+    /// Milliseconds spent training.
+    pub train_ms: u64,
+}
+
+/// A client's trained head for one round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Update {
+    /// The run.
+    pub run_id: u64,
+    /// The round it answers.
+    pub round: u64,
+    /// The sender, as in its hello.
+    pub client_id: String,
+    /// Rows of local data it trained on (its weight under sample-count weighting).
+    pub n_samples: u64,
+    /// The trained parameters.
+    pub params: EncodedParams,
+    /// The trained head's scopes, one per scoped tensor.
+    pub scopes: Vec<WireScope>,
+    /// Loss, accuracy and the like.
+    pub metrics: UpdateMetrics,
+    /// sha256 over the fields above ([`Update::compute_digest`]): binds the parameters to
+    /// this run, round and client, so a corrupted or re-addressed update is caught.
+    pub digest: [u8; 32],
+}
+
+/// What a verdict answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Subject {
+    /// The hello of this connection.
+    Hello,
+    /// The update for this round.
+    Update {
+        /// The round of the update.
+        round: u64,
+    },
+}
+
+/// Why the aggregator refused a hello or an update.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, thiserror::Error)]
+pub enum RejectReason {
+    /// The frame's protocol version is not one the aggregator speaks.
+    #[error("unsupported protocol version {0}")]
+    UnsupportedVersion(u16),
+    /// The bytes did not decode as a message.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    /// The message was not the one expected at this point of the session.
+    #[error("unexpected message {0}")]
+    UnexpectedMessage(String),
+    /// No such client is registered.
+    #[error("unknown client")]
+    UnknownClient,
+    /// The client's credentials did not check out.
+    #[error("bad credentials")]
+    BadCredentials,
+    /// The client id in the update is not the authenticated one.
+    #[error("client id does not match the session")]
+    ClientMismatch,
+    /// The update is for another run.
+    #[error("wrong run id")]
+    WrongRun,
+    /// The update answers a round that has closed.
+    #[error("stale round {got} (current {current})")]
+    StaleRound {
+        /// Round in the update.
+        got: u64,
+        /// The aggregator's round.
+        current: u64,
+    },
+    /// The update answers a round that has not started.
+    #[error("future round {got} (current {current})")]
+    FutureRound {
+        /// Round in the update.
+        got: u64,
+        /// The aggregator's round.
+        current: u64,
+    },
+    /// The client was not selected for this round.
+    #[error("not selected for this round")]
+    NotSelected,
+    /// This client's update for this round was already accepted.
+    #[error("duplicate update")]
+    Duplicate,
+    /// The parameters or scopes do not have the head's shape.
+    #[error("wrong shape: {0}")]
+    WrongShape(String),
+    /// A parameter, scale, scope or metric is NaN or infinite.
+    #[error("non-finite values")]
+    NonFinite,
+    /// The parameters' distance from the global head exceeds the bound.
+    #[error("update norm {norm:.3e} exceeds the bound {bound:.3e}")]
+    NormTooLarge {
+        /// ‖w − w_global‖.
+        norm: f64,
+        /// The configured bound.
+        bound: f64,
+    },
+    /// A scope with σ ≤ 0, or one that disagrees with the parameters.
+    #[error("bad scope: {0}")]
+    BadScope(String),
+    /// n_samples is 0 or above the bound.
+    #[error("bad sample count {0}")]
+    BadSampleCount(u64),
+    /// The digest does not match the contents.
+    #[error("digest mismatch")]
+    DigestMismatch,
+    /// The encoding is not the one the task asked for.
+    #[error("wrong encoding")]
+    WrongEncoding,
+    /// The round closed before the update arrived.
+    #[error("round closed")]
+    RoundClosed,
+    /// The aggregator is at its connection limit.
+    #[error("server busy")]
+    Busy,
+}
+
+/// Accepted or rejected.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// Taken (an update is then counted exactly once).
+    Accepted,
+    /// Refused, with why.
+    Rejected(RejectReason),
+}
+
+/// The aggregator's answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Verdict {
+    /// The run.
+    pub run_id: u64,
+    /// What it answers.
+    pub subject: Subject,
+    /// The answer.
+    pub outcome: Outcome,
+}
+
+/// Why a session ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GoodbyeReason {
+    /// All rounds are done.
+    RunFinished,
+    /// The sender is shutting down.
+    ShuttingDown,
+    /// The hello was rejected.
+    Rejected,
+}
+
+/// The last message of a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Goodbye {
+    /// Why.
+    pub reason: GoodbyeReason,
+}

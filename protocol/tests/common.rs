@@ -1,0 +1,147 @@
+// Shared sample messages for the golden and round-trip tests.
+#![allow(dead_code)]
+
+use protocol::*;
+
+pub fn shape() -> HeadShape {
+    HeadShape {
+        input: 3,
+        hidden: vec![2],
+        classes: 2,
+    }
+}
+
+pub fn params(encoding: Encoding) -> EncodedParams {
+    // 3·2 + 2 + 2·2 + 2 = 14 values.
+    let values: Vec<f32> = (0..14).map(|i| (i as f32 - 6.5) * 0.125).collect();
+    EncodedParams::encode(&values, &RowLayout::of_head(&shape()), encoding).unwrap()
+}
+
+pub fn samples() -> Vec<(&'static str, Message)> {
+    vec![
+        (
+            "hello",
+            Message::Hello(Hello {
+                protocol_version: PROTOCOL_VERSION,
+                client_id: "c7".into(),
+                auth: Auth::Token(vec![1, 2, 3, 4]),
+                capabilities: Capabilities {
+                    f16: true,
+                    int8: true,
+                },
+                n_samples: 600,
+            }),
+        ),
+        (
+            "welcome",
+            Message::Welcome(Welcome {
+                run_id: 42,
+                round: 3,
+            }),
+        ),
+        (
+            "round-task",
+            Message::RoundTask(RoundTask {
+                run_id: 42,
+                round: 3,
+                shape: shape(),
+                global: params(Encoding::F32),
+                targets: vec![
+                    WireScope {
+                        mean: 0.0,
+                        std: 0.5,
+                    },
+                    WireScope {
+                        mean: -0.25,
+                        std: 1.0,
+                    },
+                ],
+                train: TrainSpec {
+                    epochs: 5,
+                    batch_size: 64,
+                    lr: 0.05,
+                    momentum: 0.9,
+                    weight_decay: 1e-5,
+                    seed: 7,
+                    prox_mu: None,
+                    wsa: Some(WsaSpec {
+                        lambda: 10.0,
+                        include_biases: false,
+                        eps: 1e-8,
+                    }),
+                },
+                encoding: Encoding::Int8RowScaled,
+                deadline_ms: 30_000,
+            }),
+        ),
+        (
+            "update-int8",
+            Message::Update(
+                Update {
+                    run_id: 42,
+                    round: 3,
+                    client_id: "c7".into(),
+                    n_samples: 600,
+                    params: params(Encoding::Int8RowScaled),
+                    scopes: vec![
+                        WireScope {
+                            mean: 0.125,
+                            std: 0.5,
+                        },
+                        WireScope {
+                            mean: -0.25,
+                            std: 0.75,
+                        },
+                    ],
+                    metrics: UpdateMetrics {
+                        loss: 0.5,
+                        accuracy: 0.75,
+                        kl: 0.01,
+                        steps: 50,
+                        train_ms: 120,
+                    },
+                    digest: [0; 32],
+                }
+                .seal(),
+            ),
+        ),
+        (
+            "update-f16",
+            Message::Update(
+                Update {
+                    run_id: 42,
+                    round: 3,
+                    client_id: "c7".into(),
+                    n_samples: 600,
+                    params: params(Encoding::F16),
+                    scopes: vec![],
+                    metrics: UpdateMetrics::default(),
+                    digest: [0; 32],
+                }
+                .seal(),
+            ),
+        ),
+        (
+            "verdict-accepted",
+            Message::Verdict(Verdict {
+                run_id: 42,
+                subject: Subject::Update { round: 3 },
+                outcome: Outcome::Accepted,
+            }),
+        ),
+        (
+            "verdict-rejected",
+            Message::Verdict(Verdict {
+                run_id: 42,
+                subject: Subject::Update { round: 3 },
+                outcome: Outcome::Rejected(RejectReason::StaleRound { got: 2, current: 3 }),
+            }),
+        ),
+        (
+            "goodbye",
+            Message::Goodbye(Goodbye {
+                reason: GoodbyeReason::RunFinished,
+            }),
+        ),
+    ]
+}

@@ -1,0 +1,397 @@
+//! A real aggregator and real edge clients over loopback QUIC with TLS, on small synthetic
+//! features (no model needed): rounds close, every update is accepted exactly once, the global
+//! head moves and the targets are the fused client scopes; intruders are refused while the run
+//! carries on; a run stopped after round 2 and resumed from its checkpoint ends where an
+//! uninterrupted run ends.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aggregator::Strategy;
+use aggregator::auth::Registry;
+use aggregator::checkpoint::Checkpoint;
+use aggregator::engine::{Engine, EngineConfig, LocalTraining};
+use aggregator::server::{RunSummary, Server, ServerOptions};
+use aggregator::tls::{generate_credentials, layout, token_path};
+use edge_client::net::{Backoff, ClientError, ClientReport, ConnectOptions, RunEnd};
+use protocol::quic::{QuicLimits, read_message, write_message};
+use protocol::{
+    Auth, Capabilities, Hello, Limits, Message, Outcome, PROTOCOL_VERSION, RejectReason,
+};
+use tokio::sync::watch;
+use wsa::synthetic::{SyntheticProblem, SyntheticSpec};
+use wsa::{FusionRule, HeadSpec, LabelledFeatures, Scope, ScopeFusion};
+
+const DIM: usize = 16;
+const CLASSES: usize = 4;
+
+fn client_ids(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("client-{i}")).collect()
+}
+
+fn shard(client: usize) -> Arc<LabelledFeatures> {
+    let problem = SyntheticProblem::new(
+        SyntheticSpec {
+            classes: CLASSES,
+            dim: DIM,
+            ..SyntheticSpec::default()
+        },
+        3,
+    )
+    .unwrap();
+    Arc::new(
+        problem
+            .sample(40 + 10 * client, 100 + client as u64)
+            .unwrap(),
+    )
+}
+
+fn config(rounds: u64, min_connected: usize, quorum: usize) -> EngineConfig {
+    let mut c = EngineConfig::new(
+        7,
+        HeadSpec::mlp(DIM, &[8], CLASSES),
+        Strategy::Wsa {
+            lambda: 5.0,
+            rule: FusionRule::MeanStd,
+        },
+    );
+    c.seed = 11;
+    c.rounds = rounds;
+    c.min_connected = min_connected;
+    c.quorum = quorum;
+    c.round_timeout_ms = 30_000;
+    c.train = LocalTraining {
+        epochs: 2,
+        batch_size: 16,
+        ..LocalTraining::default()
+    };
+    c
+}
+
+struct Run {
+    dir: tempfile::TempDir,
+}
+
+impl Run {
+    fn new(clients: &[String]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        generate_credentials(
+            &dir.path().join("creds"),
+            &["localhost".to_owned()],
+            clients,
+        )
+        .unwrap();
+        Self { dir }
+    }
+
+    fn creds(&self) -> PathBuf {
+        self.dir.path().join("creds")
+    }
+
+    fn checkpoint(&self) -> PathBuf {
+        self.dir.path().join("checkpoint.bin")
+    }
+
+    fn server(&self, listen: SocketAddr, stop_after_rounds: Option<u64>) -> Server {
+        // A restarted server binds the port its predecessor just released; give the kernel
+        // a moment if it has not yet.
+        for _ in 0..50 {
+            if let Ok(server) = self.try_server(listen, stop_after_rounds) {
+                return server;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.try_server(listen, stop_after_rounds).unwrap()
+    }
+
+    fn try_server(
+        &self,
+        listen: SocketAddr,
+        stop_after_rounds: Option<u64>,
+    ) -> anyhow::Result<Server> {
+        Server::bind(ServerOptions {
+            listen,
+            cert: self.creds().join(layout::SERVER_CERT),
+            key: self.creds().join(layout::SERVER_KEY),
+            registry: Registry::load(&self.creds().join(layout::REGISTRY)).unwrap(),
+            limits: Limits::default(),
+            quic: QuicLimits::default(),
+            max_connections: 64,
+            hello_timeout: Duration::from_secs(10),
+            checkpoint: Some(self.checkpoint()),
+            rounds_log: Some(self.dir.path().join("rounds.jsonl")),
+            stop_after_rounds,
+        })
+    }
+
+    fn options(&self, server: SocketAddr, id: &str) -> ConnectOptions {
+        ConnectOptions {
+            server,
+            server_name: "localhost".into(),
+            ca_cert: self.creds().join(layout::CA_CERT),
+            client_id: id.into(),
+            token: std::fs::read_to_string(token_path(&self.creds(), id))
+                .unwrap()
+                .into_bytes(),
+            limits: Limits::default(),
+            quic: QuicLimits::default(),
+            backoff: Backoff {
+                initial: Duration::from_millis(50),
+                max: Duration::from_millis(500),
+                max_attempts: Some(100),
+            },
+        }
+    }
+}
+
+fn spawn_clients(
+    run: &Run,
+    addr: SocketAddr,
+    n: usize,
+) -> Vec<tokio::task::JoinHandle<Result<ClientReport, ClientError>>> {
+    let (_keep, stop) = watch::channel(false);
+    // Leak the sender so the clients never see a shutdown: they end with the run.
+    std::mem::forget(_keep);
+    (0..n)
+        .map(|i| {
+            let opts = run.options(addr, &format!("client-{i}"));
+            tokio::spawn(edge_client::net::run(opts, shard(i), stop.clone()))
+        })
+        .collect()
+}
+
+async fn serve(server: Server, engine: Engine) -> tokio::task::JoinHandle<RunSummary> {
+    let (stop_tx, stop) = watch::channel(false);
+    tokio::spawn(async move {
+        let summary = server.run(engine, stop).await.unwrap();
+        drop(stop_tx);
+        summary
+    })
+}
+
+/// A registered client that answers every round task with garbage until the run ends;
+/// returns the reasons the aggregator gave.
+async fn malformed_client(run: &Run, addr: SocketAddr, id: &str) -> Vec<RejectReason> {
+    let config =
+        protocol::quic::client_config(&run.creds().join(layout::CA_CERT), &QuicLimits::default())
+            .unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(config);
+    let conn = endpoint.connect(addr, "localhost").unwrap().await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let token = std::fs::read(token_path(&run.creds(), id)).unwrap();
+    let hello = Message::Hello(Hello {
+        protocol_version: PROTOCOL_VERSION,
+        client_id: id.into(),
+        auth: Auth::Token(token),
+        capabilities: Capabilities::default(),
+        n_samples: 50,
+    });
+    write_message(&mut send, &hello).await.unwrap();
+    let limits = Limits::default();
+    assert!(matches!(
+        read_message(&mut recv, &limits).await.unwrap().message,
+        Message::Welcome(_)
+    ));
+    let mut reasons = Vec::new();
+    loop {
+        tokio::select! {
+            goodbye = read_message(&mut recv, &limits) => {
+                assert!(matches!(goodbye.unwrap().message, Message::Goodbye(_)));
+                break;
+            }
+            stream = conn.accept_bi() => {
+                let (mut task_send, mut task_recv) = stream.unwrap();
+                assert!(matches!(
+                    read_message(&mut task_recv, &limits).await.unwrap().message,
+                    Message::RoundTask(_)
+                ));
+                // A valid header announcing 3 bytes that are no message.
+                let mut frame = protocol::MAGIC.to_vec();
+                frame.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+                frame.extend_from_slice(&3u32.to_le_bytes());
+                frame.extend_from_slice(&[9, 9, 9]);
+                task_send.write_all(&frame).await.unwrap();
+                match read_message(&mut task_recv, &limits).await.unwrap().message {
+                    Message::Verdict(v) => match v.outcome {
+                        Outcome::Rejected(reason) => reasons.push(reason),
+                        Outcome::Accepted => panic!("garbage accepted"),
+                    },
+                    other => panic!("expected a verdict, got {}", other.kind()),
+                }
+            }
+        }
+    }
+    conn.close(0u32.into(), b"bye");
+    endpoint.wait_idle().await;
+    reasons
+}
+
+fn fused(records: &[(u64, Vec<Scope>)], rule: FusionRule) -> Vec<Scope> {
+    let mut fusion = ScopeFusion::new(records[0].1.len());
+    for (n, scopes) in records {
+        fusion.add(scopes, *n as f64).unwrap();
+    }
+    fusion.finish(rule).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_clients_three_rounds_over_quic_with_intruders_refused() {
+    init_logs();
+    let ids = client_ids(6);
+    let run = Run::new(&ids);
+    let cfg = config(3, 6, 5);
+    let initial = Engine::new(cfg.clone()).unwrap().global_params().to_vec();
+    let server = run.server("127.0.0.1:0".parse().unwrap(), None);
+    let addr = server.local_addr().unwrap();
+    let server = serve(server, Engine::new(cfg.clone()).unwrap()).await;
+
+    // Wrong token for a registered id, and an id nobody registered: refused, no retry.
+    let mut bad = run.options(addr, "client-0");
+    bad.token = b"not-the-token".to_vec();
+    let (_s, stop) = watch::channel(false);
+    let refused = edge_client::net::run(bad, shard(0), stop.clone()).await;
+    assert!(
+        matches!(
+            refused,
+            Err(ClientError::Refused(RejectReason::BadCredentials))
+        ),
+        "{refused:?}"
+    );
+    let mut stranger = run.options(addr, "client-0");
+    stranger.client_id = "mallory".into();
+    let refused = edge_client::net::run(stranger, shard(0), stop).await;
+    assert!(
+        matches!(
+            refused,
+            Err(ClientError::Refused(RejectReason::UnknownClient))
+        ),
+        "{refused:?}"
+    );
+
+    let clients = spawn_clients(&run, addr, 5);
+    let malformed = malformed_client(&run, addr, "client-5").await;
+    assert_eq!(
+        malformed.len(),
+        3,
+        "one garbage answer per round: {malformed:?}"
+    );
+    assert!(
+        malformed
+            .iter()
+            .all(|r| matches!(r, RejectReason::Malformed(_)))
+    );
+
+    let summary = tokio::time::timeout(Duration::from_secs(120), server)
+        .await
+        .expect("run finished in time")
+        .unwrap();
+    assert!(summary.finished);
+    assert_eq!(summary.rounds.len(), 3);
+    for (r, line) in summary.rounds.iter().enumerate() {
+        let mut accepted = line.report.accepted.clone();
+        accepted.sort();
+        assert_eq!(line.report.round, r as u64);
+        assert_eq!(
+            accepted,
+            client_ids(5),
+            "round {r}: each honest update once"
+        );
+    }
+    for line in &summary.rounds {
+        assert_eq!(line.report.rejected_by_reason.get("malformed"), Some(&1));
+    }
+    assert_eq!(
+        summary
+            .rounds
+            .iter()
+            .map(|l| l.transport.refused_hellos.len())
+            .sum::<usize>(),
+        2
+    );
+
+    let mut last_round = Vec::new();
+    for client in clients {
+        let report = client.await.unwrap().unwrap();
+        assert_eq!(report.end, RunEnd::RunFinished);
+        assert_eq!(report.rounds.len(), 3);
+        assert!(report.rounds.iter().all(|r| r.outcome == "accepted"));
+        let last = report.rounds.last().unwrap();
+        let scopes = last.scopes.iter().map(|s| s.to_scope().unwrap()).collect();
+        last_round.push((last.n_samples, scopes));
+    }
+
+    let checkpoint = Checkpoint::load(&run.checkpoint()).unwrap();
+    assert_eq!(checkpoint.next_round, 3);
+    assert_ne!(checkpoint.global, initial, "the global head moved");
+    let want = fused(&last_round, FusionRule::MeanStd);
+    for (got, want) in checkpoint.targets.iter().zip(&want) {
+        assert!((got.mean - want.mean).abs() < 1e-12 && (got.std - want.std).abs() < 1e-12);
+    }
+}
+
+async fn wait_for_exit(server: tokio::task::JoinHandle<RunSummary>) -> RunSummary {
+    tokio::time::timeout(Duration::from_secs(120), server)
+        .await
+        .expect("server stopped in time")
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_resumed_after_round_two_ends_like_an_uninterrupted_one() {
+    init_logs();
+    let ids = client_ids(4);
+    let cfg = config(4, 4, 4);
+
+    let straight = Run::new(&ids);
+    let server = straight.server("127.0.0.1:0".parse().unwrap(), None);
+    let addr = server.local_addr().unwrap();
+    let handle = serve(server, Engine::new(cfg.clone()).unwrap()).await;
+    let clients = spawn_clients(&straight, addr, 4);
+    assert!(wait_for_exit(handle).await.finished);
+    for c in clients {
+        assert_eq!(c.await.unwrap().unwrap().end, RunEnd::RunFinished);
+    }
+    let want = Checkpoint::load(&straight.checkpoint()).unwrap();
+
+    let resumed = Run::new(&ids);
+    let server = resumed.server("127.0.0.1:0".parse().unwrap(), Some(2));
+    let addr = server.local_addr().unwrap();
+    let handle = serve(server, Engine::new(cfg.clone()).unwrap()).await;
+    let clients = spawn_clients(&resumed, addr, 4);
+    let first = wait_for_exit(handle).await;
+    assert!(!first.finished);
+    assert_eq!(first.rounds.len(), 2);
+    let saved = Checkpoint::load(&resumed.checkpoint()).unwrap();
+    assert_eq!(saved.next_round, 2);
+
+    // Same address: the clients reconnect on their own.
+    let server = resumed.server(addr, None);
+    let handle = serve(server, Engine::resume(cfg, saved).unwrap()).await;
+    let second = wait_for_exit(handle).await;
+    assert!(second.finished);
+    assert_eq!(second.rounds.first().unwrap().report.round, 2);
+    for c in clients {
+        let report = c.await.unwrap().unwrap();
+        assert_eq!(report.end, RunEnd::RunFinished);
+        assert!(
+            report.connections >= 2,
+            "client reconnected after the restart"
+        );
+    }
+    let got = Checkpoint::load(&resumed.checkpoint()).unwrap();
+    assert_eq!(got.next_round, 4);
+    assert_eq!(got.global, want.global, "same global head bits");
+    assert_eq!(got.targets, want.targets);
+}
+
+fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
