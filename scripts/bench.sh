@@ -21,3 +21,7 @@ for r in tract:
     o = ort[(r["side"], r["threads"])]
     print(f"| {r['side']} | {r['threads']} | {r['images_per_s']:.1f} | {o:.1f} | {o / r['images_per_s']:.2f} |")
 PY
+# Wire: bytes and codec speed per update, the engine's CPU per update, round latency over QUIC.
+cargo bench --locked -p protocol --bench codec
+cargo bench --locked -p aggregator --bench engine
+cargo bench --locked -p wsa-fl --bench round_latency

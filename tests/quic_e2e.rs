@@ -10,12 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aggregator::Strategy;
-use aggregator::auth::Registry;
 use aggregator::checkpoint::Checkpoint;
 use aggregator::engine::{Engine, EngineConfig, LocalTraining};
-use aggregator::server::{RunSummary, Server, ServerOptions};
-use aggregator::tls::{generate_credentials, layout, token_path};
-use edge_client::net::{Backoff, ClientError, ClientReport, ConnectOptions, RunEnd};
+use aggregator::server::{RunSummary, Server};
+use aggregator::tls::{layout, token_path};
+use edge_client::net::{ClientError, ClientReport, ConnectOptions, RunEnd};
 use protocol::quic::{QuicLimits, read_message, write_message};
 use protocol::{
     Auth, Capabilities, Hello, Limits, Message, Outcome, PROTOCOL_VERSION, RejectReason,
@@ -23,12 +22,13 @@ use protocol::{
 use tokio::sync::watch;
 use wsa::synthetic::{SyntheticProblem, SyntheticSpec};
 use wsa::{FusionRule, HeadSpec, LabelledFeatures, Scope, ScopeFusion};
+use wsa_fl::fleet::{Deployment, client_id, spawn_server};
 
 const DIM: usize = 16;
 const CLASSES: usize = 4;
 
 fn client_ids(n: usize) -> Vec<String> {
-    (0..n).map(|i| format!("client-{i}")).collect()
+    (0..n).map(client_id).collect()
 }
 
 fn shard(client: usize) -> Arc<LabelledFeatures> {
@@ -72,22 +72,18 @@ fn config(rounds: u64, min_connected: usize, quorum: usize) -> EngineConfig {
 
 struct Run {
     dir: tempfile::TempDir,
+    deployment: Deployment,
 }
 
 impl Run {
     fn new(clients: &[String]) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        generate_credentials(
-            &dir.path().join("creds"),
-            &["localhost".to_owned()],
-            clients,
-        )
-        .unwrap();
-        Self { dir }
+        let deployment = Deployment::generate(&dir.path().join("creds"), clients).unwrap();
+        Self { dir, deployment }
     }
 
     fn creds(&self) -> PathBuf {
-        self.dir.path().join("creds")
+        self.deployment.creds().to_owned()
     }
 
     fn checkpoint(&self) -> PathBuf {
@@ -95,54 +91,20 @@ impl Run {
     }
 
     fn server(&self, listen: SocketAddr, stop_after_rounds: Option<u64>) -> Server {
-        // A restarted server binds the port its predecessor just released; give the kernel
-        // a moment if it has not yet.
-        for _ in 0..50 {
-            if let Ok(server) = self.try_server(listen, stop_after_rounds) {
-                return server;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        self.try_server(listen, stop_after_rounds).unwrap()
-    }
-
-    fn try_server(
-        &self,
-        listen: SocketAddr,
-        stop_after_rounds: Option<u64>,
-    ) -> anyhow::Result<Server> {
-        Server::bind(ServerOptions {
-            listen,
-            cert: self.creds().join(layout::SERVER_CERT),
-            key: self.creds().join(layout::SERVER_KEY),
-            registry: Registry::load(&self.creds().join(layout::REGISTRY)).unwrap(),
-            limits: Limits::default(),
-            quic: QuicLimits::default(),
-            max_connections: 64,
-            hello_timeout: Duration::from_secs(10),
-            checkpoint: Some(self.checkpoint()),
-            rounds_log: Some(self.dir.path().join("rounds.jsonl")),
-            stop_after_rounds,
-        })
+        let mut options = self
+            .deployment
+            .server_options(
+                listen,
+                Some(self.checkpoint()),
+                Some(self.dir.path().join("rounds.jsonl")),
+            )
+            .unwrap();
+        options.stop_after_rounds = stop_after_rounds;
+        self.deployment.bind(options).unwrap()
     }
 
     fn options(&self, server: SocketAddr, id: &str) -> ConnectOptions {
-        ConnectOptions {
-            server,
-            server_name: "localhost".into(),
-            ca_cert: self.creds().join(layout::CA_CERT),
-            client_id: id.into(),
-            token: std::fs::read_to_string(token_path(&self.creds(), id))
-                .unwrap()
-                .into_bytes(),
-            limits: Limits::default(),
-            quic: QuicLimits::default(),
-            backoff: Backoff {
-                initial: Duration::from_millis(50),
-                max: Duration::from_millis(500),
-                max_attempts: Some(100),
-            },
-        }
+        self.deployment.client_options(server, id).unwrap()
     }
 }
 
@@ -151,22 +113,18 @@ fn spawn_clients(
     addr: SocketAddr,
     n: usize,
 ) -> Vec<tokio::task::JoinHandle<Result<ClientReport, ClientError>>> {
-    let (_keep, stop) = watch::channel(false);
-    // Leak the sender so the clients never see a shutdown: they end with the run.
-    std::mem::forget(_keep);
-    (0..n)
-        .map(|i| {
-            let opts = run.options(addr, &format!("client-{i}"));
-            tokio::spawn(edge_client::net::run(opts, shard(i), stop.clone()))
-        })
-        .collect()
+    let (keep, stop) = watch::channel(false);
+    // Keep the sender alive so the clients never see a shutdown: they end with the run.
+    std::mem::forget(keep);
+    let shards = (0..n).map(|i| (client_id(i), shard(i))).collect();
+    run.deployment.spawn_clients(addr, shards, &stop).unwrap()
 }
 
 async fn serve(server: Server, engine: Engine) -> tokio::task::JoinHandle<RunSummary> {
-    let (stop_tx, stop) = watch::channel(false);
+    let (handle, stop) = spawn_server(server, engine);
     tokio::spawn(async move {
-        let summary = server.run(engine, stop).await.unwrap();
-        drop(stop_tx);
+        let summary = handle.await.unwrap().unwrap();
+        drop(stop);
         summary
     })
 }
@@ -249,7 +207,7 @@ async fn five_clients_three_rounds_over_quic_with_intruders_refused() {
     let server = serve(server, Engine::new(cfg.clone()).unwrap()).await;
 
     // Wrong token for a registered id, and an id nobody registered: refused, no retry.
-    let mut bad = run.options(addr, "client-0");
+    let mut bad = run.options(addr, &client_id(0));
     bad.token = b"not-the-token".to_vec();
     let (_s, stop) = watch::channel(false);
     let refused = edge_client::net::run(bad, shard(0), stop.clone()).await;
@@ -260,7 +218,7 @@ async fn five_clients_three_rounds_over_quic_with_intruders_refused() {
         ),
         "{refused:?}"
     );
-    let mut stranger = run.options(addr, "client-0");
+    let mut stranger = run.options(addr, &client_id(0));
     stranger.client_id = "mallory".into();
     let refused = edge_client::net::run(stranger, shard(0), stop).await;
     assert!(
@@ -272,7 +230,7 @@ async fn five_clients_three_rounds_over_quic_with_intruders_refused() {
     );
 
     let clients = spawn_clients(&run, addr, 5);
-    let malformed = malformed_client(&run, addr, "client-5").await;
+    let malformed = malformed_client(&run, addr, &client_id(5)).await;
     assert_eq!(
         malformed.len(),
         3,

@@ -1,0 +1,139 @@
+//! A local deployment: one credentials folder, a real aggregator and real edge clients in one
+//! process, talking QUIC with TLS over loopback. Nothing is mocked; only the addresses are
+//! local.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use aggregator::auth::Registry;
+use aggregator::engine::Engine;
+use aggregator::server::{RunSummary, Server, ServerOptions};
+use aggregator::tls::{generate_credentials, layout, token_path};
+use anyhow::{Context, Result};
+use edge_client::net::{Backoff, ClientError, ClientReport, ConnectOptions};
+use protocol::Limits;
+use protocol::quic::QuicLimits;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use wsa::LabelledFeatures;
+
+/// The conventional id of client `i`.
+pub fn client_id(i: usize) -> String {
+    format!("client-{i:04}")
+}
+
+/// A credentials folder made by `gen-certs` logic, with helpers to configure both ends.
+#[derive(Debug, Clone)]
+pub struct Deployment {
+    creds: PathBuf,
+}
+
+impl Deployment {
+    /// Makes a CA, a server certificate for `localhost` and a token per client under `creds`.
+    pub fn generate(creds: &Path, client_ids: &[String]) -> Result<Self> {
+        generate_credentials(
+            creds,
+            &["localhost".to_owned(), "127.0.0.1".to_owned()],
+            client_ids,
+        )?;
+        Ok(Self {
+            creds: creds.to_owned(),
+        })
+    }
+
+    /// The credentials folder.
+    pub fn creds(&self) -> &Path {
+        &self.creds
+    }
+
+    /// Server options listening on `listen`, with the given checkpoint and round log.
+    pub fn server_options(
+        &self,
+        listen: SocketAddr,
+        checkpoint: Option<PathBuf>,
+        rounds_log: Option<PathBuf>,
+    ) -> Result<ServerOptions> {
+        Ok(ServerOptions {
+            listen,
+            cert: self.creds.join(layout::SERVER_CERT),
+            key: self.creds.join(layout::SERVER_KEY),
+            registry: Registry::load(&self.creds.join(layout::REGISTRY))?,
+            limits: Limits::default(),
+            quic: QuicLimits::default(),
+            max_connections: 4096,
+            hello_timeout: Duration::from_secs(30),
+            checkpoint,
+            rounds_log,
+            stop_after_rounds: None,
+        })
+    }
+
+    /// Binds a server, retrying for a few seconds when the port is still held by a
+    /// predecessor that just stopped (a restart on the same address).
+    pub fn bind(&self, options: ServerOptions) -> Result<Server> {
+        let mut last = None;
+        for _ in 0..50 {
+            match Server::bind(options.clone()) {
+                Ok(server) => return Ok(server),
+                Err(e) => last = Some(e),
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Err(last.expect("tried at least once"))
+    }
+
+    /// Options for client `id` to reach `server`, with a patient reconnect policy.
+    pub fn client_options(&self, server: SocketAddr, id: &str) -> Result<ConnectOptions> {
+        let token_file = token_path(&self.creds, id);
+        Ok(ConnectOptions {
+            server,
+            server_name: "localhost".into(),
+            ca_cert: self.creds.join(layout::CA_CERT),
+            client_id: id.into(),
+            token: std::fs::read_to_string(&token_file)
+                .with_context(|| format!("reading {}", token_file.display()))?
+                .trim()
+                .as_bytes()
+                .to_vec(),
+            limits: Limits::default(),
+            quic: QuicLimits::default(),
+            backoff: Backoff {
+                initial: Duration::from_millis(50),
+                max: Duration::from_millis(1000),
+                max_attempts: Some(200),
+            },
+        })
+    }
+
+    /// Starts one edge client per `(id, data)` on the current runtime; they stop when the run
+    /// finishes or `stop` turns true.
+    pub fn spawn_clients(
+        &self,
+        server: SocketAddr,
+        shards: Vec<(String, Arc<LabelledFeatures>)>,
+        stop: &watch::Receiver<bool>,
+    ) -> Result<Vec<JoinHandle<Result<ClientReport, ClientError>>>> {
+        shards
+            .into_iter()
+            .map(|(id, data)| {
+                let options = self.client_options(server, &id)?;
+                Ok(tokio::spawn(edge_client::net::run(
+                    options,
+                    data,
+                    stop.clone(),
+                )))
+            })
+            .collect()
+    }
+}
+
+/// Runs `engine` on `server` in a task; the returned sender stops it.
+pub fn spawn_server(
+    server: Server,
+    engine: Engine,
+) -> (JoinHandle<Result<RunSummary>>, watch::Sender<bool>) {
+    let (stop_tx, stop) = watch::channel(false);
+    (tokio::spawn(server.run(engine, stop)), stop_tx)
+}
