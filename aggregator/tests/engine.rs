@@ -441,6 +441,37 @@ fn a_round_closes_when_every_selected_client_answered_or_left() {
 }
 
 #[test]
+fn an_unreadable_answer_counts_as_answered_and_rejected() {
+    let mut c = config(Strategy::FedAvg);
+    c.quorum = 1;
+    let mut sim = Sim::start(c, &[("a", 10), ("b", 10)]);
+    let before = bits(sim.engine.global_params());
+    let actions = sim.event(Event::Unreadable {
+        client: "b".into(),
+        round: 0,
+        reason: RejectReason::Malformed("garbage".into()),
+        wire_bytes: 13,
+    });
+    // The transport already answered b; the engine only counts and stops waiting for it.
+    assert!(outcomes(&actions).is_empty());
+    assert!(reports(&actions).is_empty(), "a still has to answer");
+    // A stale unreadable answer from a client that was not asked changes nothing either.
+    sim.event(Event::Unreadable {
+        client: "z".into(),
+        round: 7,
+        reason: RejectReason::Malformed("noise".into()),
+        wire_bytes: 5,
+    });
+    let u = perturbed(&sim.task("a"), "a", 10, 1);
+    let actions = sim.send("a", u);
+    let report = &reports(&actions)[0];
+    assert_eq!(report.closed_by, ClosedBy::AllAnswered);
+    assert_eq!(report.accepted, ["a"]);
+    assert_eq!(report.rejected_by_reason["malformed"], 2);
+    assert_ne!(bits(sim.engine.global_params()), before);
+}
+
+#[test]
 fn a_selected_client_that_reconnects_gets_its_task_again() {
     let mut sim = Sim::start(config(Strategy::FedAvg), &[("a", 10), ("b", 10)]);
     sim.now = 400;
