@@ -6,7 +6,9 @@ set -euo pipefail
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 need_apt=()
-command -v cc >/dev/null 2>&1 || need_apt+=(build-essential)
+command -v cc >/dev/null 2>&1 && command -v c++ >/dev/null 2>&1 || need_apt+=(build-essential)
+# Plots are drawn with this font (src/plot.rs); the fuzz target's libFuzzer needs c++.
+[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need_apt+=(fonts-dejavu-core)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl ca-certificates)
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
 # The model tooling runs in a venv; Debian's python3 ships venv/ensurepip separately.

@@ -67,6 +67,7 @@ impl Deployment {
             checkpoint,
             rounds_log,
             stop_after_rounds: None,
+            round_observer: None,
         })
     }
 

@@ -1,6 +1,10 @@
-//! Pieces shared by the fleet simulator, the cross-crate tests and the benchmarks: a local
-//! deployment (credentials, a real aggregator and real edge clients in one process over
-//! loopback QUIC).
+//! The fleet simulator and the pieces it shares with the cross-crate tests and benchmarks: a
+//! local deployment (credentials, a real aggregator and real edge clients in one process over
+//! loopback QUIC), partitioners for non-IID splits, the simulation of a run per strategy, and
+//! the plots of its results.
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod fleet;
+pub mod partition;
+pub mod plot;
+pub mod sim;

@@ -1,223 +1,242 @@
-//! `wsa-fl demo`: an in-process federated run on the built-in synthetic problem, comparing
-//! FedAvg, FedProx and WSA on the same label-skewed split. No network and no backbone yet: the
-//! fleet simulator over real QUIC and real features replaces this as the main job.
+//! `wsa-fl`: the fleet simulator. Many real edge clients against a real aggregator in one
+//! process over loopback QUIC, on real Fashion-MNIST features (or the synthetic problem),
+//! comparing FedAvg, FedProx and WSA on the same non-IID partition, with a centralized upper
+//! bound. The defaults are the main job's demo: 20 clients, Dirichlet α = 0.1, FedAvg vs WSA,
+//! 20 rounds on a subset, a few minutes on 2 cores.
 
 use std::path::PathBuf;
 
-use aggregator::{RoundFold, Strategy};
-use anyhow::{Context, Result};
+use aggregator::Strategy;
+use aggregator::engine::LocalTraining;
+use anyhow::{Context, Result, bail};
 use clap::Parser;
-use edge_client::{RoundTask, local_round};
-use indicatif::{ProgressBar, ProgressStyle};
-use serde::Serialize;
-use wsa::synthetic::{SyntheticProblem, SyntheticSpec};
-use wsa::{
-    FusionRule, Head, HeadSpec, Init, LabelledFeatures, ScopeSelection, TrainConfig, Weighting,
-};
+use protocol::Encoding;
+use wsa::FusionRule;
+use wsa_fl::partition::Scheme;
+use wsa_fl::sim::{DataSource, FleetConfig, markdown_table, run_fleet};
 
-/// Flags of the demo run; the defaults finish in well under a minute on 2 cores.
-#[derive(Debug, Clone, Parser, Serialize)]
+#[derive(Debug, Parser)]
 #[command(
     name = "wsa-fl",
-    about = "In-process federated demo on synthetic features: FedAvg vs FedProx vs WSA"
+    about = "Fleet simulator: real edge clients and a real aggregator over QUIC, FedAvg vs FedProx vs WSA"
 )]
 struct Args {
-    /// Number of simulated clients (all take part every round).
-    #[arg(long, default_value_t = 10)]
+    /// Simulated clients.
+    #[arg(long, default_value_t = 20)]
     clients: usize,
-    /// Classes per client (label skew: each client sees only this many classes).
+    /// Clients asked per round.
+    #[arg(long, default_value_t = 10)]
+    per_round: usize,
+    /// Rounds per strategy.
+    #[arg(long, default_value_t = 20)]
+    rounds: u64,
+    /// `dirichlet`, `shards` or `iid`.
+    #[arg(long, default_value = "dirichlet")]
+    partition: String,
+    /// Dirichlet α (smaller: more label skew).
+    #[arg(long, default_value_t = 0.1)]
+    alpha: f64,
+    /// Dirichlet: fewest samples a client may get.
+    #[arg(long, default_value_t = 10)]
+    min_size: usize,
+    /// Shards: classes per client.
     #[arg(long, default_value_t = 2)]
     classes_per_client: usize,
-    /// Federated rounds per strategy.
-    #[arg(long, default_value_t = 30)]
-    rounds: u64,
+    /// Strategies, comma-separated: `fedavg`, `fedprox:MU`, `wsa:LAMBDA[:mean-std|root-mean-var|mixture]`.
+    #[arg(long, value_delimiter = ',', default_value = "fedavg,wsa:10")]
+    strategies: Vec<String>,
+    /// Skip the centralized upper bound.
+    #[arg(long)]
+    no_centralized: bool,
+    /// Seeds (one full comparison each; tables give mean ± std).
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    seeds: Vec<u64>,
+    /// Hidden widths of the MLP head (empty for linear: `--hidden ''`).
+    #[arg(long, value_delimiter = ',', default_value = "256")]
+    hidden: Vec<String>,
     /// Local epochs per round.
     #[arg(long, default_value_t = 2)]
-    local_epochs: u32,
-    /// Hidden width of the MLP head.
-    #[arg(long, default_value_t = 128)]
-    hidden: usize,
-    /// WSA λ.
-    #[arg(long, default_value_t = 10.0)]
-    lambda: f64,
-    /// FedProx μ.
-    #[arg(long, default_value_t = 0.01)]
-    prox_mu: f64,
-    /// Training samples (split among the clients).
-    #[arg(long, default_value_t = 20_000)]
-    train_samples: usize,
-    /// Seed of the data, the split, the initial head and the shuffles.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Where the results go.
-    #[arg(long, default_value = "runs/demo")]
+    epochs: u32,
+    /// Local batch size.
+    #[arg(long, default_value_t = 64)]
+    batch_size: u32,
+    /// Local learning rate.
+    #[arg(long, default_value_t = 0.05)]
+    lr: f64,
+    /// Local momentum.
+    #[arg(long, default_value_t = 0.9)]
+    momentum: f64,
+    /// Local weight decay.
+    #[arg(long, default_value_t = 1e-5)]
+    weight_decay: f64,
+    /// Update encoding: `f32`, `f16` or `int8`.
+    #[arg(long, default_value = "f32")]
+    encoding: String,
+    /// Test accuracy for the "rounds to reach" column.
+    #[arg(long, default_value_t = 0.75)]
+    target: f64,
+    /// Use the synthetic problem instead of Fashion-MNIST (no model needed).
+    #[arg(long)]
+    synthetic: bool,
+    /// Training images (first N of the 60k; 0: all).
+    #[arg(long, default_value_t = 6000)]
+    train_limit: usize,
+    /// Test images (first N of the 10k; 0: all).
+    #[arg(long, default_value_t = 2000)]
+    test_limit: usize,
+    /// Fashion-MNIST folder (scripts/fetch-fashion-mnist.sh).
+    #[arg(long, default_value = "data/fashion-mnist")]
+    data: PathBuf,
+    /// The features ONNX (scripts/fetch-model.sh).
+    #[arg(long, default_value = "models/mobilenet_v2_features.onnx")]
+    model: PathBuf,
+    /// Backbone input side.
+    #[arg(long, default_value_t = 96)]
+    side: usize,
+    /// Feature caches.
+    #[arg(long, default_value = "cache")]
+    cache_dir: PathBuf,
+    /// Threads for feature extraction.
+    #[arg(long, default_value_t = std::thread::available_parallelism().map_or(1, |n| n.get()))]
+    threads: usize,
+    /// The run folder.
+    #[arg(long, default_value = "runs/fleet")]
     out: PathBuf,
 }
 
-#[derive(Serialize)]
-struct StrategyResult {
-    strategy: String,
-    test_accuracy: Vec<f64>,
-    mean_client_kl: Vec<f64>,
+fn parse_strategy(text: &str) -> Result<Strategy> {
+    let parts: Vec<&str> = text.trim().split(':').collect();
+    let number = |s: &str| -> Result<f64> {
+        s.parse::<f64>()
+            .with_context(|| format!("bad number {s:?} in strategy {text:?}"))
+    };
+    Ok(match parts.as_slice() {
+        ["fedavg"] => Strategy::FedAvg,
+        ["fedprox", mu] => Strategy::FedProx { mu: number(mu)? },
+        ["wsa", lambda] => Strategy::Wsa {
+            lambda: number(lambda)?,
+            rule: FusionRule::MeanStd,
+        },
+        ["wsa", lambda, rule] => Strategy::Wsa {
+            lambda: number(lambda)?,
+            rule: match *rule {
+                "mean-std" => FusionRule::MeanStd,
+                "root-mean-var" => FusionRule::RootMeanVar,
+                "mixture" => FusionRule::Mixture,
+                other => bail!("unknown fusion rule {other:?}: mean-std, root-mean-var or mixture"),
+            },
+        },
+        _ => bail!("unknown strategy {text:?}: fedavg, fedprox:MU or wsa:LAMBDA[:RULE]"),
+    })
 }
 
-/// Label-skew shards (McMahan et al.): sort by label, cut into `clients·k` shards, deal `k`
-/// random shards to each client.
-fn shard_split(data: &LabelledFeatures, clients: usize, k: usize, seed: u64) -> Vec<Vec<usize>> {
-    use rand::SeedableRng;
-    use rand::seq::SliceRandom;
-    let mut order: Vec<usize> = (0..data.len()).collect();
-    order.sort_by_key(|&i| data.labels()[i]);
-    let shards = clients * k;
-    let size = data.len() / shards;
-    let mut ids: Vec<usize> = (0..shards).collect();
-    ids.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
-    ids.chunks(k)
-        .map(|mine| {
-            mine.iter()
-                .flat_map(|&s| order[s * size..(s + 1) * size].iter().copied())
-                .collect()
+fn config(args: Args) -> Result<FleetConfig> {
+    let partition = match args.partition.as_str() {
+        "dirichlet" => Scheme::Dirichlet {
+            alpha: args.alpha,
+            min_size: args.min_size,
+        },
+        "shards" => Scheme::Shards {
+            classes_per_client: args.classes_per_client,
+        },
+        "iid" => Scheme::Iid,
+        other => bail!("unknown partition {other:?}: dirichlet, shards or iid"),
+    };
+    let hidden = args
+        .hidden
+        .iter()
+        .filter(|h| !h.is_empty())
+        .map(|h| {
+            h.parse::<usize>()
+                .with_context(|| format!("bad hidden width {h:?}"))
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    let update_encoding = match args.encoding.as_str() {
+        "f32" => Encoding::F32,
+        "f16" => Encoding::F16,
+        "int8" => Encoding::Int8RowScaled,
+        other => bail!("unknown encoding {other:?}: f32, f16 or int8"),
+    };
+    let data = if args.synthetic {
+        DataSource::Synthetic {
+            dim: 64,
+            classes: 10,
+            train: if args.train_limit > 0 {
+                args.train_limit
+            } else {
+                6000
+            },
+            test: if args.test_limit > 0 {
+                args.test_limit
+            } else {
+                2000
+            },
+        }
+    } else {
+        DataSource::FashionMnist {
+            data: args.data,
+            model: args.model,
+            side: args.side,
+            cache_dir: args.cache_dir,
+            train_limit: args.train_limit,
+            test_limit: args.test_limit,
+            threads: args.threads,
+        }
+    };
+    Ok(FleetConfig {
+        data,
+        clients: args.clients,
+        per_round: args.per_round.min(args.clients),
+        partition,
+        rounds: args.rounds,
+        strategies: args
+            .strategies
+            .iter()
+            .map(|s| parse_strategy(s))
+            .collect::<Result<_>>()?,
+        centralized: !args.no_centralized,
+        seeds: args.seeds,
+        hidden,
+        train: LocalTraining {
+            epochs: args.epochs,
+            batch_size: args.batch_size,
+            lr: args.lr,
+            momentum: args.momentum,
+            weight_decay: args.weight_decay,
+        },
+        update_encoding,
+        target_accuracy: args.target,
+        out: args.out,
+    })
 }
 
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                "warn,wsa_fl=info,edge_client=info,edge_client::net=warn".into()
+            }),
         )
         .with_writer(std::io::stderr)
         .init();
-    let args = Args::parse();
-    anyhow::ensure!(
-        args.clients > 0 && args.classes_per_client > 0,
-        "need at least one client and one class per client"
-    );
-    anyhow::ensure!(
-        args.train_samples >= args.clients * args.classes_per_client,
-        "--train-samples must be at least clients × classes-per-client"
-    );
-
-    let problem = SyntheticProblem::new(SyntheticSpec::default(), args.seed)?;
-    let train_set = problem.sample(args.train_samples, args.seed + 1)?;
-    let test_set = problem.sample(4000, args.seed + 2)?;
-    let shards: Vec<LabelledFeatures> =
-        shard_split(&train_set, args.clients, args.classes_per_client, args.seed)
+    let cfg = config(Args::parse())?;
+    anyhow::ensure!(cfg.clients > 0, "need at least one client");
+    let summary = run_fleet(&cfg)?;
+    println!("{}", markdown_table(&summary));
+    println!(
+        "{} train / {} test rows × {} features; partition skew {:?}; {:.0} s in all ({:.0} s features)",
+        summary.data_shape.0,
+        summary.data_shape.1,
+        summary.data_shape.2,
+        summary
+            .partition_skew
             .iter()
-            .map(|idx| train_set.select(idx))
-            .collect::<wsa::Result<_>>()?;
-    let spec = HeadSpec::mlp(train_set.dim(), &[args.hidden], train_set.classes());
-    let start = Head::<f32>::init(&spec, Init::Standard, args.seed)?;
-    let base = TrainConfig {
-        epochs: args.local_epochs,
-        batch_size: 32,
-        lr: 0.05,
-        momentum: 0.9,
-        weight_decay: 1e-5,
-        seed: args.seed,
-        prox_mu: None,
-        wsa: None,
-    };
-    let strategies = [
-        Strategy::FedAvg,
-        Strategy::FedProx { mu: args.prox_mu },
-        Strategy::Wsa {
-            lambda: args.lambda,
-            rule: FusionRule::MeanStd,
-        },
-    ];
-    tracing::info!(
-        clients = args.clients,
-        classes_per_client = args.classes_per_client,
-        rounds = args.rounds,
-        "synthetic federated demo: {} train / {} test samples, head {:?}",
-        train_set.len(),
-        test_set.len(),
-        spec.layer_dims()
+            .map(|s| format!("{s:.3}"))
+            .collect::<Vec<_>>(),
+        summary.total_seconds,
+        summary.feature_seconds
     );
-
-    let bar = ProgressBar::new(args.rounds * strategies.len() as u64).with_style(
-        ProgressStyle::with_template("{msg:>28} [{bar:30}] {pos}/{len} rounds ({eta})")?
-            .progress_chars("=> "),
-    );
-    let mut results = Vec::new();
-    for strategy in strategies {
-        bar.set_message(strategy.label());
-        let mut global = start.clone();
-        let mut targets = start.scopes(ScopeSelection::default(), wsa::DEFAULT_SCOPE_EPS)?;
-        let mut result = StrategyResult {
-            strategy: strategy.label(),
-            test_accuracy: vec![],
-            mean_client_kl: vec![],
-        };
-        for round in 0..args.rounds {
-            let task = RoundTask {
-                round,
-                global: global.clone(),
-                train: strategy.client_config(&base, &targets),
-            };
-            let mut fold = RoundFold::new(&spec, ScopeSelection::default(), Weighting::SampleCount);
-            let mut kl_sum = 0.0;
-            for (client, data) in shards.iter().enumerate() {
-                let update = local_round(&task, data, client as u64)?;
-                kl_sum += update
-                    .scopes
-                    .iter()
-                    .zip(&targets)
-                    .map(|(&s, &t)| wsa::kl(s, t))
-                    .sum::<f64>();
-                fold.add(&update.params, &update.scopes, update.metrics.n_samples)?;
-            }
-            (global, targets) = fold.finish(strategy.fusion_rule())?;
-            let acc = global.evaluate(test_set.x(), test_set.labels())?.accuracy;
-            tracing::debug!(strategy = %strategy.label(), round, acc, "round closed");
-            result.test_accuracy.push(acc);
-            result.mean_client_kl.push(kl_sum / shards.len() as f64);
-            bar.inc(1);
-        }
-        results.push(result);
-    }
-    bar.finish_and_clear();
-
-    // A centralized run on the union of the client data, for the upper bound.
-    let central_cfg = TrainConfig {
-        epochs: args.local_epochs * 5,
-        ..base
-    };
-    let central = wsa::train(&start, &train_set, &central_cfg)?
-        .head
-        .evaluate(test_set.x(), test_set.labels())?
-        .accuracy;
-
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
-    let json = serde_json::json!({ "config": args, "centralized_accuracy": central, "strategies": results });
-    let path = args.out.join("results.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&json)?)
-        .with_context(|| format!("writing {}", path.display()))?;
-
-    let tail = 5.min(args.rounds as usize);
-    println!(
-        "| strategy | final acc | best acc | mean of last {tail} | mean client KL to target (last round) |"
-    );
-    println!("|---|---|---|---|---|");
-    for r in &results {
-        let acc = &r.test_accuracy;
-        let best = acc.iter().copied().fold(0.0, f64::max);
-        let last = acc[acc.len() - tail..].iter().sum::<f64>() / tail as f64;
-        println!(
-            "| {} | {:.4} | {:.4} | {:.4} | {:.4} |",
-            r.strategy,
-            acc[acc.len() - 1],
-            best,
-            last,
-            r.mean_client_kl[r.mean_client_kl.len() - 1]
-        );
-    }
-    println!(
-        "| centralized ({} epochs) | {central:.4} | | | |",
-        central_cfg.epochs
-    );
-    println!("\nresults: {}", path.display());
+    println!("plot: {}", summary.plot.display());
+    println!("run folder: {}", cfg.out.display());
     Ok(())
 }

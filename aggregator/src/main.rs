@@ -147,6 +147,7 @@ fn main() -> Result<()> {
                 checkpoint: Some(checkpoint),
                 rounds_log: Some(rounds_log),
                 stop_after_rounds: stop_after,
+                round_observer: None,
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

@@ -52,6 +52,8 @@ pub struct ServerOptions {
     /// Stop (with a checkpoint, telling clients the server is going down) once this many
     /// rounds of the run have closed; a later start resumes from the checkpoint.
     pub stop_after_rounds: Option<u64>,
+    /// Receives each round's line as it closes (progress bars, live plots).
+    pub round_observer: Option<mpsc::UnboundedSender<RoundLine>>,
 }
 
 /// What the transport saw in a round, beside the engine's report.
@@ -277,6 +279,9 @@ impl Server {
                                 .opts
                                 .stop_after_rounds
                                 .is_some_and(|n| line.report.round + 1 >= n);
+                        if let Some(observer) = &self.opts.round_observer {
+                            let _ = observer.send(line.clone());
+                        }
                         summary.rounds.push(line);
                         round_started = Instant::now();
                         shared.round.store(engine.round(), Ordering::Relaxed);

@@ -1,0 +1,619 @@
+//! The fleet simulation: one partition of a training set among N clients, then, per seed and
+//! strategy, a real aggregator and N real edge clients over loopback QUIC in this process for
+//! R rounds, the global head evaluated on the test set after every round; plus a centralized
+//! run on the union of the client data as the upper bound. Results go to a run folder.
+//!
+//! The backbone is frozen, so features are extracted once (through the cache) and every client
+//! gets its rows of the shared feature matrix.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aggregator::Strategy;
+use aggregator::engine::{Engine, EngineConfig, LocalTraining, Sampling};
+use aggregator::server::RoundLine;
+use anyhow::{Context, Result, ensure};
+use indicatif::{ProgressBar, ProgressStyle};
+use protocol::Encoding;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+use wsa::synthetic::{SyntheticProblem, SyntheticSpec};
+use wsa::{Head, HeadSpec, LabelledFeatures, TrainConfig};
+
+use crate::fleet::{Deployment, client_id, spawn_server};
+use crate::partition::{Scheme, partition};
+use crate::plot::{Series, line_plot};
+
+/// Where the features come from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum DataSource {
+    /// Fashion-MNIST through the MobileNetV2 backbone (features cached on disk).
+    FashionMnist {
+        /// Folder with the IDX files.
+        data: PathBuf,
+        /// The features ONNX.
+        model: PathBuf,
+        /// Backbone input side.
+        side: usize,
+        /// Feature caches.
+        cache_dir: PathBuf,
+        /// Use the first N training images (0: all 60k).
+        train_limit: usize,
+        /// Use the first N test images (0: all 10k).
+        test_limit: usize,
+        /// Threads for extraction.
+        threads: usize,
+    },
+    /// The built-in synthetic problem (no model needed): for tests and quick checks.
+    Synthetic {
+        /// Feature width.
+        dim: usize,
+        /// Classes.
+        classes: usize,
+        /// Training rows.
+        train: usize,
+        /// Test rows.
+        test: usize,
+    },
+}
+
+/// Everything a fleet run does; written to the run folder as `config.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FleetConfig {
+    /// The data.
+    pub data: DataSource,
+    /// Simulated clients.
+    pub clients: usize,
+    /// Clients asked per round.
+    pub per_round: usize,
+    /// How the training set is split.
+    pub partition: Scheme,
+    /// Rounds per strategy.
+    pub rounds: u64,
+    /// Strategies compared on the same partition and seed.
+    pub strategies: Vec<Strategy>,
+    /// Also train centrally on the union of the client data.
+    pub centralized: bool,
+    /// One full comparison per seed (partition, initial head, sampling, shuffles).
+    pub seeds: Vec<u64>,
+    /// Hidden widths of the MLP head (empty: linear).
+    pub hidden: Vec<usize>,
+    /// Local training.
+    pub train: LocalTraining,
+    /// How clients encode updates.
+    pub update_encoding: Encoding,
+    /// For "rounds to reach": the test accuracy a strategy must reach.
+    pub target_accuracy: f64,
+    /// The run folder.
+    pub out: PathBuf,
+}
+
+/// One round of one run, as written to `rounds.csv`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RoundRow {
+    /// Strategy label.
+    pub strategy: String,
+    /// Seed.
+    pub seed: u64,
+    /// Round (0-based).
+    pub round: u64,
+    /// Test accuracy of the global head after the round.
+    pub test_accuracy: f64,
+    /// Test loss.
+    pub test_loss: f64,
+    /// Mean local training loss of the accepted updates.
+    pub train_loss: f64,
+    /// Mean Σ KL of the client heads to their targets.
+    pub mean_kl: f64,
+    /// Accepted updates.
+    pub accepted: usize,
+    /// Wall time of the round.
+    pub wall_ms: u64,
+    /// Update bytes received.
+    pub bytes_in: u64,
+}
+
+/// A strategy's figures over the seeds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StrategySummary {
+    /// Strategy label.
+    pub strategy: String,
+    /// Test accuracy after the last round: mean, std over seeds.
+    pub final_accuracy: (f64, f64),
+    /// Best test accuracy over the rounds.
+    pub best_accuracy: (f64, f64),
+    /// Mean test accuracy of the last 10 rounds (or all, if fewer): the headline under skew.
+    pub last10_accuracy: (f64, f64),
+    /// First round (1-based count) reaching the target, per seed; `None`: never.
+    pub rounds_to_target: Vec<Option<u64>>,
+    /// Median round wall time, ms.
+    pub median_round_ms: f64,
+}
+
+/// What a fleet run produced.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FleetSummary {
+    /// The configuration.
+    pub config: FleetConfig,
+    /// Per strategy (and "centralized").
+    pub strategies: Vec<StrategySummary>,
+    /// Label skew of each seed's partition (0: IID).
+    pub partition_skew: Vec<f64>,
+    /// Training rows, test rows, feature width.
+    pub data_shape: (usize, usize, usize),
+    /// Seconds spent getting the features.
+    pub feature_seconds: f64,
+    /// Seconds of the whole run.
+    pub total_seconds: f64,
+    /// The plot.
+    pub plot: PathBuf,
+}
+
+fn load_data(source: &DataSource) -> Result<(LabelledFeatures, LabelledFeatures)> {
+    match source {
+        DataSource::Synthetic {
+            dim,
+            classes,
+            train,
+            test,
+        } => {
+            let problem = SyntheticProblem::new(
+                SyntheticSpec {
+                    classes: *classes,
+                    dim: *dim,
+                    ..SyntheticSpec::default()
+                },
+                0,
+            )?;
+            Ok((problem.sample(*train, 1)?, problem.sample(*test, 2)?))
+        }
+        DataSource::FashionMnist {
+            data,
+            model,
+            side,
+            cache_dir,
+            train_limit,
+            test_limit,
+            threads,
+        } => {
+            let backbone = edge_client::Backbone::load(model, *side).with_context(|| {
+                format!("loading {} (run scripts/fetch-model.sh)", model.display())
+            })?;
+            let split = |name: &str, prefix: &str, limit: usize| -> Result<LabelledFeatures> {
+                let names = datasets::FASHION_MNIST_CLASSES
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect();
+                let mut set = datasets::read_idx(
+                    &data.join(format!("{prefix}-images-idx3-ubyte.gz")),
+                    &data.join(format!("{prefix}-labels-idx1-ubyte.gz")),
+                    Some(names),
+                    &datasets::Limits::default(),
+                )
+                .with_context(|| {
+                    format!(
+                        "reading Fashion-MNIST from {} (run scripts/fetch-fashion-mnist.sh)",
+                        data.display()
+                    )
+                })?;
+                if limit > 0 && limit < set.len() {
+                    set.images.truncate(limit);
+                    set.labels.truncate(limit);
+                }
+                let cache =
+                    cache_dir.join(format!("fashion-mnist-{name}-{side}-{}.feat", set.len()));
+                tracing::info!(
+                    split = name,
+                    images = set.len(),
+                    "features (cached in {})",
+                    cache.display()
+                );
+                let (features, outcome) =
+                    edge_client::cached_features(&backbone, &set, &cache, *threads, true)?;
+                tracing::info!(split = name, ?outcome, "features ready");
+                Ok(features)
+            };
+            Ok((
+                split("train", "train", *train_limit)?,
+                split("test", "t10k", *test_limit)?,
+            ))
+        }
+    }
+}
+
+fn engine_config(
+    cfg: &FleetConfig,
+    head: &HeadSpec,
+    strategy: Strategy,
+    seed: u64,
+) -> EngineConfig {
+    let mut c = EngineConfig::new(seed.wrapping_add(1), head.clone(), strategy);
+    c.seed = seed;
+    c.rounds = cfg.rounds;
+    c.train = cfg.train.clone();
+    c.update_encoding = cfg.update_encoding;
+    c.sampling = Sampling {
+        fraction: cfg.per_round as f64 / cfg.clients as f64,
+        min_clients: cfg.per_round,
+        over_selection: 1.0,
+    };
+    // Every client is online in a simulation: wait for all, and count a round only when all
+    // asked clients answered, so strategies see the same number of updates.
+    c.min_connected = cfg.clients;
+    c.quorum = cfg.per_round;
+    c.round_timeout_ms = 600_000;
+    c
+}
+
+/// Runs one strategy on one seed's shards; returns one row per round.
+async fn run_strategy(
+    cfg: &FleetConfig,
+    deployment: &Deployment,
+    engine: Engine,
+    label: &str,
+    seed: u64,
+    shards: &[Arc<LabelledFeatures>],
+    progress: &ProgressBar,
+) -> Result<Vec<RoundRow>> {
+    let (observer, mut lines) = mpsc::unbounded_channel::<RoundLine>();
+    let mut options = deployment.server_options(
+        "127.0.0.1:0".parse().expect("literal"),
+        None,
+        Some(cfg.out.join("aggregator-rounds.jsonl")),
+    )?;
+    options.round_observer = Some(observer);
+    let server = deployment.bind(options)?;
+    let addr = server.local_addr()?;
+    let (handle, _stop_server) = spawn_server(server, engine);
+    let (_keep_clients, stop) = watch::channel(false);
+    let named = shards
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (client_id(i), Arc::clone(s)))
+        .collect();
+    let clients = deployment.spawn_clients(addr, named, &stop)?;
+    let progress_task = {
+        let progress = progress.clone();
+        let label = label.to_owned();
+        tokio::spawn(async move {
+            while let Some(line) = lines.recv().await {
+                if let Some(eval) = line.report.eval {
+                    progress.set_message(format!(
+                        "{label} seed {seed} round {}: test acc {:.4}",
+                        line.report.round, eval.accuracy
+                    ));
+                }
+                progress.inc(1);
+            }
+        })
+    };
+    let summary = handle.await.context("aggregator task")??;
+    for c in clients {
+        c.await.context("client task")?.context("client")?;
+    }
+    progress_task.await?;
+    ensure!(summary.finished, "{label}: the run did not finish");
+    Ok(summary
+        .rounds
+        .iter()
+        .filter(|l| l.report.eval.is_some())
+        .map(|l| {
+            let eval = l.report.eval.expect("filtered");
+            RoundRow {
+                strategy: label.to_owned(),
+                seed,
+                round: l.report.round,
+                test_accuracy: eval.accuracy,
+                test_loss: eval.loss,
+                train_loss: l.report.train_loss.unwrap_or(f64::NAN),
+                mean_kl: l.report.mean_kl.unwrap_or(f64::NAN),
+                accepted: l.report.accepted.len(),
+                wall_ms: l.report.duration_ms,
+                bytes_in: l.report.wire_bytes_in,
+            }
+        })
+        .collect())
+}
+
+/// The centralized upper bound: the same head and local settings on the union of the client
+/// data, one "round" = the local epochs over all of it.
+fn run_centralized(
+    cfg: &FleetConfig,
+    head: &HeadSpec,
+    train: &LabelledFeatures,
+    test: &LabelledFeatures,
+    seed: u64,
+    progress: &ProgressBar,
+) -> Result<Vec<RoundRow>> {
+    let engine = Engine::new(engine_config(cfg, head, Strategy::FedAvg, seed))?;
+    let mut model: Head<f32> = engine.global_head();
+    let mut rows = Vec::new();
+    for round in 0..cfg.rounds {
+        let started = Instant::now();
+        let tc = TrainConfig {
+            epochs: cfg.train.epochs,
+            batch_size: cfg.train.batch_size as usize,
+            lr: cfg.train.lr,
+            momentum: cfg.train.momentum,
+            weight_decay: cfg.train.weight_decay,
+            seed: seed ^ round.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            prox_mu: None,
+            wsa: None,
+        };
+        let out = wsa::train(&model, train, &tc)?;
+        model = out.head;
+        let eval = model.evaluate(test.x(), test.labels())?;
+        rows.push(RoundRow {
+            strategy: "centralized".into(),
+            seed,
+            round,
+            test_accuracy: eval.accuracy,
+            test_loss: eval.loss,
+            train_loss: out.metrics.loss,
+            mean_kl: f64::NAN,
+            accepted: 1,
+            wall_ms: started.elapsed().as_millis() as u64,
+            bytes_in: 0,
+        });
+        progress.set_message(format!(
+            "centralized seed {seed} round {round}: test acc {:.4}",
+            eval.accuracy
+        ));
+        progress.inc(1);
+    }
+    Ok(rows)
+}
+
+fn mean_std(values: &[f64]) -> (f64, f64) {
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+    (mean, var.sqrt())
+}
+
+fn summarize(label: &str, rows: &[RoundRow], seeds: &[u64], target: f64) -> StrategySummary {
+    let per_seed: Vec<Vec<&RoundRow>> = seeds
+        .iter()
+        .map(|s| {
+            rows.iter()
+                .filter(|r| r.seed == *s && r.strategy == label)
+                .collect()
+        })
+        .collect();
+    let finals: Vec<f64> = per_seed
+        .iter()
+        .filter_map(|r| r.last().map(|r| r.test_accuracy))
+        .collect();
+    let bests: Vec<f64> = per_seed
+        .iter()
+        .map(|r| r.iter().map(|r| r.test_accuracy).fold(0.0, f64::max))
+        .collect();
+    let last10: Vec<f64> = per_seed
+        .iter()
+        .map(|r| {
+            let tail = &r[r.len().saturating_sub(10)..];
+            tail.iter().map(|r| r.test_accuracy).sum::<f64>() / tail.len().max(1) as f64
+        })
+        .collect();
+    let mut walls: Vec<f64> = per_seed
+        .iter()
+        .flatten()
+        .map(|r| r.wall_ms as f64)
+        .collect();
+    walls.sort_by(f64::total_cmp);
+    StrategySummary {
+        strategy: label.to_owned(),
+        final_accuracy: mean_std(&finals),
+        best_accuracy: mean_std(&bests),
+        last10_accuracy: mean_std(&last10),
+        rounds_to_target: per_seed
+            .iter()
+            .map(|r| {
+                r.iter()
+                    .find(|r| r.test_accuracy >= target)
+                    .map(|r| r.round + 1)
+            })
+            .collect(),
+        median_round_ms: walls.get(walls.len() / 2).copied().unwrap_or(f64::NAN),
+    }
+}
+
+/// The markdown table of a run.
+pub fn markdown_table(summary: &FleetSummary) -> String {
+    let pm = |(m, s): (f64, f64)| {
+        if summary.config.seeds.len() > 1 {
+            format!("{:.4} ± {:.4}", m, s)
+        } else {
+            format!("{m:.4}")
+        }
+    };
+    let mut t = format!(
+        "| strategy | final | best | mean of last 10 | rounds to {:.0}% | median round ms |\n|---|---|---|---|---|---|\n",
+        summary.config.target_accuracy * 100.0
+    );
+    for s in &summary.strategies {
+        let reach: Vec<String> = s
+            .rounds_to_target
+            .iter()
+            .map(|r| r.map_or("—".into(), |r| r.to_string()))
+            .collect();
+        t.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {:.0} |\n",
+            s.strategy,
+            pm(s.final_accuracy),
+            pm(s.best_accuracy),
+            pm(s.last10_accuracy),
+            reach.join(", "),
+            s.median_round_ms
+        ));
+    }
+    t
+}
+
+fn write_csv(path: &Path, rows: &[RoundRow]) -> Result<()> {
+    let mut out = String::from(
+        "strategy,seed,round,test_accuracy,test_loss,train_loss,mean_kl,accepted,wall_ms,bytes_in\n",
+    );
+    for r in rows {
+        out.push_str(&format!(
+            "{},{},{},{},{},{},{},{},{},{}\n",
+            r.strategy,
+            r.seed,
+            r.round,
+            r.test_accuracy,
+            r.test_loss,
+            r.train_loss,
+            r.mean_kl,
+            r.accepted,
+            r.wall_ms,
+            r.bytes_in
+        ));
+    }
+    std::fs::write(path, out).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Runs the whole comparison and writes the run folder.
+pub fn run_fleet(cfg: &FleetConfig) -> Result<FleetSummary> {
+    ensure!(
+        cfg.clients > 0 && cfg.per_round > 0 && cfg.per_round <= cfg.clients,
+        "need 0 < per_round ≤ clients"
+    );
+    ensure!(
+        cfg.rounds > 0 && !cfg.seeds.is_empty(),
+        "need rounds and at least one seed"
+    );
+    let started = Instant::now();
+    std::fs::create_dir_all(&cfg.out).with_context(|| format!("creating {}", cfg.out.display()))?;
+    std::fs::write(
+        cfg.out.join("config.json"),
+        serde_json::to_string_pretty(cfg)? + "\n",
+    )?;
+    let _ = std::fs::remove_file(cfg.out.join("aggregator-rounds.jsonl"));
+
+    let (train, test) = load_data(&cfg.data)?;
+    let feature_seconds = started.elapsed().as_secs_f64();
+    let head = HeadSpec::mlp(train.dim(), &cfg.hidden, train.classes());
+    let ids: Vec<String> = (0..cfg.clients).map(client_id).collect();
+    let deployment = Deployment::generate(&cfg.out.join("creds"), &ids)?;
+
+    let runs_per_seed = cfg.strategies.len() as u64 + u64::from(cfg.centralized);
+    let progress = ProgressBar::new(runs_per_seed * cfg.seeds.len() as u64 * cfg.rounds);
+    progress.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} rounds {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let mut rows = Vec::new();
+    let mut skews = Vec::new();
+    let mut labels = Vec::new();
+    for &seed in &cfg.seeds {
+        let split = partition(
+            train.labels(),
+            train.classes(),
+            cfg.clients,
+            &cfg.partition,
+            seed,
+        )?;
+        split.write_json(
+            &cfg.out.join(format!("partition-seed{seed}.json")),
+            train.labels(),
+            train.classes(),
+        )?;
+        skews.push(split.skew(train.labels(), train.classes()));
+        let shards: Vec<Arc<LabelledFeatures>> = split
+            .clients
+            .iter()
+            .map(|idx| train.select(idx).map(Arc::new))
+            .collect::<wsa::Result<_>>()?;
+        for strategy in &cfg.strategies {
+            let label = strategy.label();
+            if !labels.contains(&label) {
+                labels.push(label.clone());
+            }
+            let mut engine = Engine::new(engine_config(cfg, &head, *strategy, seed))?;
+            engine.set_validation(test.clone())?;
+            let r = runtime.block_on(run_strategy(
+                cfg,
+                &deployment,
+                engine,
+                &label,
+                seed,
+                &shards,
+                &progress,
+            ))?;
+            rows.extend(r);
+        }
+        if cfg.centralized {
+            if !labels.contains(&"centralized".to_owned()) {
+                labels.push("centralized".into());
+            }
+            let union: Vec<usize> = split.clients.iter().flatten().copied().collect();
+            let all = train.select(&union)?;
+            rows.extend(run_centralized(cfg, &head, &all, &test, seed, &progress)?);
+        }
+    }
+    progress.finish();
+    // Runtime teardown may wait for idle QUIC tasks; bound it.
+    runtime.shutdown_timeout(Duration::from_secs(2));
+
+    write_csv(&cfg.out.join("rounds.csv"), &rows)?;
+    std::fs::write(
+        cfg.out.join("rounds.json"),
+        serde_json::to_string(&rows)? + "\n",
+    )?;
+    let mut series = Vec::new();
+    for label in &labels {
+        // The mean over seeds, round by round.
+        let mut by_round: BTreeMap<u64, Vec<f64>> = BTreeMap::new();
+        for r in rows.iter().filter(|r| &r.strategy == label) {
+            by_round.entry(r.round).or_default().push(r.test_accuracy);
+        }
+        series.push(Series {
+            name: label.clone(),
+            points: by_round
+                .iter()
+                .map(|(round, accs)| {
+                    (
+                        (round + 1) as f64,
+                        accs.iter().sum::<f64>() / accs.len() as f64,
+                    )
+                })
+                .collect(),
+        });
+    }
+    let plot = cfg.out.join("accuracy.png");
+    line_plot(
+        &plot,
+        &format!(
+            "{} clients, {} per round, {:?}",
+            cfg.clients, cfg.per_round, cfg.partition
+        ),
+        "round",
+        "test accuracy",
+        &series,
+    )?;
+    let summary = FleetSummary {
+        config: cfg.clone(),
+        strategies: labels
+            .iter()
+            .map(|l| summarize(l, &rows, &cfg.seeds, cfg.target_accuracy))
+            .collect(),
+        partition_skew: skews,
+        data_shape: (train.len(), test.len(), train.dim()),
+        feature_seconds,
+        total_seconds: started.elapsed().as_secs_f64(),
+        plot,
+    };
+    std::fs::write(
+        cfg.out.join("summary.json"),
+        serde_json::to_string_pretty(&summary)? + "\n",
+    )?;
+    std::fs::write(cfg.out.join("table.md"), markdown_table(&summary))?;
+    Ok(summary)
+}

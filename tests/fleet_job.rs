@@ -1,0 +1,85 @@
+//! The main job's binary: a small fleet (8 clients, 3 rounds, synthetic features) through real
+//! QUIC writes a complete run folder: config, partition, per-round CSV and JSON, a summary, the
+//! markdown table and the plot.
+
+use std::process::Command;
+
+#[test]
+fn a_small_fleet_writes_its_run_folder() {
+    let out = tempfile::tempdir().unwrap();
+    let run = Command::new(env!("CARGO_BIN_EXE_wsa-fl"))
+        .args([
+            "--synthetic",
+            "--clients",
+            "8",
+            "--per-round",
+            "4",
+            "--rounds",
+            "3",
+            "--train-limit",
+            "1600",
+            "--test-limit",
+            "400",
+            "--hidden",
+            "32",
+            "--strategies",
+            "fedavg,fedprox:0.01,wsa:10:mixture",
+            "--target",
+            "0.3",
+        ])
+        .arg("--out")
+        .arg(out.path())
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run wsa-fl");
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    for row in [
+        "| fedavg |",
+        "| fedprox(mu=0.01) |",
+        "| wsa(lambda=10,Mixture) |",
+        "| centralized |",
+    ] {
+        assert!(stdout.contains(row), "{row} missing from\n{stdout}");
+    }
+
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("summary.json")).unwrap()).unwrap();
+    let strategies = summary["strategies"].as_array().unwrap();
+    assert_eq!(strategies.len(), 4);
+    for s in strategies {
+        let (mean, _) = (
+            s["final_accuracy"][0].as_f64().unwrap(),
+            s["final_accuracy"][1].as_f64().unwrap(),
+        );
+        // Ten classes: anything learned shows above chance.
+        assert!(mean > 0.2, "{s}");
+    }
+    let csv = std::fs::read_to_string(out.path().join("rounds.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + 4 * 3, "{csv}");
+    let png = std::fs::read(out.path().join("accuracy.png")).unwrap();
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 5_000);
+    for file in [
+        "config.json",
+        "rounds.json",
+        "table.md",
+        "partition-seed0.json",
+    ] {
+        assert!(out.path().join(file).is_file(), "{file}");
+    }
+
+    let bad = Command::new(env!("CARGO_BIN_EXE_wsa-fl"))
+        .args(["--synthetic", "--clients", "0"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let bad = Command::new(env!("CARGO_BIN_EXE_wsa-fl"))
+        .args(["--synthetic", "--strategies", "fedsgd"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown strategy"));
+}
