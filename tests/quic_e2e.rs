@@ -353,3 +353,38 @@ fn init_logs() {
         .with_test_writer()
         .try_init();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_asked_to_stop_says_goodbye_and_ends() {
+    init_logs();
+    let ids = client_ids(2);
+    let run = Run::new(&ids);
+    // Two clients needed before a round opens: the one that joins just waits.
+    let server = run.server("127.0.0.1:0".parse().unwrap(), None);
+    let addr = server.local_addr().unwrap();
+    let (handle, stop_server) = spawn_server(server, Engine::new(config(1, 2, 2)).unwrap());
+    let (stop_tx, stop) = watch::channel(false);
+    let client = tokio::spawn(edge_client::net::run(
+        run.options(addr, &client_id(0)),
+        shard(0),
+        stop,
+    ));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop_tx.send(true).unwrap();
+    let report = tokio::time::timeout(Duration::from_secs(10), client)
+        .await
+        .expect("client stopped promptly")
+        .unwrap()
+        .unwrap();
+    assert_eq!(report.end, RunEnd::Shutdown);
+    assert_eq!(report.connections, 1);
+    assert!(report.rounds.is_empty());
+    stop_server.send(true).unwrap();
+    let summary = tokio::time::timeout(Duration::from_secs(10), handle)
+        .await
+        .expect("server stopped promptly")
+        .unwrap()
+        .unwrap();
+    assert!(!summary.finished);
+    assert!(summary.rounds.is_empty());
+}
