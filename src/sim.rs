@@ -459,8 +459,9 @@ fn write_csv(path: &Path, rows: &[RoundRow]) -> Result<()> {
     );
     for r in rows {
         out.push_str(&format!(
-            "{},{},{},{},{},{},{},{},{},{}\n",
-            r.strategy,
+            "\"{}\",{},{},{},{},{},{},{},{},{}\n",
+            // Labels hold commas ("wsa(lambda=10,MeanStd)"): quoted, as CSV wants.
+            r.strategy.replace('"', "\"\""),
             r.seed,
             r.round,
             r.test_accuracy,
