@@ -265,6 +265,10 @@ async fn run_strategy(
         Some(cfg.out.join("aggregator-rounds.jsonl")),
     )?;
     options.round_observer = Some(observer);
+    // Every simulated client stays connected, and thousands of TLS handshakes on a couple of
+    // cores take a while.
+    options.max_connections = options.max_connections.max(cfg.clients + 16);
+    options.hello_timeout = Duration::from_secs(120);
     let server = deployment.bind(options)?;
     let addr = server.local_addr()?;
     let (handle, _stop_server) = spawn_server(server, engine);
