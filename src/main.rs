@@ -75,6 +75,9 @@ struct Args {
     /// Test accuracy for the "rounds to reach" column.
     #[arg(long, default_value_t = 0.75)]
     target: f64,
+    /// Fraction of the training images held out as the validation split (for choosing λ).
+    #[arg(long, default_value_t = 0.0)]
+    validation_fraction: f64,
     /// Use the synthetic problem instead of Fashion-MNIST (no model needed).
     #[arg(long)]
     synthetic: bool,
@@ -206,6 +209,7 @@ fn config(args: Args) -> Result<FleetConfig> {
         },
         update_encoding,
         target_accuracy: args.target,
+        validation_fraction: args.validation_fraction,
         out: args.out,
     })
 }

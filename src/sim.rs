@@ -87,6 +87,10 @@ pub struct FleetConfig {
     pub update_encoding: Encoding,
     /// For "rounds to reach": the test accuracy a strategy must reach.
     pub target_accuracy: f64,
+    /// Fraction of the training set held out (per seed, before partitioning) as the
+    /// validation split that choices like λ are made on; 0: none.
+    #[serde(default)]
+    pub validation_fraction: f64,
     /// The run folder.
     pub out: PathBuf,
 }
@@ -102,6 +106,8 @@ pub struct RoundRow {
     pub round: u64,
     /// Test accuracy of the global head after the round.
     pub test_accuracy: f64,
+    /// Validation accuracy (NaN without a validation split).
+    pub validation_accuracy: f64,
     /// Test loss.
     pub test_loss: f64,
     /// Mean local training loss of the accepted updates.
@@ -129,6 +135,8 @@ pub struct StrategySummary {
     pub last10_accuracy: (f64, f64),
     /// First round (1-based count) reaching the target, per seed; `None`: never.
     pub rounds_to_target: Vec<Option<u64>>,
+    /// Mean validation accuracy of the last 10 rounds (NaN without a validation split).
+    pub last10_validation_accuracy: (f64, f64),
     /// Median round wall time, ms.
     pub median_round_ms: f64,
 }
@@ -284,7 +292,7 @@ async fn run_strategy(
         let label = label.to_owned();
         tokio::spawn(async move {
             while let Some(line) = lines.recv().await {
-                if let Some(eval) = line.report.eval {
+                if let Some(eval) = line.report.test_eval {
                     progress.set_message(format!(
                         "{label} seed {seed} round {}: test acc {:.4}",
                         line.report.round, eval.accuracy
@@ -303,14 +311,15 @@ async fn run_strategy(
     Ok(summary
         .rounds
         .iter()
-        .filter(|l| l.report.eval.is_some())
+        .filter(|l| l.report.test_eval.is_some())
         .map(|l| {
-            let eval = l.report.eval.expect("filtered");
+            let eval = l.report.test_eval.expect("filtered");
             RoundRow {
                 strategy: label.to_owned(),
                 seed,
                 round: l.report.round,
                 test_accuracy: eval.accuracy,
+                validation_accuracy: l.report.eval.map_or(f64::NAN, |e| e.accuracy),
                 test_loss: eval.loss,
                 train_loss: l.report.train_loss.unwrap_or(f64::NAN),
                 mean_kl: l.report.mean_kl.unwrap_or(f64::NAN),
@@ -329,6 +338,7 @@ fn run_centralized(
     head: &HeadSpec,
     train: &LabelledFeatures,
     test: &LabelledFeatures,
+    validation: Option<&LabelledFeatures>,
     seed: u64,
     progress: &ProgressBar,
 ) -> Result<Vec<RoundRow>> {
@@ -350,11 +360,16 @@ fn run_centralized(
         let out = wsa::train(&model, train, &tc)?;
         model = out.head;
         let eval = model.evaluate(test.x(), test.labels())?;
+        let validation_accuracy = match validation {
+            Some(v) => model.evaluate(v.x(), v.labels())?.accuracy,
+            None => f64::NAN,
+        };
         rows.push(RoundRow {
             strategy: "centralized".into(),
             seed,
             round,
             test_accuracy: eval.accuracy,
+            validation_accuracy,
             test_loss: eval.loss,
             train_loss: out.metrics.loss,
             mean_kl: f64::NAN,
@@ -402,6 +417,13 @@ fn summarize(label: &str, rows: &[RoundRow], seeds: &[u64], target: f64) -> Stra
             tail.iter().map(|r| r.test_accuracy).sum::<f64>() / tail.len().max(1) as f64
         })
         .collect();
+    let last10_val: Vec<f64> = per_seed
+        .iter()
+        .map(|r| {
+            let tail = &r[r.len().saturating_sub(10)..];
+            tail.iter().map(|r| r.validation_accuracy).sum::<f64>() / tail.len().max(1) as f64
+        })
+        .collect();
     let mut walls: Vec<f64> = per_seed
         .iter()
         .flatten()
@@ -413,6 +435,7 @@ fn summarize(label: &str, rows: &[RoundRow], seeds: &[u64], target: f64) -> Stra
         final_accuracy: mean_std(&finals),
         best_accuracy: mean_std(&bests),
         last10_accuracy: mean_std(&last10),
+        last10_validation_accuracy: mean_std(&last10_val),
         rounds_to_target: per_seed
             .iter()
             .map(|r| {
@@ -435,7 +458,7 @@ pub fn markdown_table(summary: &FleetSummary) -> String {
         }
     };
     let mut t = format!(
-        "| strategy | final | best | mean of last 10 | rounds to {:.0}% | median round ms |\n|---|---|---|---|---|---|\n",
+        "| strategy | final | best | mean of last 10 | rounds to {:.0}% | median round ms | validation, last 10 |\n|---|---|---|---|---|---|---|\n",
         summary.config.target_accuracy * 100.0
     );
     for s in &summary.strategies {
@@ -445,13 +468,18 @@ pub fn markdown_table(summary: &FleetSummary) -> String {
             .map(|r| r.map_or("—".into(), |r| r.to_string()))
             .collect();
         t.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {:.0} |\n",
+            "| {} | {} | {} | {} | {} | {:.0} | {} |\n",
             s.strategy,
             pm(s.final_accuracy),
             pm(s.best_accuracy),
             pm(s.last10_accuracy),
             reach.join(", "),
-            s.median_round_ms
+            s.median_round_ms,
+            if s.last10_validation_accuracy.0.is_nan() {
+                "—".to_owned()
+            } else {
+                pm(s.last10_validation_accuracy)
+            }
         ));
     }
     t
@@ -459,16 +487,17 @@ pub fn markdown_table(summary: &FleetSummary) -> String {
 
 fn write_csv(path: &Path, rows: &[RoundRow]) -> Result<()> {
     let mut out = String::from(
-        "strategy,seed,round,test_accuracy,test_loss,train_loss,mean_kl,accepted,wall_ms,bytes_in\n",
+        "strategy,seed,round,test_accuracy,validation_accuracy,test_loss,train_loss,mean_kl,accepted,wall_ms,bytes_in\n",
     );
     for r in rows {
         out.push_str(&format!(
-            "\"{}\",{},{},{},{},{},{},{},{},{}\n",
+            "\"{}\",{},{},{},{},{},{},{},{},{},{}\n",
             // Labels hold commas ("wsa(lambda=10,MeanStd)"): quoted, as CSV wants.
             r.strategy.replace('"', "\"\""),
             r.seed,
             r.round,
             r.test_accuracy,
+            r.validation_accuracy,
             r.test_loss,
             r.train_loss,
             r.mean_kl,
@@ -478,6 +507,28 @@ fn write_csv(path: &Path, rows: &[RoundRow]) -> Result<()> {
         ));
     }
     std::fs::write(path, out).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Splits `fraction` of `data` off at random (seeded) as a validation set.
+fn hold_out(
+    data: &LabelledFeatures,
+    fraction: f64,
+    seed: u64,
+) -> Result<(LabelledFeatures, Option<LabelledFeatures>)> {
+    use rand::SeedableRng;
+    use rand::seq::SliceRandom;
+    let n_val = (data.len() as f64 * fraction).round() as usize;
+    if n_val == 0 {
+        return Ok((data.clone(), None));
+    }
+    let mut order: Vec<usize> = (0..data.len()).collect();
+    order.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(
+        seed ^ 0x7661_6c69_6461_7465,
+    ));
+    let (val, rest) = order.split_at(n_val);
+    let mut rest = rest.to_vec();
+    rest.sort_unstable();
+    Ok((data.select(&rest)?, Some(data.select(val)?)))
 }
 
 /// Runs the whole comparison and writes the run folder.
@@ -517,7 +568,12 @@ pub fn run_fleet(cfg: &FleetConfig) -> Result<FleetSummary> {
     let mut rows = Vec::new();
     let mut skews = Vec::new();
     let mut labels = Vec::new();
+    ensure!(
+        (0.0..0.9).contains(&cfg.validation_fraction),
+        "validation fraction must be in [0, 0.9)"
+    );
     for &seed in &cfg.seeds {
+        let (train, validation) = hold_out(&train, cfg.validation_fraction, seed)?;
         let split = partition(
             train.labels(),
             train.classes(),
@@ -542,7 +598,10 @@ pub fn run_fleet(cfg: &FleetConfig) -> Result<FleetSummary> {
                 labels.push(label.clone());
             }
             let mut engine = Engine::new(engine_config(cfg, &head, *strategy, seed))?;
-            engine.set_validation(test.clone())?;
+            engine.set_test(test.clone())?;
+            if let Some(v) = &validation {
+                engine.set_validation(v.clone())?;
+            }
             let r = runtime.block_on(run_strategy(
                 cfg,
                 &deployment,
@@ -560,7 +619,15 @@ pub fn run_fleet(cfg: &FleetConfig) -> Result<FleetSummary> {
             }
             let union: Vec<usize> = split.clients.iter().flatten().copied().collect();
             let all = train.select(&union)?;
-            rows.extend(run_centralized(cfg, &head, &all, &test, seed, &progress)?);
+            rows.extend(run_centralized(
+                cfg,
+                &head,
+                &all,
+                &test,
+                validation.as_ref(),
+                seed,
+                &progress,
+            )?);
         }
     }
     progress.finish();

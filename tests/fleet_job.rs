@@ -26,6 +26,8 @@ fn a_small_fleet_writes_its_run_folder() {
             "fedavg,fedprox:0.01,wsa:10:mixture",
             "--target",
             "0.3",
+            "--validation-fraction",
+            "0.1",
         ])
         .arg("--out")
         .arg(out.path())
@@ -61,6 +63,14 @@ fn a_small_fleet_writes_its_run_folder() {
     }
     let csv = std::fs::read_to_string(out.path().join("rounds.csv")).unwrap();
     assert_eq!(csv.lines().count(), 1 + 4 * 3, "{csv}");
+    // Held-out validation accuracy is reported beside the test accuracy, every round.
+    for s in strategies {
+        let val = s["last10_validation_accuracy"][0].as_f64().unwrap();
+        assert!((0.2..=1.0).contains(&val), "{s}");
+    }
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["validation_fraction"].as_f64(), Some(0.1));
     let png = std::fs::read(out.path().join("accuracy.png")).unwrap();
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 5_000);
     for file in [

@@ -509,6 +509,8 @@ pub struct RoundReport {
     pub mean_kl: Option<f64>,
     /// The new global head on the validation set (when one was given and the round counted).
     pub eval: Option<Evaluation>,
+    /// The new global head on the test set (when one was given and the round counted).
+    pub test_eval: Option<Evaluation>,
     /// Parameter payload bytes of all updates received (accepted or not).
     pub payload_bytes_in: u64,
     /// Wire bytes of all updates received, as the runtime reported them.
@@ -628,6 +630,7 @@ pub struct Engine {
     tally: Tally,
     finished: bool,
     validation: Option<LabelledFeatures>,
+    test: Option<LabelledFeatures>,
     /// Decoded parameters of the update being checked, reused across updates.
     scratch: Vec<f32>,
 }
@@ -748,12 +751,28 @@ impl Engine {
             tally: Tally::default(),
             finished: false,
             validation: None,
+            test: None,
             scratch,
         })
     }
 
-    /// Evaluates every new global head on `data` (reported in [`RoundReport::eval`]).
+    /// Evaluates every new global head on `data` (reported in [`RoundReport::eval`]): the
+    /// split that choices such as λ are made on.
     pub fn set_validation(&mut self, data: LabelledFeatures) -> Result<(), EngineError> {
+        self.check_eval_set(&data)?;
+        self.validation = Some(data);
+        Ok(())
+    }
+
+    /// Also evaluates every new global head on a held-out test set (reported in
+    /// [`RoundReport::test_eval`]), kept apart from the validation set so nothing is tuned on it.
+    pub fn set_test(&mut self, data: LabelledFeatures) -> Result<(), EngineError> {
+        self.check_eval_set(&data)?;
+        self.test = Some(data);
+        Ok(())
+    }
+
+    fn check_eval_set(&self, data: &LabelledFeatures) -> Result<(), EngineError> {
         if data.dim() != self.config.head.input {
             return Err(EngineError::BadValidationSet(format!(
                 "features are {}-wide, the head reads {}",
@@ -768,7 +787,6 @@ impl Engine {
                 self.config.head.classes
             )));
         }
-        self.validation = Some(data);
         Ok(())
     }
 
@@ -1137,6 +1155,7 @@ impl Engine {
         let quorum = self.config.quorum;
         let mut closed_by = trigger;
         let mut eval = None;
+        let mut test_eval = None;
         let fold = if open.accepted.len() >= quorum {
             let rule = self.config.strategy.fusion_rule();
             let mut fusion = ScopeFusion::new(self.fold_shape.tensors.len());
@@ -1172,12 +1191,15 @@ impl Engine {
             self.next_round += 1;
             self.attempt = 0;
             self.history.rounds_closed += 1;
-            if let Some(data) = &self.validation {
-                match self.global_head().evaluate(data.x(), data.labels()) {
-                    Ok(e) => eval = Some(e),
-                    Err(e) => warn!(error = %e, "evaluation of the new global head failed"),
-                }
-            }
+            let head = self.global_head();
+            let evaluate = |data: &Option<LabelledFeatures>| {
+                let data = data.as_ref()?;
+                head.evaluate(data.x(), data.labels())
+                    .inspect_err(|e| warn!(error = %e, "evaluation of the new global head failed"))
+                    .ok()
+            };
+            eval = evaluate(&self.validation);
+            test_eval = evaluate(&self.test);
         } else {
             closed_by = ClosedBy::Failed;
             self.attempt = self.attempt.saturating_add(1);
@@ -1215,6 +1237,7 @@ impl Engine {
             train_accuracy: mean(m.accuracy),
             mean_kl: mean(m.kl),
             eval,
+            test_eval,
             payload_bytes_in: tally.payload_bytes,
             wire_bytes_in: tally.wire_bytes,
             accepted_payload_bytes: open.accepted_payload_bytes,
