@@ -133,6 +133,7 @@ enum ConnEvent {
     Refused {
         reason: String,
     },
+    OverLimit,
     BytesOut(u64),
 }
 
@@ -342,6 +343,10 @@ impl Server {
                                 Vec::new()
                             }
                         }
+                        ConnEvent::OverLimit => {
+                            stats.refused_connections += 1;
+                            Vec::new()
+                        }
                         ConnEvent::Refused { reason } => {
                             stats.refused_hellos.push(reason);
                             Vec::new()
@@ -398,9 +403,7 @@ async fn accept_loop(
     while let Some(incoming) = endpoint.accept().await {
         if shared.live.load(Ordering::Relaxed) >= max_connections {
             incoming.refuse();
-            let _ = events.send(ConnEvent::Refused {
-                reason: "connection limit".into(),
-            });
+            let _ = events.send(ConnEvent::OverLimit);
             continue;
         }
         shared.live.fetch_add(1, Ordering::Relaxed);
