@@ -43,6 +43,13 @@ impl Deployment {
         })
     }
 
+    /// A credentials folder made earlier (by [`Deployment::generate`] or `gen-certs`).
+    pub fn open(creds: &Path) -> Self {
+        Self {
+            creds: creds.to_owned(),
+        }
+    }
+
     /// The credentials folder.
     pub fn creds(&self) -> &Path {
         &self.creds

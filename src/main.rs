@@ -78,6 +78,9 @@ struct Args {
     /// Fraction of the training images held out as the validation split (for choosing λ).
     #[arg(long, default_value_t = 0.0)]
     validation_fraction: f64,
+    /// Run the clients in this many separate processes (0: all in this process).
+    #[arg(long, default_value_t = 0)]
+    client_processes: usize,
     /// Use the synthetic problem instead of Fashion-MNIST (no model needed).
     #[arg(long)]
     synthetic: bool,
@@ -210,8 +213,30 @@ fn config(args: Args) -> Result<FleetConfig> {
         update_encoding,
         target_accuracy: args.target,
         validation_fraction: args.validation_fraction,
+        client_processes: args.client_processes,
         out: args.out,
     })
+}
+
+/// `wsa-fl clients ...`: a client process started by the simulator (`--client-processes`).
+#[derive(Debug, Parser)]
+#[command(name = "wsa-fl clients")]
+struct ClientGroup {
+    /// The run's config.json.
+    #[arg(long)]
+    config: PathBuf,
+    /// The aggregator.
+    #[arg(long)]
+    server: std::net::SocketAddr,
+    /// The seed whose partition to use.
+    #[arg(long)]
+    seed: u64,
+    /// This process hosts clients i with i % groups == group.
+    #[arg(long)]
+    group: usize,
+    /// Number of client processes.
+    #[arg(long)]
+    groups: usize,
 }
 
 fn main() -> Result<()> {
@@ -223,6 +248,10 @@ fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    if std::env::args().nth(1).as_deref() == Some("clients") {
+        let g = ClientGroup::parse_from(std::env::args().skip(1));
+        return wsa_fl::sim::run_client_group(&g.config, g.server, g.seed, g.group, g.groups);
+    }
     let cfg = config(Args::parse())?;
     anyhow::ensure!(cfg.clients > 0, "need at least one client");
     let summary = run_fleet(&cfg)?;
@@ -240,6 +269,9 @@ fn main() -> Result<()> {
         summary.total_seconds,
         summary.feature_seconds
     );
+    if let Some(rss) = summary.peak_rss_mib {
+        println!("peak RSS of this process: {rss:.0} MiB");
+    }
     println!("plot: {}", summary.plot.display());
     println!("run folder: {}", cfg.out.display());
     Ok(())

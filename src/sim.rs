@@ -91,6 +91,10 @@ pub struct FleetConfig {
     /// validation split that choices like λ are made on; 0: none.
     #[serde(default)]
     pub validation_fraction: f64,
+    /// Run the clients in this many separate processes (0: in this process). The aggregator
+    /// then has this process to itself, and its memory can be measured apart.
+    #[serde(default)]
+    pub client_processes: usize,
     /// The run folder.
     pub out: PathBuf,
 }
@@ -156,6 +160,9 @@ pub struct FleetSummary {
     pub feature_seconds: f64,
     /// Seconds of the whole run.
     pub total_seconds: f64,
+    /// Peak resident memory of the simulator's process, MiB: the aggregator (and the shared
+    /// feature matrix), plus every client unless they ran in their own processes.
+    pub peak_rss_mib: Option<f64>,
     /// The plot.
     pub plot: PathBuf,
 }
@@ -281,12 +288,31 @@ async fn run_strategy(
     let addr = server.local_addr()?;
     let (handle, _stop_server) = spawn_server(server, engine);
     let (_keep_clients, stop) = watch::channel(false);
-    let named = shards
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (client_id(i), Arc::clone(s)))
-        .collect();
-    let clients = deployment.spawn_clients(addr, named, &stop)?;
+    let mut clients = Vec::new();
+    let mut children = Vec::new();
+    if cfg.client_processes == 0 {
+        let named = shards
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (client_id(i), Arc::clone(s)))
+            .collect();
+        clients = deployment.spawn_clients(addr, named, &stop)?;
+    } else {
+        let exe = std::env::current_exe()?;
+        for group in 0..cfg.client_processes {
+            let child = std::process::Command::new(&exe)
+                .arg("clients")
+                .arg("--config")
+                .arg(cfg.out.join("config.json"))
+                .args(["--server", &addr.to_string()])
+                .args(["--seed", &seed.to_string()])
+                .args(["--group", &group.to_string()])
+                .args(["--groups", &cfg.client_processes.to_string()])
+                .spawn()
+                .with_context(|| format!("starting client process {group}"))?;
+            children.push(child);
+        }
+    }
     let progress_task = {
         let progress = progress.clone();
         let label = label.to_owned();
@@ -305,6 +331,10 @@ async fn run_strategy(
     let summary = handle.await.context("aggregator task")??;
     for c in clients {
         c.await.context("client task")?.context("client")?;
+    }
+    for mut child in children {
+        let status = tokio::task::spawn_blocking(move || child.wait()).await??;
+        ensure!(status.success(), "a client process failed: {status}");
     }
     progress_task.await?;
     ensure!(summary.finished, "{label}: the run did not finish");
@@ -509,6 +539,92 @@ fn write_csv(path: &Path, rows: &[RoundRow]) -> Result<()> {
     std::fs::write(path, out).with_context(|| format!("writing {}", path.display()))
 }
 
+/// One seed's view of the training set: the validation hold-out, the partition of the rest and
+/// each client's rows. Deterministic from the seed, so client processes rebuild it exactly.
+struct SeedData {
+    train: LabelledFeatures,
+    validation: Option<LabelledFeatures>,
+    split: crate::partition::Partition,
+    shards: Vec<Arc<LabelledFeatures>>,
+}
+
+fn seed_data(cfg: &FleetConfig, all_train: &LabelledFeatures, seed: u64) -> Result<SeedData> {
+    let (train, validation) = hold_out(all_train, cfg.validation_fraction, seed)?;
+    let split = partition(
+        train.labels(),
+        train.classes(),
+        cfg.clients,
+        &cfg.partition,
+        seed,
+    )?;
+    let shards = split
+        .clients
+        .iter()
+        .map(|idx| train.select(idx).map(Arc::new))
+        .collect::<wsa::Result<_>>()?;
+    Ok(SeedData {
+        train,
+        validation,
+        split,
+        shards,
+    })
+}
+
+/// The body of a client process (`wsa-fl clients ...`): rebuilds the run's data for `seed`
+/// and runs clients `i` with `i % groups == group` against `server` until the run ends.
+pub fn run_client_group(
+    config: &Path,
+    server: std::net::SocketAddr,
+    seed: u64,
+    group: usize,
+    groups: usize,
+) -> Result<()> {
+    let cfg: FleetConfig = serde_json::from_str(
+        &std::fs::read_to_string(config)
+            .with_context(|| format!("reading {}", config.display()))?,
+    )?;
+    ensure!(groups > 0 && group < groups, "group {group} of {groups}");
+    let (train, _) = load_data(&cfg.data)?;
+    let data = seed_data(&cfg, &train, seed)?;
+    drop(train);
+    let deployment = Deployment::open(&cfg.out.join("creds"));
+    let mine = data
+        .shards
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| i % groups == group)
+        .map(|(i, s)| (client_id(i), s))
+        .collect();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let (_keep, stop) = watch::channel(false);
+        for client in deployment.spawn_clients(server, mine, &stop)? {
+            let report = client.await.context("client task")??;
+            ensure!(
+                report.end == edge_client::net::RunEnd::RunFinished,
+                "a client ended with {:?}",
+                report.end
+            );
+        }
+        Ok(())
+    })
+}
+
+/// This process's peak resident memory (VmHWM), in MiB; `None` off Linux.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
 /// Splits `fraction` of `data` off at random (seeded) as a validation set.
 fn hold_out(
     data: &LabelledFeatures,
@@ -573,25 +689,18 @@ pub fn run_fleet(cfg: &FleetConfig) -> Result<FleetSummary> {
         "validation fraction must be in [0, 0.9)"
     );
     for &seed in &cfg.seeds {
-        let (train, validation) = hold_out(&train, cfg.validation_fraction, seed)?;
-        let split = partition(
-            train.labels(),
-            train.classes(),
-            cfg.clients,
-            &cfg.partition,
-            seed,
-        )?;
+        let SeedData {
+            train,
+            validation,
+            split,
+            shards,
+        } = seed_data(cfg, &train, seed)?;
         split.write_json(
             &cfg.out.join(format!("partition-seed{seed}.json")),
             train.labels(),
             train.classes(),
         )?;
         skews.push(split.skew(train.labels(), train.classes()));
-        let shards: Vec<Arc<LabelledFeatures>> = split
-            .clients
-            .iter()
-            .map(|idx| train.select(idx).map(Arc::new))
-            .collect::<wsa::Result<_>>()?;
         for strategy in &cfg.strategies {
             let label = strategy.label();
             if !labels.contains(&label) {
@@ -680,6 +789,7 @@ pub fn run_fleet(cfg: &FleetConfig) -> Result<FleetSummary> {
         data_shape: (train.len(), test.len(), train.dim()),
         feature_seconds,
         total_seconds: started.elapsed().as_secs_f64(),
+        peak_rss_mib: peak_rss_mib(),
         plot,
     };
     std::fs::write(

@@ -82,6 +82,53 @@ fn a_small_fleet_writes_its_run_folder() {
         assert!(out.path().join(file).is_file(), "{file}");
     }
 
+    // The same fleet with its clients in two other processes: the same partition and seeds,
+    // so the same accepted updates and the same global heads.
+    let apart = tempfile::tempdir().unwrap();
+    let run = Command::new(env!("CARGO_BIN_EXE_wsa-fl"))
+        .args([
+            "--synthetic",
+            "--clients",
+            "8",
+            "--per-round",
+            "4",
+            "--rounds",
+            "3",
+            "--train-limit",
+            "1600",
+            "--test-limit",
+            "400",
+            "--hidden",
+            "32",
+            "--strategies",
+            "fedavg",
+            "--no-centralized",
+            "--client-processes",
+            "2",
+            "--validation-fraction",
+            "0.1",
+        ])
+        .arg("--out")
+        .arg(apart.path())
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run wsa-fl");
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let rows = |dir: &std::path::Path| -> Vec<String> {
+        std::fs::read_to_string(dir.join("rounds.csv"))
+            .unwrap()
+            .lines()
+            .filter(|l| l.starts_with("\"fedavg\""))
+            // strategy, seed, round, test and validation accuracy: wall times differ.
+            .map(|l| l.split(',').take(5).collect::<Vec<_>>().join(","))
+            .collect()
+    };
+    assert_eq!(rows(apart.path()), rows(out.path()));
+
     let bad = Command::new(env!("CARGO_BIN_EXE_wsa-fl"))
         .args(["--synthetic", "--clients", "0"])
         .output()
