@@ -17,7 +17,11 @@ $bin --clients 100 --per-round 10 --epochs 1 --rounds 12 --train-limit 0 --test-
 /usr/bin/time -v $bin --clients 10000 --per-round 10000 --rounds 2 --epochs 1 --batch-size 64 \
   --partition iid --min-size 1 --train-limit 0 --test-limit 2000 --strategies fedavg \
   --no-centralized --hidden '' --encoding int8 --out runs/scale10000 2> runs/scale10000.time
-for run in steady100 scale1000 scale10000; do
+# The same with the clients in 4 other processes: the aggregator's own peak RSS.
+$bin --clients 10000 --per-round 10000 --rounds 2 --epochs 1 --batch-size 64 --partition iid \
+  --min-size 1 --train-limit 0 --test-limit 2000 --strategies fedavg --no-centralized \
+  --hidden '' --encoding int8 --client-processes 4 --out runs/scale10000-apart
+for run in steady100 scale1000 scale10000 scale10000-apart; do
   echo "== $run"
   python3 - "runs/$run/aggregator-rounds.jsonl" <<'PY'
 import json, sys
