@@ -252,6 +252,7 @@ async fn five_clients_three_rounds_over_quic_with_intruders_refused() {
         let mut accepted = line.report.accepted.clone();
         accepted.sort();
         assert_eq!(line.report.round, r as u64);
+        assert_eq!(line.report.strategy, "wsa(lambda=5,MeanStd)");
         assert_eq!(
             accepted,
             client_ids(5),

@@ -473,6 +473,10 @@ pub struct Rejection {
 pub struct RoundReport {
     /// The run.
     pub run_id: u64,
+    /// The strategy's label (e.g. `wsa(lambda=100,MeanStd)`), so a log of many runs can be
+    /// grouped without knowing their order.
+    #[serde(default)]
+    pub strategy: String,
     /// The round number.
     pub round: u64,
     /// Attempt at this round number, from 0.
@@ -1210,6 +1214,7 @@ impl Engine {
         let mean = |sum: f64| (m.weight > 0.0).then(|| sum / m.weight);
         let report = RoundReport {
             run_id: self.config.run_id,
+            strategy: self.config.strategy.label(),
             round: open.round,
             attempt: open.attempt,
             closed_by,

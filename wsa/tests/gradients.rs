@@ -128,6 +128,11 @@ proptest! {
         prop_assume!(min_hidden_preactivation(&c.head, &c.x) > 1e-3);
         let spec = c.head.spec().clone();
         let selection = ScopeSelection { include_biases };
+        // A tensor of two or three nearly equal values has a tiny σ, and the KL's curvature
+        // (∝ 1/σ²) then exceeds what a finite difference of step H resolves: the check is of
+        // the gradient, not of that conditioning.
+        let scopes = c.head.scopes(selection, 1e-8).unwrap();
+        prop_assume!(scopes.iter().all(|s| s.std > 0.05));
         let mut r = rng(seed ^ 0xabc);
         let targets = (0..spec.scoped_tensor_count(selection))
             .map(|_| Scope::new(r.random_range(-0.3..0.3), r.random_range(0.1..1.0)).unwrap())
