@@ -3,7 +3,9 @@
 # as validation) and test, 96², MLP 1280→256→10, 100 clients, 10 per round, 5 local epochs,
 # batch 64, SGD lr 0.05, momentum 0.9, weight decay 1e-5, 100 rounds, seeds 0,1,2.
 #   scripts/experiment.sh sweep            λ sweep at Dirichlet α = 0.1 (choose λ on validation)
-#   scripts/experiment.sh grid LAMBDA      all strategies at α = 0.1, 0.5 and IID with that λ
+#   scripts/experiment.sh grid LAMBDA [PART]   all strategies and the centralized bound with
+#                                          that λ; PART: a0.1 | a0.5 | iid | all (default)
+#   scripts/experiment.sh bound [PART]     the centralized bound alone
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -11,17 +13,35 @@ cargo build --release --locked --bin wsa-fl
 common=(--clients 100 --per-round 10 --epochs 5 --batch-size 64 --lr 0.05 --momentum 0.9
   --weight-decay 1e-5 --rounds 100 --seeds 0,1,2 --hidden 256 --train-limit 0 --test-limit 0
   --validation-fraction 0.1 --side 96)
+partition_args() {
+  case "$1" in
+    a0.1) echo "--partition dirichlet --alpha 0.1" ;;
+    a0.5) echo "--partition dirichlet --alpha 0.5" ;;
+    iid) echo "--partition iid" ;;
+    *) echo "unknown partition $1 (a0.1 | a0.5 | iid | all)" >&2; exit 2 ;;
+  esac
+}
+parts() { if [ "${1:-all}" = all ]; then echo a0.1 a0.5 iid; else echo "$1"; fi; }
 case "${1:-}" in
   sweep)
     target/release/wsa-fl "${common[@]}" --partition dirichlet --alpha 0.1 --no-centralized \
       --strategies fedavg,wsa:1,wsa:10,wsa:30,wsa:100,wsa:300,wsa:1000 --out runs/exp-sweep-a0.1
     ;;
   grid)
-    lambda="${2:?usage: experiment.sh grid LAMBDA}"
+    lambda="${2:?usage: experiment.sh grid LAMBDA [PART]}"
     strategies="fedavg,fedprox:0.01,fedprox:0.1,wsa:$lambda:mean-std,wsa:$lambda:root-mean-var,wsa:$lambda:mixture"
-    target/release/wsa-fl "${common[@]}" --partition dirichlet --alpha 0.1 --strategies "$strategies" --out runs/exp-a0.1
-    target/release/wsa-fl "${common[@]}" --partition dirichlet --alpha 0.5 --strategies "$strategies" --out runs/exp-a0.5
-    target/release/wsa-fl "${common[@]}" --partition iid --strategies "$strategies" --out runs/exp-iid
+    for part in $(parts "${3:-all}"); do
+      # shellcheck disable=SC2046 # the partition flags are meant to split
+      target/release/wsa-fl "${common[@]}" $(partition_args "$part") --strategies "$strategies" \
+        --out "runs/exp-$part"
+    done
     ;;
-  *) echo "usage: $0 sweep | grid LAMBDA" >&2; exit 2 ;;
+  bound)
+    for part in $(parts "${2:-all}"); do
+      # shellcheck disable=SC2046
+      target/release/wsa-fl "${common[@]}" $(partition_args "$part") --strategies '' \
+        --out "runs/exp-bound-$part"
+    done
+    ;;
+  *) echo "usage: $0 sweep | grid LAMBDA [PART] | bound [PART]" >&2; exit 2 ;;
 esac

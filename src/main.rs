@@ -42,7 +42,7 @@ struct Args {
     /// Shards: classes per client.
     #[arg(long, default_value_t = 2)]
     classes_per_client: usize,
-    /// Strategies, comma-separated: `fedavg`, `fedprox:MU`, `wsa:LAMBDA[:mean-std|root-mean-var|mixture]`.
+    /// Strategies, comma-separated (empty: only the centralized bound): `fedavg`, `fedprox:MU`, `wsa:LAMBDA[:mean-std|root-mean-var|mixture]`.
     #[arg(long, value_delimiter = ',', default_value = "fedavg,wsa:10")]
     strategies: Vec<String>,
     /// Skip the centralized upper bound.
@@ -198,6 +198,7 @@ fn config(args: Args) -> Result<FleetConfig> {
         strategies: args
             .strategies
             .iter()
+            .filter(|s| !s.is_empty())
             .map(|s| parse_strategy(s))
             .collect::<Result<_>>()?,
         centralized: !args.no_centralized,

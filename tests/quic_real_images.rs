@@ -3,14 +3,14 @@
 //! Needs the model (scripts/fetch-model.sh) and Fashion-MNIST (scripts/fetch-fashion-mnist.sh);
 //! SKIPPED without them unless `WSA_REQUIRE_MODEL=1`.
 
-use std::path::Path;
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use aggregator::Strategy;
 use aggregator::checkpoint::Checkpoint;
 use aggregator::engine::{Engine, EngineConfig};
-use datasets::{FASHION_MNIST_CLASSES, Limits};
 use edge_client::Backbone;
 use edge_client::net::RunEnd;
 use protocol::Encoding;
@@ -20,30 +20,11 @@ use wsa_fl::fleet::{Deployment, client_id, spawn_server};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_clients_train_on_real_backbone_features_over_quic() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let model = root.join("models/mobilenet_v2_features.onnx");
-    let data = root.join("data/fashion-mnist");
-    if !model.exists() || !data.join("t10k-images-idx3-ubyte.gz").exists() {
-        assert!(
-            std::env::var("WSA_REQUIRE_MODEL").as_deref() != Ok("1"),
-            "WSA_REQUIRE_MODEL=1 but the model or Fashion-MNIST is missing"
-        );
-        eprintln!("SKIPPED: model or Fashion-MNIST missing");
-        return;
-    }
-    let names = FASHION_MNIST_CLASSES
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    let set = datasets::read_idx(
-        &data.join("t10k-images-idx3-ubyte.gz"),
-        &data.join("t10k-labels-idx1-ubyte.gz"),
-        Some(names),
-        &Limits::default(),
-    )
-    .unwrap();
-    let backbone = Backbone::load(&model, 64).unwrap();
     let per_client = 24;
+    let Some((model, set)) = common::model_and_test_images(2 * per_client) else {
+        return;
+    };
+    let backbone = Backbone::load(&model, 64).unwrap();
     let shards: Vec<(String, Arc<LabelledFeatures>)> = (0..2)
         .map(|c| {
             let range = c * per_client..(c + 1) * per_client;

@@ -26,6 +26,10 @@ use tokio::task::JoinSet;
 use crate::auth::Registry;
 use crate::engine::{Action, ClosedBy, Engine, Event, Millis, ReceivedUpdate, RoundReport};
 
+/// How long a connection waits, after the goodbye, for its client to read it and close; a
+/// client that does not is closed on.
+const GOODBYE_GRACE: Duration = Duration::from_secs(5);
+
 /// Settings of the QUIC side.
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
@@ -379,7 +383,7 @@ impl Server {
                 }
             }
         };
-        let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
+        let _ = tokio::time::timeout(GOODBYE_GRACE + Duration::from_millis(500), drain).await;
         self.endpoint.close(0u32.into(), b"run over");
         // Release the UDP port before returning, so a restart can bind it again.
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
@@ -550,7 +554,11 @@ async fn serve_session(
                 Some(Outbound::Goodbye(reason)) => {
                     let _ = write_message(control_send, &Message::Goodbye(Goodbye { reason })).await;
                     let _ = control_send.finish();
-                    let _ = tokio::time::timeout(Duration::from_secs(1), control_send.stopped()).await;
+                    // The client closes once it has *read* the goodbye. Closing here as soon
+                    // as the bytes are acknowledged would race it: a client still busy (in a
+                    // round's training, or just slow) loses unread stream data with the
+                    // connection and takes the close for a lost session.
+                    let _ = tokio::time::timeout(GOODBYE_GRACE, conn.closed()).await;
                     conn.close(0u32.into(), b"goodbye");
                     return Ok(());
                 }

@@ -223,3 +223,57 @@ fn check_known_len(src: &Source, expected: u64) -> Result<(), DatasetError> {
         _ => Ok(()),
     }
 }
+
+/// A split of an MNIST-style data set, as the IDX file names spell it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Split {
+    /// `train-*-idx?-ubyte.gz`.
+    Train,
+    /// `t10k-*-idx?-ubyte.gz`.
+    Test,
+}
+
+impl Split {
+    /// The split's name: `train` or `test`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Split::Train => "train",
+            Split::Test => "test",
+        }
+    }
+
+    fn file_prefix(self) -> &'static str {
+        match self {
+            Split::Train => "train",
+            Split::Test => "t10k",
+        }
+    }
+}
+
+impl std::str::FromStr for Split {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "train" => Ok(Split::Train),
+            "test" => Ok(Split::Test),
+            other => Err(format!("unknown split {other:?}: use train or test")),
+        }
+    }
+}
+
+/// Reads one split of Fashion-MNIST from `dir` as `scripts/fetch-fashion-mnist.sh` lays it out
+/// (the four gzipped IDX files under their canonical names), with its class names.
+pub fn read_fashion_mnist(
+    dir: &Path,
+    split: Split,
+    limits: &Limits,
+) -> Result<ImageSet, DatasetError> {
+    let prefix = split.file_prefix();
+    read_idx(
+        &dir.join(format!("{prefix}-images-idx3-ubyte.gz")),
+        &dir.join(format!("{prefix}-labels-idx1-ubyte.gz")),
+        Some(owned(&crate::FASHION_MNIST_CLASSES)),
+        limits,
+    )
+}

@@ -32,5 +32,5 @@ pub use classes::{
 };
 pub use error::DatasetError;
 pub use folder::read_image_folder;
-pub use idx::read_idx;
+pub use idx::{Split, read_fashion_mnist, read_idx};
 pub use set::{Image, ImageSet, Limits};

@@ -1,5 +1,10 @@
-//! The frozen feature extractor: an ONNX MobileNetV2 run with tract. Everything tract-specific
-//! lives in this file, so an API change in tract touches nothing else.
+//! The frozen feature extractor: MobileNetV2 run with tract. Everything tract-specific lives in
+//! this file, so an API change in tract touches nothing else.
+//!
+//! Two formats load: the features ONNX (with the `onnx` feature, on by default) and tract's
+//! NNEF archive converted from it offline by [`convert_onnx_to_nnef`]. The NNEF reader is a
+//! fraction of the ONNX front end's code (no protobuf, no inference rules), so the ARM builds
+//! ship without `onnx` and load the NNEF; the features are the same (tests/nnef.rs).
 //!
 //! The input shape is fixed to `[1, 3, side, side]` when the model is loaded: tract plans a
 //! fixed shape far better than a symbolic batch (4–6× faster measured), and batching gains
@@ -13,8 +18,8 @@ use datasets::Image;
 use indicatif::{ProgressBar, ProgressStyle};
 use ndarray::{Array2, ArrayView1, Axis};
 use sha2::{Digest, Sha256};
-use tract_onnx::prelude::*;
-use tract_onnx::tract_core::transform::get_transform;
+use tract_nnef::prelude::*;
+use tract_nnef::tract_core::transform::get_transform;
 
 use crate::error::BackboneError;
 use crate::preprocess::preprocess_into;
@@ -22,6 +27,9 @@ use crate::preprocess::preprocess_into;
 /// The input sides the backbone accepts (MobileNetV2 downsamples by 32; below 32 the last
 /// feature map would vanish).
 pub const INPUT_SIDES: std::ops::RangeInclusive<usize> = 32..=1024;
+
+/// The symbol an NNEF backbone's input side is stored as; bound to the side at load time.
+const SIDE_SYMBOL: &str = "side";
 
 /// A loaded, optimized backbone for one input side.
 pub struct Backbone {
@@ -43,7 +51,8 @@ impl std::fmt::Debug for Backbone {
 }
 
 impl Backbone {
-    /// Loads the features ONNX at `path` for `side × side` inputs and probes its output width.
+    /// Loads the backbone at `path` (the features ONNX, or its NNEF archive, told apart by
+    /// content) for `side × side` inputs and probes its output width.
     pub fn load(path: &Path, side: usize) -> Result<Self, BackboneError> {
         if !INPUT_SIDES.contains(&side) {
             return Err(BackboneError::BadInputSide {
@@ -61,22 +70,12 @@ impl Backbone {
             path: path.to_owned(),
             message: format!("{e:#}"),
         };
-        let plan = tract_onnx::onnx()
-            .model_for_read(&mut bytes.as_slice())
-            .and_then(|m| m.with_input_fact(0, f32::fact([1, 3, side, side]).into()))
-            .and_then(|m| m.into_typed())
-            .and_then(|mut m| {
-                // ONNX convs are NCHW, where tract's depthwise kernel walks one plane at a
-                // time; channel-last it vectorises over channels. Measured at 96²: depthwise
-                // convs 3.2× faster, the whole image ~23% faster, same features.
-                let nhwc = get_transform("conv_nhwc")?
-                    .ok_or_else(|| anyhow::anyhow!("tract has no conv_nhwc transform"))?;
-                m.transform(&*nhwc)?;
-                Ok(m)
-            })
-            .and_then(|m| m.into_optimized())
-            .and_then(|m| m.into_runnable())
-            .map_err(model_err)?;
+        let typed = if is_nnef_archive(&bytes) {
+            nnef_for_side(&bytes, side).map_err(model_err)?
+        } else {
+            onnx_for_side(path, &bytes, side)?
+        };
+        let plan = optimize(typed).map_err(model_err)?;
         let mut backbone = Self {
             plan,
             path: path.to_owned(),
@@ -120,7 +119,7 @@ impl Backbone {
         let tensor = Tensor::from_shape(&[1, 3, self.side, self.side], input)
             .map_err(|e| self.model_error(e))?;
         let outputs = state
-            .run(tvec!(tensor.into_tvalue()))
+            .run(std::iter::once(tensor.into_tvalue()).collect())
             .map_err(|e| self.model_error(e))?;
         let view = outputs[0]
             .to_plain_array_view::<f32>()
@@ -224,4 +223,86 @@ impl Backbone {
         results.into_iter().collect::<Result<(), _>>()?;
         Ok(out)
     }
+}
+
+/// NNEF archives are tar files, plain or gzipped (ONNX is a protobuf, which starts with neither).
+fn is_nnef_archive(bytes: &[u8]) -> bool {
+    bytes.starts_with(&[0x1f, 0x8b]) || bytes.get(257..262) == Some(b"ustar".as_slice())
+}
+
+/// Reads the NNEF archive and binds its symbolic side.
+fn nnef_for_side(bytes: &[u8], side: usize) -> TractResult<TypedModel> {
+    let model = tract_nnef::nnef().model_for_read(&mut &*bytes)?;
+    let symbol = model.sym(SIDE_SYMBOL);
+    let side = TDim::Val(side as i64);
+    model.set_symbols(&[(symbol, side)].into_iter().collect())
+}
+
+#[cfg(feature = "onnx")]
+fn onnx_for_side(path: &Path, bytes: &[u8], side: usize) -> Result<TypedModel, BackboneError> {
+    use tract_onnx::prelude::*;
+    tract_onnx::onnx()
+        .model_for_read(&mut &*bytes)
+        .and_then(|m| m.with_input_fact(0, f32::fact([1, 3, side, side]).into()))
+        .and_then(|m| m.into_typed())
+        .map_err(|e| BackboneError::Model {
+            path: path.to_owned(),
+            message: format!("{e:#}"),
+        })
+}
+
+#[cfg(not(feature = "onnx"))]
+fn onnx_for_side(path: &Path, _: &[u8], _: usize) -> Result<TypedModel, BackboneError> {
+    Err(BackboneError::Model {
+        path: path.to_owned(),
+        message: "not an NNEF archive, and this build reads NNEF only (built without the \
+                  `onnx` feature); convert the ONNX with `edge-client convert-model` on a \
+                  full build"
+            .into(),
+    })
+}
+
+/// The plan both formats end in.
+fn optimize(mut model: TypedModel) -> TractResult<Arc<TypedSimplePlan>> {
+    // ONNX convs are NCHW, where tract's depthwise kernel walks one plane at a time;
+    // channel-last it vectorises over channels. Measured at 96²: depthwise convs 3.2× faster,
+    // the whole image ~23% faster, same features.
+    let nhwc = get_transform("conv_nhwc")?
+        .ok_or_else(|| anyhow::anyhow!("tract has no conv_nhwc transform"))?;
+    model.transform(&*nhwc)?;
+    model.into_optimized()?.into_runnable()
+}
+
+/// Converts the features ONNX at `onnx_path` into an NNEF archive (gzipped tar) at `out`, with the
+/// input side left symbolic so one archive serves every side. The graph is stored decluttered
+/// and before the layout transform, the same graph the ONNX path hands to [`optimize`].
+#[cfg(feature = "onnx")]
+pub fn convert_onnx_to_nnef(onnx_path: &Path, out: &Path) -> Result<(), BackboneError> {
+    use tract_onnx::prelude::*;
+    let model_err = |e: TractError| BackboneError::Model {
+        path: onnx_path.to_owned(),
+        message: format!("{e:#}"),
+    };
+    let mut model = tract_onnx::onnx()
+        .model_for_path(onnx_path)
+        .map_err(model_err)?;
+    let side = model.symbols.sym(SIDE_SYMBOL);
+    let typed = model
+        .set_input_fact(
+            0,
+            f32::fact(tract_onnx::tract_core::dims!(1, 3, side.clone(), side)).into(),
+        )
+        .and_then(|()| model.into_typed())
+        .and_then(|m| m.into_decluttered())
+        .map_err(model_err)?;
+    let io_err = |source| BackboneError::Io {
+        path: out.to_owned(),
+        source,
+    };
+    let file = std::fs::File::create(out).map_err(io_err)?;
+    let gz = flate2::write::GzEncoder::new(file, flate2::Compression::best());
+    let gz = tract_nnef::nnef()
+        .write_to_tar_with_config(&typed, gz, false, true)
+        .map_err(model_err)?;
+    gz.finish().and_then(|f| f.sync_all()).map_err(io_err)
 }

@@ -16,6 +16,8 @@ pub mod net;
 pub mod preprocess;
 mod round;
 
+#[cfg(feature = "onnx")]
+pub use backbone::convert_onnx_to_nnef;
 pub use backbone::{Backbone, INPUT_SIDES};
 pub use error::{BackboneError, FeatureError};
 pub use features::cached_features;

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use datasets::{FASHION_MNIST_CLASSES, ImageSet, Limits};
+use datasets::{ImageSet, Limits};
 use edge_client::{Backbone, cached_features};
 use wsa::{Head, HeadSpec, Init, LabelledFeatures, TrainConfig};
 
@@ -30,9 +30,23 @@ enum Command {
         /// `train` or `test` (the IDX files `train-*` or `t10k-*`).
         #[arg(long, default_value = "train")]
         split: String,
+        /// Use only the first N images (0: all).
+        #[arg(long, default_value_t = 0)]
+        limit: usize,
     },
     /// Join an aggregator and train on local data until the run ends (Ctrl-C stops cleanly).
     Join(Box<JoinArgs>),
+    /// Convert the features ONNX into an NNEF archive, the format NNEF-only builds (the ARM
+    /// ones) load; one archive serves every input side.
+    #[cfg(feature = "onnx")]
+    ConvertModel {
+        /// The features ONNX.
+        #[arg(long, default_value = "models/mobilenet_v2_features.onnx")]
+        onnx: PathBuf,
+        /// The archive to write.
+        #[arg(long, default_value = "models/mobilenet_v2_features.nnef.tgz")]
+        out: PathBuf,
+    },
     /// Train linear and MLP heads centrally on cached features; report test accuracy.
     Probe {
         #[command(flatten)]
@@ -46,10 +60,17 @@ enum Command {
     },
 }
 
+/// Builds with the ONNX front end default to the ONNX; NNEF-only builds to its archive.
+const DEFAULT_MODEL: &str = if cfg!(feature = "onnx") {
+    "models/mobilenet_v2_features.onnx"
+} else {
+    "models/mobilenet_v2_features.nnef.tgz"
+};
+
 #[derive(Args)]
 struct Source {
-    /// The features ONNX (built by scripts/fetch-model.sh).
-    #[arg(long, default_value = "models/mobilenet_v2_features.onnx")]
+    /// The backbone: the features ONNX (scripts/fetch-model.sh) or its NNEF archive.
+    #[arg(long, default_value = DEFAULT_MODEL)]
     model: PathBuf,
     /// Input side in pixels (96 is fast on 2 cores; 224 is what ImageNet used).
     #[arg(long, default_value_t = 96)]
@@ -100,7 +121,7 @@ struct JoinArgs {
     /// Use only the first N images (0: all).
     #[arg(long)]
     limit: Option<usize>,
-    /// The features ONNX.
+    /// The backbone: the features ONNX or its NNEF archive.
     #[arg(long)]
     model: Option<PathBuf>,
     /// Backbone input side.
@@ -182,10 +203,7 @@ fn join(args: JoinArgs) -> Result<()> {
         .to_vec();
     let data_path: PathBuf = need(args.data.clone(), "data")?;
     let side = args.side.unwrap_or(96);
-    let model = args
-        .model
-        .clone()
-        .unwrap_or_else(|| "models/mobilenet_v2_features.onnx".into());
+    let model = args.model.clone().unwrap_or_else(|| DEFAULT_MODEL.into());
     let cache_dir = args.cache_dir.clone().unwrap_or_else(|| "cache".into());
     let threads = args
         .threads
@@ -251,34 +269,33 @@ fn join(args: JoinArgs) -> Result<()> {
 }
 
 fn load_split(data: &Path, split: &str) -> Result<ImageSet> {
-    let prefix = match split {
-        "train" => "train",
-        "test" => "t10k",
-        other => anyhow::bail!("unknown split {other:?}: use train or test"),
-    };
-    let names = FASHION_MNIST_CLASSES
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    datasets::read_idx(
-        &data.join(format!("{prefix}-images-idx3-ubyte.gz")),
-        &data.join(format!("{prefix}-labels-idx1-ubyte.gz")),
-        Some(names),
-        &Limits::default(),
-    )
-    .with_context(|| {
+    let split: datasets::Split = split.parse().map_err(anyhow::Error::msg)?;
+    datasets::read_fashion_mnist(data, split, &Limits::default()).with_context(|| {
         format!(
-            "loading {split} from {} (run scripts/fetch-fashion-mnist.sh)",
+            "loading {} from {} (run scripts/fetch-fashion-mnist.sh)",
+            split.name(),
             data.display()
         )
     })
 }
 
-fn features(source: &Source, backbone: &Backbone, split: &str) -> Result<LabelledFeatures> {
-    let set = load_split(&source.data, split)?;
-    let cache = source
-        .cache_dir
-        .join(format!("fashion-mnist-{split}-{}.feat", source.side));
+/// Features of the first `limit` images (0: all) of a split, through the cache.
+fn features(
+    source: &Source,
+    backbone: &Backbone,
+    split: &str,
+    limit: usize,
+) -> Result<LabelledFeatures> {
+    let mut set = load_split(&source.data, split)?;
+    if limit > 0 && limit < set.len() {
+        set.images.truncate(limit);
+        set.labels.truncate(limit);
+    }
+    let cache = source.cache_dir.join(format!(
+        "fashion-mnist-{split}-{}-{}.feat",
+        source.side,
+        set.len()
+    ));
     let started = Instant::now();
     let (features, outcome) = cached_features(backbone, &set, &cache, source.threads, true)?;
     tracing::info!(
@@ -301,10 +318,23 @@ fn main() -> Result<()> {
         .init();
     match Cli::parse().command {
         Command::Join(args) => join(*args)?,
-        Command::Features { source, split } => {
+        Command::Features {
+            source,
+            split,
+            limit,
+        } => {
             let backbone = Backbone::load(&source.model, source.side)?;
-            let f = features(&source, &backbone, &split)?;
+            let f = features(&source, &backbone, &split, limit)?;
             println!("{split}: {} rows × {} features", f.len(), f.dim());
+        }
+        #[cfg(feature = "onnx")]
+        Command::ConvertModel { onnx, out } => {
+            edge_client::convert_onnx_to_nnef(&onnx, &out)?;
+            println!(
+                "wrote {} ({} bytes)",
+                out.display(),
+                std::fs::metadata(&out)?.len()
+            );
         }
         Command::Probe {
             source,
@@ -312,11 +342,11 @@ fn main() -> Result<()> {
             train_limit,
         } => {
             let backbone = Backbone::load(&source.model, source.side)?;
-            let mut train = features(&source, &backbone, "train")?;
+            let mut train = features(&source, &backbone, "train", 0)?;
             if train_limit > 0 && train_limit < train.len() {
                 train = train.select(&(0..train_limit).collect::<Vec<_>>())?;
             }
-            let test = features(&source, &backbone, "test")?;
+            let test = features(&source, &backbone, "test", 0)?;
             let cfg = TrainConfig {
                 epochs,
                 batch_size: 64,

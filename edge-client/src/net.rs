@@ -21,6 +21,10 @@ use wsa::{Head, LabelledFeatures};
 
 use crate::round::{RoundTask, local_round};
 
+/// How long a round in progress may still finish once the run's goodbye has arrived (its
+/// verdict is usually already in flight); well under the server's wait for the close.
+const VERDICT_GRACE: Duration = Duration::from_secs(2);
+
 /// How to reach and authenticate with the aggregator.
 #[derive(Debug, Clone)]
 pub struct ConnectOptions {
@@ -277,29 +281,53 @@ async fn session(
     loop {
         tokio::select! {
             _ = shutdown.changed() => return Ok(say_goodbye(&conn, &mut control_send).await),
-            received = &mut control => {
-                return match received?.message {
-                    Message::Goodbye(Goodbye { reason: GoodbyeReason::RunFinished }) => {
-                        conn.close(0u32.into(), b"done");
-                        Ok(SessionEnd::Finished)
-                    }
-                    // The aggregator restarts or pauses: come back later.
-                    Message::Goodbye(Goodbye { reason }) => {
-                        conn.close(0u32.into(), b"bye");
-                        Err(SessionError::ServerLeft(reason))
-                    }
-                    other => Err(SessionError::Protocol(format!("unexpected {} on the control stream", other.kind()))),
-                };
-            }
+            received = &mut control => return control_message(&conn, received?.message),
             stream = conn.accept_bi() => {
                 let (send, recv) = stream?;
+                // The control stream is watched while training too: a goodbye that arrives
+                // mid-task (the run ended without this update) must be read before the server
+                // gives up waiting and closes the connection, which would discard it.
+                let task = answer_task(send, recv, opts, data, client_seed);
+                tokio::pin!(task);
                 let record = tokio::select! {
-                    r = answer_task(send, recv, opts, data, client_seed) => r?,
+                    r = &mut task => r?,
+                    received = &mut control => {
+                        let message = received?.message;
+                        // Streams are not ordered among themselves: this round's verdict,
+                        // sent before the goodbye, may still be on its way.
+                        if let Ok(Ok(record)) = tokio::time::timeout(VERDICT_GRACE, &mut task).await {
+                            report.rounds.push(record);
+                        }
+                        return control_message(&conn, message);
+                    }
                     _ = shutdown.changed() => return Ok(say_goodbye(&conn, &mut control_send).await),
                 };
                 report.rounds.push(record);
             }
         }
+    }
+}
+
+/// What a message on the control stream, after the welcome, means for the session.
+fn control_message(conn: &quinn::Connection, message: Message) -> Result<SessionEnd, SessionError> {
+    match message {
+        // Closing is this side's job: the server waits for it, so that its goodbye is read
+        // before the connection goes.
+        Message::Goodbye(Goodbye {
+            reason: GoodbyeReason::RunFinished,
+        }) => {
+            conn.close(0u32.into(), b"done");
+            Ok(SessionEnd::Finished)
+        }
+        // The aggregator restarts or pauses: come back later.
+        Message::Goodbye(Goodbye { reason }) => {
+            conn.close(0u32.into(), b"bye");
+            Err(SessionError::ServerLeft(reason))
+        }
+        other => Err(SessionError::Protocol(format!(
+            "unexpected {} on the control stream",
+            other.kind()
+        ))),
     }
 }
 

@@ -1,6 +1,7 @@
 //! tract and onnxruntime agree on the features of the same preprocessed inputs (real ImageNet
 //! images and a random tensor) at 96² and 224²; our normalisation reproduces the reference
-//! inputs from the same resized pixels.
+//! inputs from the same resized pixels; the NNEF archive converted from the ONNX gives the
+//! ONNX's features at every side.
 //!
 //! The model and the onnxruntime reference come from `scripts/fetch-model.sh` (which runs
 //! `models/verify.py`). Without them the test says SKIPPED, unless `WSA_REQUIRE_MODEL=1` (set
@@ -28,8 +29,8 @@ fn read_f32(path: &Path) -> Vec<f32> {
         .collect()
 }
 
-#[test]
-fn tract_matches_onnxruntime_at_96_and_224() {
+/// The model and the reference's index, or `None` (after saying SKIPPED) when absent.
+fn model_and_reference() -> Option<(PathBuf, PathBuf, Vec<serde_json::Value>)> {
     let model = root().join("models/mobilenet_v2_features.onnx");
     let reference = root().join("models/testdata/reference");
     let index = reference.join("index.json");
@@ -41,12 +42,26 @@ fn tract_matches_onnxruntime_at_96_and_224() {
             index.display()
         );
         eprintln!("SKIPPED: no model or reference (run scripts/fetch-model.sh)");
-        return;
+        return None;
     }
     let index: serde_json::Value = serde_json::from_slice(&std::fs::read(&index).unwrap()).unwrap();
-    let cases = index["cases"].as_array().unwrap();
+    let cases = index["cases"].as_array().unwrap().clone();
     assert_eq!(cases.len(), 2);
-    for case in cases {
+    Some((model, reference, cases))
+}
+
+fn max_abs_diff(a: impl IntoIterator<Item = f32>, b: impl IntoIterator<Item = f32>) -> f32 {
+    a.into_iter()
+        .zip(b)
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()))
+}
+
+#[test]
+fn tract_matches_onnxruntime_at_96_and_224() {
+    let Some((model, reference, cases)) = model_and_reference() else {
+        return;
+    };
+    for case in &cases {
         let side = case["size"].as_u64().unwrap() as usize;
         let inputs = read_f32(&reference.join(case["input"]["file"].as_str().unwrap()));
         let want = read_f32(&reference.join(case["features"]["file"].as_str().unwrap()));
@@ -55,10 +70,7 @@ fn tract_matches_onnxruntime_at_96_and_224() {
         let got = backbone.features_of_inputs(&inputs, 2).unwrap();
         assert_eq!(got.len(), want.len());
         let max_mag = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let max_diff = got
-            .iter()
-            .zip(&want)
-            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        let max_diff = max_abs_diff(got.iter().copied(), want.iter().copied());
         eprintln!(
             "side {side}: max |tract − onnxruntime| = {max_diff:e}, max |feature| = {max_mag}"
         );
@@ -81,15 +93,44 @@ fn tract_matches_onnxruntime_at_96_and_224() {
             };
             let mut ours = vec![0.0; per];
             preprocess_into(&image, side, &mut ours).unwrap();
-            let diff = ours
-                .iter()
-                .zip(&inputs[i * per..(i + 1) * per])
-                .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+            let diff = max_abs_diff(ours, inputs[i * per..(i + 1) * per].iter().copied());
             assert!(
                 diff < 1e-5,
                 "image {i} at {side}: normalisation differs by {diff}"
             );
         }
+    }
+}
+
+#[test]
+fn the_nnef_archive_gives_the_onnx_features() {
+    let Some((model, reference, cases)) = model_and_reference() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let nnef = dir.path().join("features.nnef.tgz");
+    edge_client::convert_onnx_to_nnef(&model, &nnef).unwrap();
+    // One archive, several sides: the side is a symbol bound at load time.
+    for case in &cases {
+        let side = case["size"].as_u64().unwrap() as usize;
+        let inputs = read_f32(&reference.join(case["input"]["file"].as_str().unwrap()));
+        let want = read_f32(&reference.join(case["features"]["file"].as_str().unwrap()));
+        let from_onnx = Backbone::load(&model, side)
+            .unwrap()
+            .features_of_inputs(&inputs, 2)
+            .unwrap();
+        let from_nnef = Backbone::load(&nnef, side)
+            .unwrap()
+            .features_of_inputs(&inputs, 2)
+            .unwrap();
+        let max_mag = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let vs_onnx = max_abs_diff(from_nnef.iter().copied(), from_onnx.iter().copied());
+        let vs_ort = max_abs_diff(from_nnef.iter().copied(), want.iter().copied());
+        eprintln!(
+            "side {side}: max |nnef − onnx| = {vs_onnx:e}, max |nnef − onnxruntime| = {vs_ort:e}"
+        );
+        assert!(vs_onnx <= 1e-6 * max_mag, "side {side}: {vs_onnx}");
+        assert!(vs_ort <= 1e-4 * max_mag, "side {side}: {vs_ort}");
     }
 }
 
