@@ -1,7 +1,7 @@
 //! `wsa-fl`: the fleet simulator. Many real edge clients against a real aggregator in one
 //! process over loopback QUIC, on real Fashion-MNIST features (or the synthetic problem),
-//! comparing FedAvg, FedProx and WSA on the same non-IID partition, with a centralized upper
-//! bound. The defaults are the main job's demo: 20 clients, Dirichlet α = 0.1, FedAvg vs WSA,
+//! comparing FedAvg, FedProx and WSA on the same non-IID partition, with a centralized
+//! reference run. The defaults are the main job's demo: 20 clients, Dirichlet α = 0.1, FedAvg vs WSA,
 //! 20 rounds on a subset, a few minutes on 2 cores.
 
 use std::path::PathBuf;
@@ -45,7 +45,7 @@ struct Args {
     /// Strategies, comma-separated (empty: only the centralized bound): `fedavg`, `fedprox:MU`, `wsa:LAMBDA[:mean-std|root-mean-var|mixture]`.
     #[arg(long, value_delimiter = ',', default_value = "fedavg,wsa:10")]
     strategies: Vec<String>,
-    /// Skip the centralized upper bound.
+    /// Skip the centralized reference run.
     #[arg(long)]
     no_centralized: bool,
     /// Seeds (one full comparison each; tables give mean ± std).

@@ -1,7 +1,7 @@
 //! The fleet simulation: one partition of a training set among N clients, then, per seed and
 //! strategy, a real aggregator and N real edge clients over loopback QUIC in this process for
 //! R rounds, the global head evaluated on the test set after every round; plus a centralized
-//! run on the union of the client data as the upper bound. Results go to a run folder.
+//! reference run on the union of the client data. Results go to a run folder.
 //!
 //! The backbone is frozen, so features are extracted once (through the cache) and every client
 //! gets its rows of the shared feature matrix.
@@ -357,12 +357,13 @@ async fn run_strategy(
         .collect())
 }
 
-/// The centralized upper bound: the same head, optimizer and initial weights trained on the
+/// The centralized reference: the same head, optimizer and initial weights trained on the
 /// union of the client data, one "round" = one epoch over all of it. A federated round of the
 /// experiment passes about half as many samples (10 clients × 5 epochs × ~1% of the data), so
 /// the bound gets twice the federated budget and still converges; the local epoch count is
 /// deliberately not reused, since 5 epochs a round would be 10× the budget and the run's
-/// slowest part.
+/// slowest part. With that optimizer (no decay) it is not an upper bound: averaged federated
+/// heads end above it on IID splits (docs/results.md §5).
 fn run_centralized(
     cfg: &FleetConfig,
     head: &HeadSpec,
