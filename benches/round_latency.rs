@@ -78,13 +78,7 @@ fn run(clients: usize, encoding: Encoding, rounds: u64, head: HeadSpec) -> Row {
             ..LocalTraining::default()
         };
         let params = head.param_count();
-        let server = deployment
-            .bind(
-                deployment
-                    .server_options("127.0.0.1:0".parse().unwrap(), None, None)
-                    .unwrap(),
-            )
-            .unwrap();
+        let server = deployment.bind_loopback().unwrap();
         let addr = server.local_addr().unwrap();
         let (handle, _stop) = spawn_server(server, Engine::new(config).unwrap());
         let (_keep, stop) = watch::channel(false);

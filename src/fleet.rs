@@ -92,6 +92,12 @@ impl Deployment {
         Err(last.expect("tried at least once"))
     }
 
+    /// A server on a free loopback port with the default options and no checkpoint or log:
+    /// what tests and benchmarks run against.
+    pub fn bind_loopback(&self) -> Result<Server> {
+        self.bind(self.server_options(([127, 0, 0, 1], 0).into(), None, None)?)
+    }
+
     /// Options for client `id` to reach `server`, with a patient reconnect policy.
     pub fn client_options(&self, server: SocketAddr, id: &str) -> Result<ConnectOptions> {
         let token_file = token_path(&self.creds, id);

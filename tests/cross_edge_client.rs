@@ -93,13 +93,7 @@ fn check_target(arch: &str, set: &datasets::ImageSet, reference: &ndarray::Array
         .build()
         .unwrap();
     let _guard = runtime.enter();
-    let server = deployment
-        .bind(
-            deployment
-                .server_options("127.0.0.1:0".parse().unwrap(), None, None)
-                .unwrap(),
-        )
-        .unwrap();
+    let server = deployment.bind_loopback().unwrap();
     let addr = server.local_addr().unwrap();
     let (handle, _stop_server) = spawn_server(server, Engine::new(config).unwrap());
 
