@@ -45,6 +45,13 @@ struct Args {
     /// Strategies, comma-separated (empty: only the centralized bound): `fedavg`, `fedprox:MU`, `wsa:LAMBDA[:mean-std|root-mean-var|mixture]`.
     #[arg(long, value_delimiter = ',', default_value = "fedavg,wsa:10")]
     strategies: Vec<String>,
+    /// Aggregation rules, comma-separated; every strategy runs with each: `mean`, `median`,
+    /// `trimmed:TRIM` (the fraction cut from each end), `clip:MAX_NORM` (each step's L2 bound).
+    #[arg(long, value_delimiter = ',', default_value = "mean")]
+    aggregations: Vec<String>,
+    /// Where the aggregator folds updates: auto (CUDA when built in and present), cpu or cuda.
+    #[arg(long, default_value = "auto")]
+    backend: String,
     /// Skip the centralized reference run.
     #[arg(long)]
     no_centralized: bool,
@@ -201,6 +208,12 @@ fn config(args: Args) -> Result<FleetConfig> {
             .filter(|s| !s.is_empty())
             .map(|s| parse_strategy(s))
             .collect::<Result<_>>()?,
+        aggregations: args
+            .aggregations
+            .iter()
+            .map(|a| a.parse().map_err(anyhow::Error::msg))
+            .collect::<Result<_>>()?,
+        backend: args.backend.parse().map_err(anyhow::Error::msg)?,
         centralized: !args.no_centralized,
         seeds: args.seeds,
         hidden,

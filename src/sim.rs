@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aggregator::Strategy;
+use aggregator::backend::{Aggregation, BackendChoice};
 use aggregator::engine::{Engine, EngineConfig, LocalTraining, Sampling};
 use aggregator::server::RoundLine;
 use anyhow::{Context, Result, ensure};
@@ -75,6 +76,12 @@ pub struct FleetConfig {
     pub rounds: u64,
     /// Strategies compared on the same partition and seed.
     pub strategies: Vec<Strategy>,
+    /// Aggregation rules: every strategy runs with each (empty: the plain mean).
+    #[serde(default)]
+    pub aggregations: Vec<Aggregation>,
+    /// Where the aggregator folds updates.
+    #[serde(default)]
+    pub backend: BackendChoice,
     /// Also train centrally on the union of the client data.
     pub centralized: bool,
     /// One full comparison per seed (partition, initial head, sampling, shuffles).
@@ -239,9 +246,11 @@ fn engine_config(
     cfg: &FleetConfig,
     head: &HeadSpec,
     strategy: Strategy,
+    aggregation: Aggregation,
     seed: u64,
 ) -> EngineConfig {
     let mut c = EngineConfig::new(seed.wrapping_add(1), head.clone(), strategy);
+    c.aggregation = aggregation;
     c.seed = seed;
     c.rounds = cfg.rounds;
     c.train = cfg.train.clone();
@@ -373,7 +382,7 @@ fn run_centralized(
     seed: u64,
     progress: &ProgressBar,
 ) -> Result<Vec<RoundRow>> {
-    let init = engine_config(cfg, head, Strategy::FedAvg, seed);
+    let init = engine_config(cfg, head, Strategy::FedAvg, Aggregation::Mean, seed);
     let mut model: Head<f32> = Head::init(&init.head, init.init, init.seed)?;
     let mut rows = Vec::new();
     for round in 0..cfg.rounds {
@@ -672,7 +681,19 @@ pub fn run_fleet(cfg: &FleetConfig) -> Result<FleetSummary> {
     let ids: Vec<String> = (0..cfg.clients).map(client_id).collect();
     let deployment = Deployment::generate(&cfg.out.join("creds"), &ids)?;
 
-    let runs_per_seed = cfg.strategies.len() as u64 + u64::from(cfg.centralized);
+    let aggregations = if cfg.aggregations.is_empty() {
+        vec![Aggregation::Mean]
+    } else {
+        cfg.aggregations.clone()
+    };
+    let plans: Vec<(Strategy, Aggregation)> = cfg
+        .strategies
+        .iter()
+        .flat_map(|&s| aggregations.iter().map(move |&a| (s, a)))
+        .collect();
+    let backend = aggregator::backend::open_backend(cfg.backend)?;
+    tracing::info!(backend = backend.name(), "aggregator backend");
+    let runs_per_seed = plans.len() as u64 + u64::from(cfg.centralized);
     let progress = ProgressBar::new(runs_per_seed * cfg.seeds.len() as u64 * cfg.rounds);
     progress.set_style(
         ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} rounds {msg}")
@@ -702,12 +723,13 @@ pub fn run_fleet(cfg: &FleetConfig) -> Result<FleetSummary> {
             train.classes(),
         )?;
         skews.push(split.skew(train.labels(), train.classes()));
-        for strategy in &cfg.strategies {
-            let label = strategy.label();
+        for &(strategy, aggregation) in &plans {
+            let config = engine_config(cfg, &head, strategy, aggregation, seed);
+            let label = config.label();
             if !labels.contains(&label) {
                 labels.push(label.clone());
             }
-            let mut engine = Engine::new(engine_config(cfg, &head, *strategy, seed))?;
+            let mut engine = Engine::with_backend(config, Arc::clone(&backend))?;
             engine.set_test(test.clone())?;
             if let Some(v) = &validation {
                 engine.set_validation(v.clone())?;

@@ -12,9 +12,9 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use aggregator::Strategy;
 use aggregator::backend::{Backend, CpuBackend, FoldShape};
 use aggregator::engine::{Action, Engine, EngineConfig, Event, Millis, ReceivedUpdate};
+use aggregator::{Aggregation, Strategy};
 use protocol::{
     Capabilities, EncodedParams, Encoding, Outcome, RowLayout, Update, UpdateMetrics, WireScope,
 };
@@ -179,11 +179,16 @@ fn main() {
                 .unwrap()
         });
         let shape = FoldShape::of_head(&spec, ScopeSelection::default(), DEFAULT_SCOPE_EPS);
-        let mut acc = CpuBackend.accumulator(&shape, &global).unwrap();
+        let mut acc = CpuBackend::default()
+            .accumulator(&shape, &global, Aggregation::Mean, 0)
+            .unwrap();
+        let measured = acc.measure(&scratch).unwrap();
         let measure_us = best_of(reps, || {
             black_box(acc.measure(black_box(&scratch)).unwrap());
         });
-        let add_us = best_of(reps, || acc.add(black_box(&scratch), 1.0).unwrap());
+        let add_us = best_of(reps, || {
+            acc.add(black_box(&scratch), 1.0, Some(&measured)).unwrap()
+        });
 
         // The runtime checks digests in the connection tasks, in parallel; timed above.
         let received: Vec<ReceivedUpdate> = updates.into_iter().map(ReceivedUpdate::new).collect();

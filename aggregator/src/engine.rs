@@ -35,7 +35,9 @@ use wsa::{
 };
 
 use crate::Strategy;
-use crate::backend::{Accumulator, Backend, BackendError, CpuBackend, FoldShape};
+use crate::backend::{
+    Accumulator, Aggregation, Backend, BackendError, CpuBackend, FoldShape, Measurement,
+};
 use crate::checkpoint::{Checkpoint, History};
 
 /// Milliseconds on the runtime's monotonic clock. The engine never reads a clock; tests pass
@@ -146,6 +148,9 @@ pub struct EngineConfig {
     pub rounds: u64,
     /// FedAvg, FedProx or WSA.
     pub strategy: Strategy,
+    /// How accepted updates become the next global head: the weighted mean, or a robust rule.
+    #[serde(default)]
+    pub aggregation: Aggregation,
     /// The head's shape.
     pub head: HeadSpec,
     /// How the initial head is drawn.
@@ -187,6 +192,7 @@ impl EngineConfig {
             seed: 0,
             rounds: 10,
             strategy,
+            aggregation: Aggregation::Mean,
             head,
             init: Init::default(),
             train: LocalTraining::default(),
@@ -198,6 +204,14 @@ impl EngineConfig {
             round_timeout_ms: 60_000,
             min_connected: 1,
             bounds: UpdateBounds::default(),
+        }
+    }
+
+    /// The strategy's label, with the aggregation rule's unless it is the plain mean.
+    pub fn label(&self) -> String {
+        match self.aggregation {
+            Aggregation::Mean => self.strategy.label(),
+            rule => format!("{}+{}", self.strategy.label(), rule.label()),
         }
     }
 
@@ -249,6 +263,9 @@ impl EngineConfig {
                 return bad(format!("WSA lambda must be finite and >= 0, got {lambda}"));
             }
             _ => {}
+        }
+        if let Err(e) = self.aggregation.validate() {
+            return bad(format!("aggregation: {e}"));
         }
         if self.scope_selection.include_biases && !matches!(self.strategy, Strategy::Wsa { .. }) {
             return bad(
@@ -617,7 +634,7 @@ struct Tally {
 pub struct Engine {
     config: EngineConfig,
     config_hash: [u8; 32],
-    backend: Box<dyn Backend>,
+    backend: Arc<dyn Backend>,
     shape: HeadShape,
     layout: RowLayout,
     fold_shape: FoldShape,
@@ -643,13 +660,13 @@ impl Engine {
     /// A fresh run on the CPU backend: the global head drawn from the seed, round 0's targets
     /// its scopes.
     pub fn new(config: EngineConfig) -> Result<Self, EngineError> {
-        Self::with_backend(config, Box::new(CpuBackend))
+        Self::with_backend(config, Arc::new(CpuBackend::default()))
     }
 
     /// A fresh run folding on `backend`.
     pub fn with_backend(
         config: EngineConfig,
-        backend: Box<dyn Backend>,
+        backend: Arc<dyn Backend>,
     ) -> Result<Self, EngineError> {
         config.validate()?;
         let head = Head::<f32>::init(&config.head, config.init, config.seed)?;
@@ -667,7 +684,7 @@ impl Engine {
 
     /// Resumes a run from `checkpoint` on the CPU backend.
     pub fn resume(config: EngineConfig, checkpoint: Checkpoint) -> Result<Self, EngineError> {
-        Self::resume_with_backend(config, checkpoint, Box::new(CpuBackend))
+        Self::resume_with_backend(config, checkpoint, Arc::new(CpuBackend::default()))
     }
 
     /// Resumes a run from `checkpoint`, folding on `backend`. The configuration must be the
@@ -675,7 +692,7 @@ impl Engine {
     pub fn resume_with_backend(
         config: EngineConfig,
         checkpoint: Checkpoint,
-        backend: Box<dyn Backend>,
+        backend: Arc<dyn Backend>,
     ) -> Result<Self, EngineError> {
         config.validate()?;
         let expected = config.config_hash()?;
@@ -722,7 +739,7 @@ impl Engine {
 
     fn build(
         config: EngineConfig,
-        backend: Box<dyn Backend>,
+        backend: Arc<dyn Backend>,
         global: Vec<f32>,
         targets: Vec<Scope>,
         next_round: u64,
@@ -1112,11 +1129,15 @@ impl Engine {
         if n == 0 || n > info.n_samples || n > bounds.max_n_samples {
             return Err(RejectReason::BadSampleCount(n));
         }
-        check_scopes(&checked.reported, &checked.measured, bounds.scope_tolerance)?;
+        check_scopes(
+            &checked.reported,
+            &checked.measurement.scopes,
+            bounds.scope_tolerance,
+        )?;
         let bound = bounds.norm_ratio * self.global_norm.max(1.0);
-        if checked.distance > bound {
+        if checked.measurement.distance > bound {
             return Err(RejectReason::NormTooLarge {
-                norm: checked.distance,
+                norm: checked.measurement.distance,
                 bound,
             });
         }
@@ -1125,7 +1146,7 @@ impl Engine {
         let folded = ScopeFusion::new(checked.reported.len())
             .add(&checked.reported, p)
             .map_err(BackendError::from)
-            .and_then(|()| open.acc.add(&self.scratch, p));
+            .and_then(|()| open.acc.add(&self.scratch, p, Some(&checked.measurement)));
         if let Err(e) = folded {
             error!(client, error = %e, "fold refused a checked update");
             return Err(RejectReason::Malformed(format!("cannot fold: {e}")));
@@ -1155,7 +1176,9 @@ impl Engine {
     }
 
     fn close(&mut self, now: Millis, trigger: ClosedBy, out: &mut Vec<Action>) {
-        let Some(open) = self.open.take() else { return };
+        let Some(mut open) = self.open.take() else {
+            return;
+        };
         let quorum = self.config.quorum;
         let mut closed_by = trigger;
         let mut eval = None;
@@ -1214,7 +1237,7 @@ impl Engine {
         let mean = |sum: f64| (m.weight > 0.0).then(|| sum / m.weight);
         let report = RoundReport {
             run_id: self.config.run_id,
-            strategy: self.config.strategy.label(),
+            strategy: self.config.label(),
             round: open.round,
             attempt: open.attempt,
             closed_by,
@@ -1291,7 +1314,12 @@ impl Engine {
                 return;
             }
         };
-        let acc = match self.backend.accumulator(&self.fold_shape, &self.global) {
+        let acc = match self.backend.accumulator(
+            &self.fold_shape,
+            &self.global,
+            self.config.aggregation,
+            order.len(),
+        ) {
             Ok(acc) => acc,
             Err(e) => {
                 error!(error = %e, backend = self.backend.name(), "no accumulator; no round opens");
@@ -1435,8 +1463,7 @@ fn l2_norm(w: &[f32]) -> f64 {
 /// The update's contents, decoded and measured.
 struct Checked {
     reported: Vec<Scope>,
-    measured: Vec<Scope>,
-    distance: f64,
+    measurement: Measurement,
 }
 
 /// Encoding, counts, decoding into `scratch`, finiteness; then the measurement.
@@ -1491,8 +1518,7 @@ fn check_contents(
                 std: s.std,
             })
             .collect(),
-        measured: measurement.scopes,
-        distance: measurement.distance,
+        measurement,
     })
 }
 

@@ -9,6 +9,7 @@
 
 pub mod auth;
 pub mod backend;
+pub use backend::Aggregation;
 pub mod checkpoint;
 pub mod engine;
 pub mod server;

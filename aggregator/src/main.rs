@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use aggregator::Strategy;
 use aggregator::auth::Registry;
+use aggregator::backend::{BackendChoice, open_backend};
 use aggregator::checkpoint::Checkpoint;
 use aggregator::engine::{Engine, EngineConfig};
 use aggregator::server::{Server, ServerOptions};
@@ -61,6 +62,10 @@ enum Command {
         /// Stop after this many rounds of the run have closed (resume later).
         #[arg(long)]
         stop_after: Option<u64>,
+        /// Where updates are folded: auto (CUDA when this build has it and a GPU answers,
+        /// else the CPU, with a log line saying why), cpu or cuda.
+        #[arg(long, default_value = "auto")]
+        backend: BackendChoice,
     },
     /// Print the default run configuration as TOML.
     PrintConfig,
@@ -113,7 +118,9 @@ fn main() -> Result<()> {
             rounds_log,
             max_connections,
             stop_after,
+            backend,
         } => {
+            let backend = open_backend(backend)?;
             let config: EngineConfig = match &config {
                 Some(path) => toml::from_str(
                     &std::fs::read_to_string(path)
@@ -131,9 +138,9 @@ fn main() -> Result<()> {
                 let saved = Checkpoint::load(&checkpoint)
                     .with_context(|| format!("loading {}", checkpoint.display()))?;
                 tracing::info!(path = %checkpoint.display(), "resuming from checkpoint");
-                Engine::resume(config, saved)?
+                Engine::resume_with_backend(config, saved, backend)?
             } else {
-                Engine::new(config)?
+                Engine::with_backend(config, backend)?
             };
             let opts = ServerOptions {
                 listen,

@@ -5,12 +5,12 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use aggregator::Strategy;
 use aggregator::checkpoint::Checkpoint;
 use aggregator::engine::{
     Action, ClosedBy, Engine, EngineConfig, EngineError, Event, Millis, RoundReport, Sampling,
     sample_sizes,
 };
+use aggregator::{Aggregation, Strategy};
 use protocol::{
     Capabilities, EncodedParams, Encoding, Outcome, RejectReason, RoundTask, RowLayout, Update,
     UpdateMetrics, WireScope,
@@ -883,6 +883,69 @@ fn fedavg_equals_a_weighted_average_computed_by_hand() {
     }
 }
 
+/// The engine folds with the configured rule: each robust rule's head is its definition
+/// applied to the accepted updates (coordinate-wise, weights ignored), clipping scales each
+/// step from the global head, and the label names the rule.
+#[test]
+fn robust_aggregation_rules_give_their_definition() {
+    let clients = [("a", 10u64), ("b", 25), ("c", 65), ("d", 5), ("e", 40)];
+    for rule in [
+        Aggregation::Median,
+        Aggregation::TrimmedMean { trim: 0.2 },
+        Aggregation::NormClipped { max_norm: 0.05 },
+    ] {
+        let mut c = config(Strategy::FedAvg);
+        c.aggregation = rule;
+        assert!(c.label().ends_with(&format!("+{}", rule.label())));
+        let mut sim = Sim::start(c, &clients);
+        let before = global_of(&sim.task("a"));
+        let mut sent = Vec::new();
+        for (i, &(c, n)) in clients.iter().enumerate() {
+            let task = sim.task(c);
+            let u = perturbed(&task, c, n, 70 + i as u64);
+            sent.push((
+                u.params.decode(&RowLayout::of_head(&task.shape)).unwrap(),
+                n,
+            ));
+            assert_eq!(sim.verdict(c, u), Outcome::Accepted);
+        }
+        let after = sim.engine.global_params().to_vec();
+        assert_ne!(after, before, "{rule:?}: the round must move the head");
+        let total: f64 = sent.iter().map(|(_, n)| *n as f64).sum();
+        for j in 0..after.len() {
+            let mut column: Vec<f64> = sent.iter().map(|(w, _)| f64::from(w[j])).collect();
+            column.sort_by(f64::total_cmp);
+            let want = match rule {
+                Aggregation::Median => column[2],
+                // ⌊0.2 · 5⌋ = 1 cut from each end.
+                Aggregation::TrimmedMean { .. } => column[1..4].iter().sum::<f64>() / 3.0,
+                _ => {
+                    sent.iter()
+                        .map(|(w, n)| {
+                            let d = w
+                                .iter()
+                                .zip(&before)
+                                .map(|(&x, &g)| (f64::from(x) - f64::from(g)).powi(2))
+                                .sum::<f64>()
+                                .sqrt();
+                            let c = (0.05 / d).min(1.0);
+                            *n as f64
+                                * (f64::from(before[j])
+                                    + c * (f64::from(w[j]) - f64::from(before[j])))
+                        })
+                        .sum::<f64>()
+                        / total
+                }
+            };
+            assert!(
+                (f64::from(after[j]) - want).abs() <= 1e-5 * want.abs().max(1e-2),
+                "{rule:?} param {j}: {} vs {want}",
+                after[j]
+            );
+        }
+    }
+}
+
 #[test]
 fn wsa_targets_are_the_scope_fusion_of_the_client_scopes() {
     for rule in [
@@ -1175,6 +1238,14 @@ fn configurations_out_of_domain_are_refused_with_the_field_named() {
         ),
         ("round_timeout_ms", Box::new(|c| c.round_timeout_ms = 0)),
         ("rounds", Box::new(|c| c.rounds = 0)),
+        (
+            "aggregation",
+            Box::new(|c| c.aggregation = Aggregation::TrimmedMean { trim: 0.5 }),
+        ),
+        (
+            "aggregation",
+            Box::new(|c| c.aggregation = Aggregation::NormClipped { max_norm: 0.0 }),
+        ),
     ];
     for (field, change) in cases {
         let mut c = config(Strategy::FedAvg);
