@@ -12,6 +12,7 @@ use aggregator::engine::Engine;
 use aggregator::server::{RunSummary, Server, ServerOptions};
 use aggregator::tls::{generate_credentials, layout, token_path};
 use anyhow::{Context, Result};
+use edge_client::Adversary;
 use edge_client::net::{Backoff, ClientError, ClientReport, ConnectOptions};
 use protocol::Limits;
 use protocol::quic::QuicLimits;
@@ -118,6 +119,7 @@ impl Deployment {
                 max: Duration::from_millis(1000),
                 max_attempts: Some(200),
             },
+            adversary: None,
         })
     }
 
@@ -129,10 +131,22 @@ impl Deployment {
         shards: Vec<(String, Arc<LabelledFeatures>)>,
         stop: &watch::Receiver<bool>,
     ) -> Result<Vec<JoinHandle<Result<ClientReport, ClientError>>>> {
+        self.spawn_clients_with(server, shards, stop, |_| None)
+    }
+
+    /// [`Deployment::spawn_clients`] where `adversary(id)` makes some clients attack.
+    pub fn spawn_clients_with(
+        &self,
+        server: SocketAddr,
+        shards: Vec<(String, Arc<LabelledFeatures>)>,
+        stop: &watch::Receiver<bool>,
+        adversary: impl Fn(&str) -> Option<Adversary>,
+    ) -> Result<Vec<JoinHandle<Result<ClientReport, ClientError>>>> {
         shards
             .into_iter()
             .map(|(id, data)| {
-                let options = self.client_options(server, &id)?;
+                let mut options = self.client_options(server, &id)?;
+                options.adversary = adversary(&id);
                 Ok(tokio::spawn(edge_client::net::run(
                     options,
                     data,

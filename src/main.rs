@@ -8,12 +8,13 @@ use std::path::PathBuf;
 
 use aggregator::Strategy;
 use aggregator::engine::LocalTraining;
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
+use edge_client::Adversary;
 use protocol::Encoding;
 use wsa::FusionRule;
 use wsa_fl::partition::Scheme;
-use wsa_fl::sim::{DataSource, FleetConfig, markdown_table, run_fleet};
+use wsa_fl::sim::{Byzantine, DataSource, FleetConfig, markdown_table, run_fleet};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -52,6 +53,13 @@ struct Args {
     /// Where the aggregator folds updates: auto (CUDA when built in and present), cpu or cuda.
     #[arg(long, default_value = "auto")]
     backend: String,
+    /// The share of clients that attack (robustness experiments), with `--attack`.
+    #[arg(long, default_value_t = 0.0)]
+    byzantine: f64,
+    /// What attacking clients send: `sign-flip:SCALE` (`g − SCALE·(w − g)`) or
+    /// `scale:FACTOR` (`g + FACTOR·(w − g)`), where `w` is their honestly trained head.
+    #[arg(long, default_value = "sign-flip:1")]
+    attack: String,
     /// Skip the centralized reference run.
     #[arg(long)]
     no_centralized: bool,
@@ -143,6 +151,29 @@ fn parse_strategy(text: &str) -> Result<Strategy> {
     })
 }
 
+fn byzantine(fraction: f64, attack: &str) -> Result<Option<Byzantine>> {
+    if fraction == 0.0 {
+        return Ok(None);
+    }
+    ensure!(
+        (0.0..1.0).contains(&fraction),
+        "--byzantine must be in [0, 1), got {fraction}"
+    );
+    let (kind, value) = attack
+        .split_once(':')
+        .with_context(|| format!("bad attack {attack:?}: sign-flip:SCALE or scale:FACTOR"))?;
+    let value: f32 = value
+        .parse()
+        .with_context(|| format!("bad number in attack {attack:?}"))?;
+    ensure!(value.is_finite(), "the attack's number must be finite");
+    let attack = match kind {
+        "sign-flip" => Adversary::SignFlip { scale: value },
+        "scale" => Adversary::Scale { factor: value },
+        other => bail!("unknown attack {other:?}: sign-flip:SCALE or scale:FACTOR"),
+    };
+    Ok(Some(Byzantine { fraction, attack }))
+}
+
 fn config(args: Args) -> Result<FleetConfig> {
     let partition = match args.partition.as_str() {
         "dirichlet" => Scheme::Dirichlet {
@@ -214,6 +245,7 @@ fn config(args: Args) -> Result<FleetConfig> {
             .map(|a| a.parse().map_err(anyhow::Error::msg))
             .collect::<Result<_>>()?,
         backend: args.backend.parse().map_err(anyhow::Error::msg)?,
+        byzantine: byzantine(args.byzantine, &args.attack)?,
         centralized: !args.no_centralized,
         seeds: args.seeds,
         hidden,

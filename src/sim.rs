@@ -16,6 +16,7 @@ use aggregator::backend::{Aggregation, BackendChoice};
 use aggregator::engine::{Engine, EngineConfig, LocalTraining, Sampling};
 use aggregator::server::RoundLine;
 use anyhow::{Context, Result, ensure};
+use edge_client::Adversary;
 use indicatif::{ProgressBar, ProgressStyle};
 use protocol::Encoding;
 use serde::{Deserialize, Serialize};
@@ -61,7 +62,25 @@ pub enum DataSource {
     },
 }
 
+/// The attacking part of a fleet: the first `⌊fraction · clients⌋` clients (the partition is
+/// random, so which ones does not matter) corrupt every update with `attack`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Byzantine {
+    /// The share of clients that attack, in [0, 1).
+    pub fraction: f64,
+    /// What they do.
+    pub attack: Adversary,
+}
+
+impl Byzantine {
+    /// How many of `clients` attack.
+    pub fn count(&self, clients: usize) -> usize {
+        (self.fraction * clients as f64).floor() as usize
+    }
+}
+
 /// Everything a fleet run does; written to the run folder as `config.json`.
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FleetConfig {
     /// The data.
@@ -82,6 +101,9 @@ pub struct FleetConfig {
     /// Where the aggregator folds updates.
     #[serde(default)]
     pub backend: BackendChoice,
+    /// Clients that attack (robustness experiments); none by default.
+    #[serde(default)]
+    pub byzantine: Option<Byzantine>,
     /// Also train centrally on the union of the client data.
     pub centralized: bool,
     /// One full comparison per seed (partition, initial head, sampling, shuffles).
@@ -301,7 +323,7 @@ async fn run_strategy(
             .enumerate()
             .map(|(i, s)| (client_id(i), Arc::clone(s)))
             .collect();
-        clients = deployment.spawn_clients(addr, named, &stop)?;
+        clients = deployment.spawn_clients_with(addr, named, &stop, adversaries(cfg))?;
     } else {
         let exe = std::env::current_exe()?;
         for group in 0..cfg.client_processes {
@@ -610,7 +632,7 @@ pub fn run_client_group(
         .build()?;
     runtime.block_on(async {
         let (_keep, stop) = watch::channel(false);
-        for client in deployment.spawn_clients(server, mine, &stop)? {
+        for client in deployment.spawn_clients_with(server, mine, &stop, adversaries(&cfg))? {
             let report = client.await.context("client task")??;
             ensure!(
                 report.end == edge_client::net::RunEnd::RunFinished,
@@ -620,6 +642,14 @@ pub fn run_client_group(
         }
         Ok(())
     })
+}
+
+/// Which clients attack: `client_id(i)` for `i` below the Byzantine count.
+fn adversaries(cfg: &FleetConfig) -> impl Fn(&str) -> Option<Adversary> + use<> {
+    let count = cfg.byzantine.map_or(0, |b| b.count(cfg.clients));
+    let attackers: Vec<String> = (0..count).map(client_id).collect();
+    let attack = cfg.byzantine.map(|b| b.attack);
+    move |id| attack.filter(|_| attackers.iter().any(|a| a == id))
 }
 
 /// This process's peak resident memory (VmHWM), in MiB; `None` off Linux.

@@ -140,3 +140,73 @@ fn a_small_fleet_writes_its_run_folder() {
         .unwrap();
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown strategy"));
 }
+
+/// Attacking clients through the real stack: 30% of the fleet sends its step reversed and
+/// stretched; the plain mean follows them, the coordinate-wise median does not.
+#[test]
+fn sign_flipping_clients_break_the_mean_and_not_the_median() {
+    let out = tempfile::tempdir().unwrap();
+    let run = Command::new(env!("CARGO_BIN_EXE_wsa-fl"))
+        .args([
+            "--synthetic",
+            "--clients",
+            "10",
+            "--per-round",
+            "10",
+            "--rounds",
+            "6",
+            "--partition",
+            "iid",
+            "--train-limit",
+            "2000",
+            "--test-limit",
+            "500",
+            "--hidden",
+            "32",
+            "--strategies",
+            "fedavg",
+            "--aggregations",
+            "mean,median",
+            "--byzantine",
+            "0.3",
+            "--attack",
+            "sign-flip:4",
+            "--no-centralized",
+        ])
+        .arg("--out")
+        .arg(out.path())
+        .env("RUST_LOG", "error")
+        .output()
+        .expect("run wsa-fl");
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("summary.json")).unwrap()).unwrap();
+    let best = |label: &str| {
+        summary["strategies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["strategy"] == label)
+            .unwrap_or_else(|| panic!("{label} missing from {summary}"))["best_accuracy"][0]
+            .as_f64()
+            .unwrap()
+    };
+    let (mean, median) = (best("fedavg"), best("fedavg+median"));
+    assert!(
+        median > 0.45 && median > mean + 0.25,
+        "median {median}, mean {mean}"
+    );
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["byzantine"]["attack"]["kind"], "sign-flip");
+
+    let bad = Command::new(env!("CARGO_BIN_EXE_wsa-fl"))
+        .args(["--synthetic", "--byzantine", "0.2", "--attack", "flip:2"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown attack"));
+}

@@ -21,4 +21,4 @@ pub use backbone::convert_onnx_to_nnef;
 pub use backbone::{Backbone, INPUT_SIDES};
 pub use error::{BackboneError, FeatureError};
 pub use features::cached_features;
-pub use round::{ClientUpdate, RoundTask, local_round};
+pub use round::{Adversary, ClientUpdate, RoundTask, local_round};

@@ -236,6 +236,7 @@ fn join(args: JoinArgs) -> Result<()> {
             max_attempts: args.max_attempts,
             ..Default::default()
         },
+        adversary: None,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -19,7 +19,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 use wsa::{Head, LabelledFeatures};
 
-use crate::round::{RoundTask, local_round};
+use crate::round::{Adversary, RoundTask, local_round};
 
 /// How long a round in progress may still finish once the run's goodbye has arrived (its
 /// verdict is usually already in flight); well under the server's wait for the close.
@@ -44,6 +44,8 @@ pub struct ConnectOptions {
     pub quic: QuicLimits,
     /// Reconnect policy.
     pub backoff: Backoff,
+    /// Robustness experiments only: corrupt every update this way before sending it.
+    pub adversary: Option<Adversary>,
 }
 
 /// Exponential backoff with full jitter between reconnect attempts.
@@ -374,10 +376,17 @@ async fn answer_task(
     };
     let data = Arc::clone(data);
     let started = Instant::now();
-    let outcome = tokio::task::spawn_blocking(move || local_round(&local, &data, client_seed))
-        .await
-        .map_err(|e| SessionError::Protocol(format!("training thread: {e}")))?
-        .map_err(|e| SessionError::Protocol(format!("local training: {e}")))?;
+    let adversary = opts.adversary;
+    let outcome = tokio::task::spawn_blocking(move || {
+        let mut update = local_round(&local, &data, client_seed)?;
+        if let Some(a) = adversary {
+            a.corrupt(&local, &mut update)?;
+        }
+        Ok::<_, wsa::Error>(update)
+    })
+    .await
+    .map_err(|e| SessionError::Protocol(format!("training thread: {e}")))?
+    .map_err(|e| SessionError::Protocol(format!("local training: {e}")))?;
     let train_ms = started.elapsed().as_millis() as u64;
     let params = EncodedParams::encode(&outcome.params, &layout, task.encoding)
         .map_err(|e| SessionError::Protocol(format!("encoding the update: {e}")))?;

@@ -43,3 +43,87 @@ pub fn local_round(
         metrics: outcome.metrics,
     })
 }
+
+/// A client that attacks the federation, for robustness experiments: it trains honestly, then
+/// replaces its step `w − g` from the global head `g` before sending, and reports the scopes
+/// of what it sends, so the aggregator's consistency checks pass and only the aggregation
+/// rule stands between it and the global head.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum Adversary {
+    /// Sends `g − scale·(w − g)`: its step reversed and stretched.
+    SignFlip {
+        /// How far the reversed step reaches.
+        scale: f32,
+    },
+    /// Sends `g + factor·(w − g)`: its step stretched.
+    Scale {
+        /// The stretch.
+        factor: f32,
+    },
+}
+
+impl Adversary {
+    /// A short name for tables.
+    pub fn label(&self) -> String {
+        match self {
+            Adversary::SignFlip { scale } => format!("sign-flip({scale})"),
+            Adversary::Scale { factor } => format!("scale({factor})"),
+        }
+    }
+
+    /// Rewrites `update` (trained from `task`) into the attack, scopes included.
+    pub fn corrupt(&self, task: &RoundTask, update: &mut ClientUpdate) -> wsa::Result<()> {
+        let k = match *self {
+            Adversary::SignFlip { scale } => -scale,
+            Adversary::Scale { factor } => factor,
+        };
+        let global = task.global.to_flat();
+        for (w, g) in update.params.iter_mut().zip(&global) {
+            *w = g + k * (*w - g);
+        }
+        let wsa_term = task.train.wsa.as_ref();
+        let selection = wsa_term.map(|w| w.selection).unwrap_or_default();
+        let eps = wsa_term.map_or(wsa::DEFAULT_SCOPE_EPS, |w| w.eps);
+        update.scopes =
+            Head::from_flat(task.global.spec(), &update.params)?.scopes(selection, eps)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wsa::synthetic::{SyntheticProblem, SyntheticSpec};
+    use wsa::{HeadSpec, Init, ScopeSelection};
+
+    #[test]
+    fn an_adversary_rewrites_the_step_and_scopes_what_it_sends() {
+        let problem = SyntheticProblem::new(SyntheticSpec::default(), 1).unwrap();
+        let data = problem.sample(200, 2).unwrap();
+        let spec = HeadSpec::mlp(data.dim(), &[8], data.classes());
+        let task = RoundTask {
+            round: 0,
+            global: Head::init(&spec, Init::Standard, 3).unwrap(),
+            train: TrainConfig::default(),
+        };
+        let honest = local_round(&task, &data, 5).unwrap();
+        let g = task.global.to_flat();
+        for (attack, k) in [
+            (Adversary::SignFlip { scale: 3.0 }, -3.0f32),
+            (Adversary::Scale { factor: 10.0 }, 10.0),
+        ] {
+            let mut sent = honest.clone();
+            attack.corrupt(&task, &mut sent).unwrap();
+            for ((&s, &w), &g) in sent.params.iter().zip(&honest.params).zip(&g) {
+                assert!((s - (g + k * (w - g))).abs() <= 1e-6 * s.abs().max(1.0));
+            }
+            let scopes = Head::from_flat(&spec, &sent.params)
+                .unwrap()
+                .scopes(ScopeSelection::default(), wsa::DEFAULT_SCOPE_EPS)
+                .unwrap();
+            assert_eq!(sent.scopes, scopes, "{}", attack.label());
+            assert_ne!(sent.scopes, honest.scopes);
+        }
+    }
+}
