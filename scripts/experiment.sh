@@ -6,13 +6,17 @@
 #   scripts/experiment.sh grid LAMBDA [PART]   all strategies and the centralized bound with
 #                                          that λ; PART: a0.1 | a0.5 | iid | all (default)
 #   scripts/experiment.sh bound [PART]     the centralized bound alone
+#   scripts/experiment.sh byzantine [PART]  FedAvg under each aggregation rule, clean and with
+#                                          20% of clients attacking (sign flip ×4, scaling ×10);
+#                                          50 rounds, quorum 6 of 10 (default PART: iid)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 cargo build --release --locked --bin wsa-fl
-common=(--clients 100 --per-round 10 --epochs 5 --batch-size 64 --lr 0.05 --momentum 0.9
-  --weight-decay 1e-5 --rounds 100 --seeds 0,1,2 --hidden 256 --train-limit 0 --test-limit 0
+setup=(--clients 100 --per-round 10 --epochs 5 --batch-size 64 --lr 0.05 --momentum 0.9
+  --weight-decay 1e-5 --hidden 256 --train-limit 0 --test-limit 0
   --validation-fraction 0.1 --side 96)
+common=("${setup[@]}" --rounds 100 --seeds 0,1,2)
 partition_args() {
   case "$1" in
     a0.1) echo "--partition dirichlet --alpha 0.1" ;;
@@ -43,5 +47,17 @@ case "${1:-}" in
         --out "runs/exp-bound-$part"
     done
     ;;
-  *) echo "usage: $0 sweep | grid LAMBDA [PART] | bound [PART]" >&2; exit 2 ;;
+  byzantine)
+    part="${2:-iid}"
+    # clip:3 is the median honest step norm from round 2 on (the rounds' step_norms, IID).
+    byz=("${setup[@]}" --rounds 50 --seeds 0,1,2 --quorum 6 --strategies fedavg --no-centralized
+      --aggregations mean,median,trimmed:0.2,clip:3)
+    for attack in clean sign-flip:4 scale:10; do
+      if [ "$attack" = clean ]; then flags=(); else flags=(--byzantine 0.2 --attack "$attack"); fi
+      # shellcheck disable=SC2046
+      target/release/wsa-fl $(partition_args "$part") "${byz[@]}" "${flags[@]}" \
+        --out "runs/exp-byz-$part-${attack%%:*}"
+    done
+    ;;
+  *) echo "usage: $0 sweep | grid LAMBDA [PART] | bound [PART] | byzantine [PART]" >&2; exit 2 ;;
 esac

@@ -53,6 +53,9 @@ struct Args {
     /// Where the aggregator folds updates: auto (CUDA when built in and present), cpu or cuda.
     #[arg(long, default_value = "auto")]
     backend: String,
+    /// Accepted updates a round needs to count (default: every client asked).
+    #[arg(long)]
+    quorum: Option<usize>,
     /// The share of clients that attack (robustness experiments), with `--attack`.
     #[arg(long, default_value_t = 0.0)]
     byzantine: f64,
@@ -246,6 +249,7 @@ fn config(args: Args) -> Result<FleetConfig> {
             .collect::<Result<_>>()?,
         backend: args.backend.parse().map_err(anyhow::Error::msg)?,
         byzantine: byzantine(args.byzantine, &args.attack)?,
+        quorum: args.quorum,
         centralized: !args.no_centralized,
         seeds: args.seeds,
         hidden,

@@ -101,6 +101,9 @@ pub struct FleetConfig {
     /// Where the aggregator folds updates.
     #[serde(default)]
     pub backend: BackendChoice,
+    /// Accepted updates a round needs (default: `per_round`, every asked client).
+    #[serde(default)]
+    pub quorum: Option<usize>,
     /// Clients that attack (robustness experiments); none by default.
     #[serde(default)]
     pub byzantine: Option<Byzantine>,
@@ -285,7 +288,7 @@ fn engine_config(
     // Every client is online in a simulation: wait for all, and count a round only when all
     // asked clients answered, so strategies see the same number of updates.
     c.min_connected = cfg.clients;
-    c.quorum = cfg.per_round;
+    c.quorum = cfg.quorum.unwrap_or(cfg.per_round).clamp(1, cfg.per_round);
     c.round_timeout_ms = 600_000;
     c
 }

@@ -528,6 +528,10 @@ pub struct RoundReport {
     pub train_accuracy: Option<f64>,
     /// Mean Σ KL to the targets at the end of local training, weighted the same way.
     pub mean_kl: Option<f64>,
+    /// The median and the largest `‖w − g‖` of the accepted updates (their steps from the
+    /// round's global head): what a norm-clipping bound is chosen from.
+    #[serde(default)]
+    pub step_norms: Option<(f64, f64)>,
     /// The new global head on the validation set (when one was given and the round counted).
     pub eval: Option<Evaluation>,
     /// The new global head on the test set (when one was given and the round counted).
@@ -615,6 +619,7 @@ struct OpenRound {
     accepted: Vec<String>,
     accepted_payload_bytes: u64,
     metrics: MetricSums,
+    step_norms: Vec<f64>,
 }
 
 /// `Encoding` as a map key (it is not `Ord`).
@@ -1157,6 +1162,7 @@ impl Engine {
             sel.answer = Answer::Accepted;
         }
         open.accepted.push(client.to_owned());
+        open.step_norms.push(checked.measurement.distance);
         open.accepted_payload_bytes += update.params.payload_bytes() as u64;
         let m = &update.metrics;
         open.metrics.weight += p;
@@ -1264,6 +1270,11 @@ impl Engine {
             train_loss: mean(m.loss),
             train_accuracy: mean(m.accuracy),
             mean_kl: mean(m.kl),
+            step_norms: {
+                let mut norms = open.step_norms.clone();
+                norms.sort_by(f64::total_cmp);
+                norms.last().map(|&max| (norms[(norms.len() - 1) / 2], max))
+            },
             eval,
             test_eval,
             payload_bytes_in: tally.payload_bytes,
@@ -1398,6 +1409,7 @@ impl Engine {
             accepted: Vec::new(),
             accepted_payload_bytes: 0,
             metrics: MetricSums::default(),
+            step_norms: Vec::new(),
         });
     }
 
