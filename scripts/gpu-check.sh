@@ -17,15 +17,25 @@ cd "$(dirname "$0")/.."
 dest=target/gpu-check
 
 # The executable of one target from cargo's JSON messages (test executables are named by a
-# hash, so the messages are the only reliable map): file, target kind, target name.
+# hash, so the messages are the only reliable map): file, target kind, target name. Python,
+# which setup.sh installs, reads them.
 executable() {
-  jq -r --arg kind "$2" --arg name "$3" '
-    select(.reason == "compiler-artifact" and .executable != null
-           and (.target.kind | index($kind)) != null and .target.name == $name)
-    | .executable' "$1" | tail -n 1
+  python3 - "$@" <<'PY'
+import json, sys
+path, kind, name = sys.argv[1:4]
+found = ""
+for line in open(path):
+    m = json.loads(line)
+    t = m.get("target", {})
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and kind in t.get("kind", []) and t.get("name") == name:
+        found = m["executable"]
+print(found)
+PY
 }
 
 build() {
+  scripts/setup.sh
+  export PATH="$HOME/.cargo/bin:$PATH"
   mkdir -p "$dest"
   cargo test --locked -p aggregator --features cuda --release --no-run \
     --message-format=json >"$dest/test-build.json"
