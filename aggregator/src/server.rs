@@ -572,6 +572,17 @@ async fn serve_session(
                 let Ok((round, read)) = done else { continue };
                 match read {
                     Ok(r) => match r.message {
+                        // An update names its round, and the verdict goes back on the stream of
+                        // the round it names: one that names another round than its stream's is
+                        // answered here, on its own stream, or its verdict would be lost.
+                        Message::Update(update) if update.round != round => {
+                            let reason = if update.round < round {
+                                RejectReason::StaleRound { got: update.round, current: round }
+                            } else {
+                                RejectReason::FutureRound { got: update.round, current: round }
+                            };
+                            reject_on_stream(&mut open, round, shared, events, client, session, reason).await;
+                        }
                         Message::Update(update) => {
                             // The digest is O(payload): checked here, in parallel across
                             // connections, not on the engine's thread.
@@ -588,6 +599,13 @@ async fn serve_session(
                     },
                     Err(StreamError::Protocol(e)) => {
                         reject_on_stream(&mut open, round, shared, events, client, session, e.reject_reason()).await;
+                    }
+                    // The client finished its side mid-frame: it is still there to hear why.
+                    Err(StreamError::Read(quinn::ReadExactError::FinishedEarly(got))) => {
+                        let reason = RejectReason::Malformed(format!(
+                            "truncated frame: the stream ended {got} bytes into a read"
+                        ));
+                        reject_on_stream(&mut open, round, shared, events, client, session, reason).await;
                     }
                     // The stream was reset or the connection dropped: nothing to answer.
                     Err(_) => {
