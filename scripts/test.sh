@@ -27,5 +27,5 @@ case "${WSA_CROSS:-aarch64}" in
   none) ;;
   *) scripts/cross-test.sh "${WSA_CROSS:-aarch64}" ;;
 esac
-# The wire decoder's fuzz target builds (running it needs nightly + cargo-fuzz: protocol/fuzz/README.md).
-CARGO_TARGET_DIR=target/fuzz cargo check --locked --manifest-path protocol/fuzz/Cargo.toml
+# The fuzz targets build (running them needs nightly + cargo-fuzz: scripts/fuzz.sh).
+CARGO_TARGET_DIR=target/fuzz cargo check --locked --manifest-path fuzz/Cargo.toml --bins

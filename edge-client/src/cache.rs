@@ -33,7 +33,8 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 use wsa::LabelledFeatures;
 
-const MAGIC: [u8; 8] = *b"WSAFEAT\0";
+/// The first bytes of every cache file.
+pub const MAGIC: [u8; 8] = *b"WSAFEAT\0";
 /// Version of the layout above.
 pub const FORMAT_VERSION: u32 = 1;
 const HEADER_LEN: usize = 136;

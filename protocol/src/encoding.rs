@@ -67,9 +67,12 @@ impl RowLayout {
         Self { segments }
     }
 
-    /// Total values.
+    /// Total values. Saturating: a shape from the wire may claim more than `usize` holds,
+    /// and a saturated length then matches no real count.
     pub fn len(&self) -> usize {
-        self.segments.iter().map(|(r, c)| r * c).sum()
+        self.segments
+            .iter()
+            .fold(0usize, |n, &(r, c)| n.saturating_add(r.saturating_mul(c)))
     }
 
     /// True when there are no values.
@@ -79,7 +82,9 @@ impl RowLayout {
 
     /// Total rows (the number of int8 scales).
     pub fn rows(&self) -> usize {
-        self.segments.iter().map(|(r, _)| r).sum()
+        self.segments
+            .iter()
+            .fold(0usize, |n, &(r, _)| n.saturating_add(r))
     }
 
     fn row_slices(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
@@ -175,8 +180,11 @@ impl EncodedParams {
         })
     }
 
-    /// Decodes into f32 values, checking every length against `layout` first.
+    /// Decodes into f32 values, checking every length against `layout` first. The output is
+    /// allocated only after the checks: a layout from the same untrusted message may claim
+    /// billions of values that the bytes do not hold (found by the `decode_frame` fuzz target).
     pub fn decode(&self, layout: &RowLayout) -> Result<Vec<f32>, EncodingError> {
+        self.check_lengths(layout)?;
         let mut out = vec![0f32; layout.len()];
         self.decode_into(layout, &mut out)?;
         Ok(out)
@@ -184,14 +192,26 @@ impl EncodedParams {
 
     /// Decodes into `out` (of `layout.len()` values).
     pub fn decode_into(&self, layout: &RowLayout, out: &mut [f32]) -> Result<(), EncodingError> {
+        if out.len() != layout.len() {
+            return Err(EncodingError::Length {
+                expected: layout.len(),
+                got: out.len(),
+            });
+        }
+        self.check_lengths(layout)?;
+        self.decode_checked(layout, out)
+    }
+
+    /// The value count, the data bytes and the scales against `layout`.
+    fn check_lengths(&self, layout: &RowLayout) -> Result<(), EncodingError> {
         let n = layout.len();
-        if self.count as usize != n || out.len() != n {
+        if self.count as usize != n {
             return Err(EncodingError::Length {
                 expected: n,
                 got: self.count as usize,
             });
         }
-        let want_bytes = n * self.encoding.value_bytes();
+        let want_bytes = n.saturating_mul(self.encoding.value_bytes());
         if self.data.len() != want_bytes {
             return Err(EncodingError::DataBytes {
                 expected: want_bytes,
@@ -208,6 +228,11 @@ impl EncodedParams {
                 got: self.scales.len(),
             });
         }
+        Ok(())
+    }
+
+    /// Decodes into `out` once `check_lengths` has passed.
+    fn decode_checked(&self, layout: &RowLayout, out: &mut [f32]) -> Result<(), EncodingError> {
         match self.encoding {
             Encoding::F32 => {
                 for (o, b) in out.iter_mut().zip(self.data.chunks_exact(4)) {

@@ -159,3 +159,29 @@ fn decoder_checks_lengths_and_scales() {
         Err(EncodingError::Length { .. })
     ));
 }
+
+/// A shape from the wire may claim more values than memory (or `usize`) holds; decoding
+/// against it is a length error, decided before any output is allocated. (The fuzz target
+/// found a 2 GB allocation here; with these dimensions the old code aborted on capacity
+/// overflow.)
+#[test]
+fn a_shape_claiming_more_than_memory_is_a_length_error() {
+    let layout = RowLayout::of_head(&HeadShape {
+        input: u32::MAX,
+        hidden: vec![u32::MAX, u32::MAX],
+        classes: u32::MAX,
+    });
+    assert_eq!(layout.len(), usize::MAX, "the length saturates");
+    for encoding in [Encoding::F32, Encoding::F16, Encoding::Int8RowScaled] {
+        let params = EncodedParams {
+            encoding,
+            count: 2,
+            data: vec![0; 8],
+            scales: vec![],
+        };
+        assert!(matches!(
+            params.decode(&layout),
+            Err(EncodingError::Length { .. })
+        ));
+    }
+}

@@ -13,7 +13,9 @@ fuzz_target!(|data: &[u8]| {
     match decode_frame(data, &limits) {
         Ok(Message::Update(u)) => {
             let _ = u.digest_ok();
-            let _ = u.params.decode(&RowLayout::uniform(u.params.count as usize, 16));
+            let _ = u
+                .params
+                .decode(&RowLayout::uniform(u.params.count as usize, 16));
         }
         Ok(Message::RoundTask(t)) => {
             let _ = t.global.decode(&RowLayout::of_head(&t.shape));
