@@ -162,8 +162,29 @@ impl Server {
     pub fn bind(opts: ServerOptions) -> Result<Self> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let config = protocol::quic::server_config(&opts.cert, &opts.key, &opts.quic)?;
-        let endpoint = quinn::Endpoint::server(config, opts.listen)
+        // The stateless-reset key and the connection-id key come from the server's private
+        // key, not from chance: an aggregator restarted after a crash (same key) then
+        // recognizes the old process's connection ids and answers them with a valid reset, so
+        // clients reconnect at their next packet instead of at their idle timeout.
+        let key =
+            std::fs::read(&opts.key).with_context(|| format!("reading {}", opts.key.display()))?;
+        let secret = ring::digest::digest(
+            &ring::digest::SHA256,
+            &[&b"wsa-fl stateless reset\0"[..], &key].concat(),
+        );
+        let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_ref());
+        let mut cid_key = [0u8; 8];
+        cid_key.copy_from_slice(&secret.as_ref()[..8]);
+        let cid_key = u64::from_le_bytes(cid_key);
+        let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+        endpoint_config.cid_generator(move || {
+            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+        });
+        let socket = std::net::UdpSocket::bind(opts.listen)
             .with_context(|| format!("binding {}", opts.listen))?;
+        let runtime = quinn::default_runtime().context("no async runtime for the endpoint")?;
+        let endpoint = quinn::Endpoint::new(endpoint_config, Some(config), socket, runtime)
+            .with_context(|| format!("starting the endpoint on {}", opts.listen))?;
         Ok(Self { endpoint, opts })
     }
 
