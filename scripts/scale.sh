@@ -21,7 +21,11 @@ $bin --clients 100 --per-round 10 --epochs 1 --rounds 12 --train-limit 0 --test-
 $bin --clients 10000 --per-round 10000 --rounds 2 --epochs 1 --batch-size 64 --partition iid \
   --min-size 1 --train-limit 0 --test-limit 2000 --strategies fedavg --no-centralized \
   --hidden '' --encoding int8 --client-processes 4 --out runs/scale10000-apart
-for run in steady100 scale1000 scale10000 scale10000-apart; do
+# Load (docs/reliability.md): 1,000 clients in 4 other processes, all in each of 20 rounds.
+$bin --clients 1000 --per-round 1000 --rounds 20 --epochs 1 --batch-size 64 --partition iid \
+  --train-limit 0 --test-limit 2000 --strategies fedavg --no-centralized --client-processes 4 \
+  --out runs/load1000
+for run in steady100 scale1000 scale10000 scale10000-apart load1000; do
   echo "== $run"
   python3 - "runs/$run/aggregator-rounds.jsonl" <<'PY'
 import json, sys

@@ -389,3 +389,125 @@ fn when_30_percent_of_clients_vanish_the_round_closes_at_its_deadline_with_the_q
         );
     }
 }
+
+/// A UDP relay between clients and `server` that drops each datagram with probability
+/// `loss` and delays the rest by `delay`, both directions: packet loss and latency on
+/// loopback without kernel support (this machine's kernel has no netem qdisc).
+async fn lossy_relay(server: SocketAddr, loss: f64, delay: Duration, seed: u64) -> SocketAddr {
+    use rand::{Rng, SeedableRng};
+    use std::collections::HashMap;
+    use tokio::net::UdpSocket;
+    let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let addr = front.local_addr().unwrap();
+    let rng = Arc::new(std::sync::Mutex::new(
+        rand_chacha::ChaCha8Rng::seed_from_u64(seed),
+    ));
+    let pass = move |rng: &std::sync::Mutex<rand_chacha::ChaCha8Rng>| {
+        rng.lock().unwrap().random::<f64>() >= loss
+    };
+    tokio::spawn(async move {
+        let mut upstreams: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
+        let mut buf = vec![0u8; 65_536];
+        loop {
+            let Ok((n, client)) = front.recv_from(&mut buf).await else {
+                return;
+            };
+            let up = upstreams
+                .entry(client)
+                .or_insert_with(|| {
+                    let std = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+                    std.set_nonblocking(true).unwrap();
+                    let up = Arc::new(UdpSocket::from_std(std).unwrap());
+                    // The way back: server → relay → this client.
+                    let (up2, front2, rng2) = (up.clone(), front.clone(), rng.clone());
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 65_536];
+                        while let Ok((n, _)) = up2.recv_from(&mut buf).await {
+                            if pass(&rng2) {
+                                let (data, front) = (buf[..n].to_vec(), front2.clone());
+                                tokio::spawn(async move {
+                                    tokio::time::sleep(delay).await;
+                                    let _ = front.send_to(&data, client).await;
+                                });
+                            }
+                        }
+                    });
+                    up
+                })
+                .clone();
+            if pass(&rng) {
+                let data = buf[..n].to_vec();
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let _ = up.send_to(&data, server).await;
+                });
+            }
+        }
+    });
+    addr
+}
+
+/// Rounds complete through 10% datagram loss and 20 ms of delay in each direction: every
+/// client's update is accepted in every round (QUIC retransmits; nothing times out).
+#[test]
+fn rounds_complete_through_packet_loss_and_delay() {
+    if std::env::var(SERVE_ENV).is_ok() || std::env::var(CLIENTS_ENV).is_ok() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ids: Vec<String> = (0..CLIENTS).map(client_id).collect();
+    let deployment = Deployment::generate(&dir.path().join("creds"), &ids).unwrap();
+    let mut cfg = config();
+    cfg.rounds = 4;
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let summary = runtime.block_on(async {
+        let server = deployment
+            .bind(
+                deployment
+                    .server_options("127.0.0.1:0".parse().unwrap(), None, None)
+                    .unwrap(),
+            )
+            .unwrap();
+        let server_addr = server.local_addr().unwrap();
+        let relay = lossy_relay(server_addr, 0.10, Duration::from_millis(20), 9).await;
+        let (run, _stop) = spawn_server(server, Engine::new(cfg).unwrap());
+        let (_keep, stop) = watch::channel(false);
+        let clients = deployment
+            .spawn_clients(
+                relay,
+                (0..CLIENTS).map(|i| (client_id(i), small(i))).collect(),
+                &stop,
+            )
+            .unwrap();
+        let summary = tokio::time::timeout(Duration::from_secs(180), run)
+            .await
+            .expect("the run finished")
+            .unwrap()
+            .unwrap();
+        for c in clients {
+            assert_eq!(c.await.unwrap().unwrap().end, RunEnd::RunFinished);
+        }
+        summary
+    });
+    assert!(summary.finished);
+    assert_eq!(summary.rounds.len(), 4, "no round failed");
+    for line in &summary.rounds {
+        let r = &line.report;
+        println!(
+            "round {}: {} accepted in {} ms",
+            r.round, r.accepted_count, r.duration_ms
+        );
+        assert_eq!(r.accepted_count, CLIENTS, "round {}", r.round);
+        assert_eq!(r.rejected_count, 0);
+    }
+}
+
+fn small(client: usize) -> Arc<LabelledFeatures> {
+    let spec = SyntheticSpec {
+        classes: CLASSES,
+        dim: DIM,
+        ..SyntheticSpec::default()
+    };
+    let problem = SyntheticProblem::new(spec, 5).unwrap();
+    Arc::new(problem.sample(100, 400 + client as u64).unwrap())
+}
