@@ -10,7 +10,7 @@ use wsa::{ParamSum, Scope};
 use super::robust::{column_median, column_trimmed_mean};
 use super::{
     Accumulator, Aggregation, Backend, BackendError, FoldShape, Measurement, check_batch,
-    check_len, check_weight, clip_factor, inverse_total, nothing_to_aggregate,
+    check_len, check_request, check_weight, clip_factor, inverse_total, nothing_to_aggregate,
 };
 
 /// Values a thread is given at least: below this, starting a thread costs more than the
@@ -76,8 +76,7 @@ impl Backend for CpuBackend {
         aggregation: Aggregation,
         capacity: usize,
     ) -> Result<Box<dyn Accumulator>, BackendError> {
-        shape.check(reference)?;
-        aggregation.validate().map_err(wsa::Error::InvalidConfig)?;
+        check_request(shape, reference, aggregation)?;
         let stores = aggregation.stores_updates();
         if stores {
             let bytes = capacity.saturating_mul(shape.len).saturating_mul(4);

@@ -55,7 +55,7 @@ use wsa::{ParamSum, Scope};
 
 use super::{
     Accumulator, Aggregation, Backend, BackendError, FoldShape, Measurement, check_batch,
-    check_len, check_weight, clip_factor, inverse_total, nothing_to_aggregate,
+    check_len, check_request, check_weight, clip_factor, inverse_total, nothing_to_aggregate,
 };
 
 /// The kernels' source, compiled by NVRTC when a backend opens.
@@ -542,8 +542,7 @@ impl Backend for CudaBackend {
         aggregation: Aggregation,
         capacity: usize,
     ) -> Result<Box<dyn Accumulator>, BackendError> {
-        shape.check(reference)?;
-        aggregation.validate().map_err(wsa::Error::InvalidConfig)?;
+        check_request(shape, reference, aggregation)?;
         let stores = aggregation.stores_updates();
         if stores {
             if capacity > MAX_STORED {

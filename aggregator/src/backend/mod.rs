@@ -366,6 +366,18 @@ fn open_cuda() -> Result<Arc<dyn Backend>, BackendError> {
     ))
 }
 
+/// What every backend checks before it hands out an accumulator: the shape against the
+/// reference, the rule's parameter.
+pub(crate) fn check_request(
+    shape: &FoldShape,
+    reference: &[f32],
+    aggregation: Aggregation,
+) -> Result<(), BackendError> {
+    shape.check(reference)?;
+    aggregation.validate().map_err(wsa::Error::InvalidConfig)?;
+    Ok(())
+}
+
 /// A fold weight: finite and ≥ 0 (the core's rule and error).
 pub(crate) fn check_weight(p: f64) -> Result<(), BackendError> {
     if p.is_finite() && p >= 0.0 {
