@@ -9,7 +9,7 @@ use rand_chacha::ChaCha8Rng;
 use wsa::{HeadSpec, ParamSum, ScopeSelection};
 
 /// Shapes: a small MLP head with scoped biases (gaps none), one without (unscoped gaps), and
-/// a vector long enough (> 2 × 128 Ki) that the passes split across threads.
+/// a longer one (305k values; the threaded backend below splits from 64k values a thread).
 fn shapes() -> Vec<FoldShape> {
     let with_biases = ScopeSelection {
         include_biases: true,
@@ -29,8 +29,13 @@ fn shapes() -> Vec<FoldShape> {
     ]
 }
 
+/// One thread, and three splitting every pass of more than 2 × 64k values, so the threaded
+/// paths run on the test's sizes.
 fn backends() -> [CpuBackend; 2] {
-    [CpuBackend::new(1), CpuBackend::new(3)]
+    [
+        CpuBackend::new(1),
+        CpuBackend::new(3).with_min_per_thread(1 << 16),
+    ]
 }
 
 /// Values around `center` with a spread, as trained weights look.

@@ -13,9 +13,11 @@ use super::{
     check_len, check_request, check_weight, clip_factor, inverse_total, nothing_to_aggregate,
 };
 
-/// Values a thread is given at least: below this, starting a thread costs more than the
-/// pass (a scoped thread costs ~20 µs; 128 Ki values of a fold take ~100 µs).
-const MIN_PER_THREAD: usize = 1 << 17;
+/// Values a thread is given at least. A pass over 1 Mi values takes ~0.5 ms; below that,
+/// a second thread saves little and, on a busy machine, waits for a free core: splitting the
+/// shipped head's 330k values over two threads made the engine's p90 per update 3.4 ms
+/// instead of ~0.3 ms while another process held one of the two cores (engine bench).
+const MIN_PER_THREAD: usize = 1 << 20;
 /// Values per piece of a measurement: pieces are summed apart and combined in order, so the
 /// result does not depend on the number of threads.
 const MEASURE_PIECE: usize = 1 << 16;
@@ -26,12 +28,28 @@ const COLUMN_TILE: usize = 64;
 /// every vector of the batch is added to them.
 const BATCH_TILE: usize = 2048;
 
-/// The CPU backend. `threads` workers split each pass; the storing rules keep at most
+/// The CPU backend. Up to `threads` workers split each pass over a long enough vector; the
+/// storing rules keep at most
 /// `max_stored_bytes` of updates per round.
 #[derive(Debug, Clone, Copy)]
 pub struct CpuBackend {
-    threads: usize,
+    split: Split,
     max_stored_bytes: usize,
+}
+
+/// How a pass is split across threads: at most `threads`, each given at least
+/// `min_per_thread` values.
+#[derive(Debug, Clone, Copy)]
+struct Split {
+    threads: usize,
+    min_per_thread: usize,
+}
+
+impl Split {
+    /// Workers for a pass over `len` values.
+    fn workers(self, len: usize) -> usize {
+        self.threads.min(len / self.min_per_thread).max(1)
+    }
 }
 
 impl Default for CpuBackend {
@@ -45,7 +63,10 @@ impl CpuBackend {
     /// A backend with `threads` workers (at least 1) and the default 8 GiB bound.
     pub fn new(threads: usize) -> Self {
         Self {
-            threads: threads.max(1),
+            split: Split {
+                threads: threads.max(1),
+                min_per_thread: MIN_PER_THREAD,
+            },
             max_stored_bytes: 8 << 30,
         }
     }
@@ -58,9 +79,21 @@ impl CpuBackend {
         }
     }
 
-    /// Worker threads per pass.
+    /// The same backend splitting passes from `values` per thread on (at least 1): for tests
+    /// that exercise the threaded paths on small vectors.
+    pub fn with_min_per_thread(self, values: usize) -> Self {
+        Self {
+            split: Split {
+                min_per_thread: values.max(1),
+                ..self.split
+            },
+            ..self
+        }
+    }
+
+    /// Worker threads per pass (for vectors long enough to split).
     pub fn threads(&self) -> usize {
-        self.threads
+        self.split.threads
     }
 }
 
@@ -95,7 +128,7 @@ impl Backend for CpuBackend {
             reference: reference.to_vec(),
             aggregation,
             capacity,
-            threads: self.threads,
+            split: self.split,
             sum: if stores {
                 Vec::new()
             } else {
@@ -116,7 +149,7 @@ struct CpuAccumulator {
     reference: Vec<f32>,
     aggregation: Aggregation,
     capacity: usize,
-    threads: usize,
+    split: Split,
     sum: Vec<f64>,
     stored: Vec<f32>,
     total_weight: f64,
@@ -138,7 +171,7 @@ impl CpuAccumulator {
             return Ok(self.measure(w)?.distance);
         }
         check_len(self.shape.len, w)?;
-        if !all_finite(w, self.threads) {
+        if !all_finite(w, self.split) {
             return Err(wsa::Error::NonFinite { what: "parameters" }.into());
         }
         Ok(0.0)
@@ -147,11 +180,11 @@ impl CpuAccumulator {
     /// Folds a checked `w`; `distance` is `‖w − reference‖` (used by clipping only).
     fn fold_checked(&mut self, w: &[f32], p: f64, distance: f64) -> Result<(), BackendError> {
         match self.aggregation {
-            Aggregation::Mean => fold_scaled(&mut self.sum, w, p, None, self.threads),
+            Aggregation::Mean => fold_scaled(&mut self.sum, w, p, None, self.split),
             Aggregation::NormClipped { max_norm } => {
                 let c = clip_factor(max_norm, distance);
                 let pull = (c < 1.0).then_some((p * (1.0 - c), self.reference.as_slice()));
-                fold_scaled(&mut self.sum, w, p * c, pull, self.threads);
+                fold_scaled(&mut self.sum, w, p * c, pull, self.split);
             }
             Aggregation::TrimmedMean { .. } | Aggregation::Median => {
                 if self.count >= self.capacity {
@@ -173,7 +206,7 @@ impl CpuAccumulator {
 impl Accumulator for CpuAccumulator {
     fn measure(&mut self, w: &[f32]) -> Result<Measurement, BackendError> {
         check_len(self.shape.len, w)?;
-        let (scopes, distance) = measure(&self.shape, &self.reference, w, self.threads);
+        let (scopes, distance) = measure(&self.shape, &self.reference, w, self.split);
         // A NaN or an infinity anywhere in `w` makes the distance non-finite (the reference is
         // finite), so it doubles as the finiteness check.
         if !distance.is_finite() {
@@ -218,7 +251,7 @@ impl Accumulator for CpuAccumulator {
             });
         }
         if self.aggregation == Aggregation::Mean {
-            fold_batch(&mut self.sum, ws, ps, self.threads);
+            fold_batch(&mut self.sum, ws, ps, self.split);
             self.total_weight += ps.iter().sum::<f64>();
             self.count += ws.len();
             return Ok(());
@@ -251,7 +284,7 @@ impl Accumulator for CpuAccumulator {
             .into());
         }
         check_weight(partial.total_weight())?;
-        for_each_chunk(self.threads, &mut self.sum, |at, chunk| {
+        for_each_chunk(self.split, &mut self.sum, |at, chunk| {
             for (s, &o) in chunk.iter_mut().zip(&other[at..]) {
                 *s += o;
             }
@@ -281,7 +314,7 @@ impl Accumulator for CpuAccumulator {
             Aggregation::Mean | Aggregation::NormClipped { .. } => {
                 let inv = inverse_total(self.total_weight)?;
                 let sum = &self.sum;
-                for_each_chunk(self.threads, &mut out, |at, chunk| {
+                for_each_chunk(self.split, &mut out, |at, chunk| {
                     for (o, &s) in chunk.iter_mut().zip(&sum[at..]) {
                         *o = (s * inv) as f32;
                     }
@@ -293,7 +326,7 @@ impl Accumulator for CpuAccumulator {
                     return Err(nothing_to_aggregate());
                 }
                 let (len, rule, stored) = (self.shape.len, self.aggregation, &self.stored);
-                for_each_chunk(self.threads, &mut out, |at, chunk| {
+                for_each_chunk(self.split, &mut out, |at, chunk| {
                     // Columns are gathered a tile at a time: each update's stretch of the tile
                     // is one contiguous read, and the strided gather then runs in cache
                     // (a column read straight from the rows misses on every value).
@@ -327,8 +360,8 @@ impl Accumulator for CpuAccumulator {
 
 /// Runs `f(offset, chunk)` over `data` cut into one chunk per thread (fewer when the data is
 /// small), on scoped threads.
-fn for_each_chunk<T: Send>(threads: usize, data: &mut [T], f: impl Fn(usize, &mut [T]) + Sync) {
-    let workers = threads.min(data.len() / MIN_PER_THREAD).max(1);
+fn for_each_chunk<T: Send>(split: Split, data: &mut [T], f: impl Fn(usize, &mut [T]) + Sync) {
+    let workers = split.workers(data.len());
     if workers == 1 {
         f(0, data);
         return;
@@ -344,8 +377,8 @@ fn for_each_chunk<T: Send>(threads: usize, data: &mut [T], f: impl Fn(usize, &mu
 
 /// `sum += a·w (+ b·pull)` in f64, split across threads. The loop bodies are plain enough to
 /// vectorize (f32 → f64 widening, multiply, add).
-fn fold_scaled(sum: &mut [f64], w: &[f32], a: f64, pull: Option<(f64, &[f32])>, threads: usize) {
-    for_each_chunk(threads, sum, |at, s| {
+fn fold_scaled(sum: &mut [f64], w: &[f32], a: f64, pull: Option<(f64, &[f32])>, split: Split) {
+    for_each_chunk(split, sum, |at, s| {
         let w = &w[at..at + s.len()];
         match pull {
             None => {
@@ -366,8 +399,8 @@ fn fold_scaled(sum: &mut [f64], w: &[f32], a: f64, pull: Option<(f64, &[f32])>, 
 /// `sum += Σ_j p_j·w_j`, tile by tile, adding the vectors to each tile in order: the same
 /// f64 result as folding them one after another, with the sum read and written once per
 /// batch instead of once per vector.
-fn fold_batch(sum: &mut [f64], ws: &[&[f32]], ps: &[f64], threads: usize) {
-    for_each_chunk(threads, sum, |at, chunk| {
+fn fold_batch(sum: &mut [f64], ws: &[&[f32]], ps: &[f64], split: Split) {
+    for_each_chunk(split, sum, |at, chunk| {
         for (t, tile) in chunk.chunks_mut(BATCH_TILE).enumerate() {
             let start = at + t * BATCH_TILE;
             let end = start + tile.len();
@@ -382,7 +415,7 @@ fn fold_batch(sum: &mut [f64], ws: &[&[f32]], ps: &[f64], threads: usize) {
 
 /// Whether every value is finite: an OR of "exponent all ones" over the bits, which the
 /// compiler vectorizes (a short-circuiting `all(is_finite)` does not), split across threads.
-fn all_finite(w: &[f32], threads: usize) -> bool {
+fn all_finite(w: &[f32], split: Split) -> bool {
     const EXPONENT: u32 = 0x7f80_0000;
     let bad_in = |c: &[f32]| {
         c.iter()
@@ -390,7 +423,7 @@ fn all_finite(w: &[f32], threads: usize) -> bool {
             .fold(0, |a, b| a | b)
             != 0
     };
-    let workers = threads.min(w.len() / MIN_PER_THREAD).max(1);
+    let workers = split.workers(w.len());
     if workers == 1 {
         return !bad_in(w);
     }
@@ -406,9 +439,9 @@ fn all_finite(w: &[f32], threads: usize) -> bool {
     })
 }
 
-/// Per-tensor scopes and `‖w − r‖` in one pass, cut into fixed pieces summed on `threads`
+/// Per-tensor scopes and `‖w − r‖` in one pass, cut into fixed pieces summed on `split`'s
 /// workers and combined in piece order.
-fn measure(shape: &FoldShape, r: &[f32], w: &[f32], threads: usize) -> (Vec<Scope>, f64) {
+fn measure(shape: &FoldShape, r: &[f32], w: &[f32], split: Split) -> (Vec<Scope>, f64) {
     // Pieces: (range, scoped tensor index or None for an unscoped stretch). Sums in a scoped
     // tensor are shifted by its first value, as in the core, so a large common offset does
     // not cancel the variance away.
@@ -433,10 +466,7 @@ fn measure(shape: &FoldShape, r: &[f32], w: &[f32], threads: usize) -> (Vec<Scop
         let shift = tensor.map_or(0.0, |i| shifts[i]);
         segment_sums(&w[range.clone()], &r[range.clone()], shift)
     };
-    let workers = threads
-        .min(w.len() / MIN_PER_THREAD)
-        .min(pieces.len())
-        .max(1);
+    let workers = split.workers(w.len()).min(pieces.len()).max(1);
     let sums: Vec<SegmentSums> = if workers == 1 {
         pieces.iter().map(sums_of).collect()
     } else {
