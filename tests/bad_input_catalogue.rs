@@ -21,23 +21,18 @@ use protocol::{
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokio::sync::watch;
-use wsa::synthetic::{SyntheticProblem, SyntheticSpec};
 use wsa::{DEFAULT_SCOPE_EPS, Head, HeadSpec, LabelledFeatures, ScopeSelection};
 use wsa_fl::fleet::{Deployment, client_id, spawn_server};
 
-const DIM: usize = 16;
-const CLASSES: usize = 4;
+mod common;
+
+use common::{SYNTHETIC_CLASSES as CLASSES, SYNTHETIC_DIM as DIM};
+
 const HONEST: usize = 3;
 const MALLORY: &str = "mallory";
 
 fn shard(client: usize) -> Arc<LabelledFeatures> {
-    let spec = SyntheticSpec {
-        classes: CLASSES,
-        dim: DIM,
-        ..SyntheticSpec::default()
-    };
-    let problem = SyntheticProblem::new(spec, 3).unwrap();
-    Arc::new(problem.sample(60, 100 + client as u64).unwrap())
+    common::synthetic_shard(3, 60, 100 + client as u64)
 }
 
 /// What Mallory knows when it answers: the task, and its own update accepted in round 0.

@@ -24,12 +24,13 @@ use aggregator::checkpoint::Checkpoint;
 use aggregator::engine::{Engine, EngineConfig, LocalTraining, RoundReport};
 use edge_client::net::RunEnd;
 use tokio::sync::watch;
-use wsa::synthetic::{SyntheticProblem, SyntheticSpec};
 use wsa::{HeadSpec, LabelledFeatures};
 use wsa_fl::fleet::{Deployment, client_id, spawn_server};
 
-const DIM: usize = 16;
-const CLASSES: usize = 4;
+mod common;
+
+use common::{SYNTHETIC_CLASSES as CLASSES, SYNTHETIC_DIM as DIM};
+
 const CLIENTS: usize = 4;
 const ROUNDS: u64 = 6;
 /// Set in the child: the folder of the run it serves.
@@ -58,14 +59,8 @@ fn config() -> EngineConfig {
 /// Client 0 holds far more data than the others, so its training takes a while and every
 /// round has a stretch where the other updates are accepted and the round is still open.
 fn shard(client: usize) -> Arc<LabelledFeatures> {
-    let spec = SyntheticSpec {
-        classes: CLASSES,
-        dim: DIM,
-        ..SyntheticSpec::default()
-    };
     let n = if client == 0 { 120_000 } else { 100 };
-    let problem = SyntheticProblem::new(spec, 5).unwrap();
-    Arc::new(problem.sample(n, 200 + client as u64).unwrap())
+    common::synthetic_shard(5, n, 200 + client as u64)
 }
 
 /// Server mode: in the child process, serve the run in `$WSA_FAULT_SERVE` until it finishes.
@@ -503,11 +498,5 @@ fn rounds_complete_through_packet_loss_and_delay() {
 }
 
 fn small(client: usize) -> Arc<LabelledFeatures> {
-    let spec = SyntheticSpec {
-        classes: CLASSES,
-        dim: DIM,
-        ..SyntheticSpec::default()
-    };
-    let problem = SyntheticProblem::new(spec, 5).unwrap();
-    Arc::new(problem.sample(100, 400 + client as u64).unwrap())
+    common::synthetic_shard(5, 100, 400 + client as u64)
 }

@@ -20,32 +20,19 @@ use protocol::{
     Auth, Capabilities, Hello, Limits, Message, Outcome, PROTOCOL_VERSION, RejectReason,
 };
 use tokio::sync::watch;
-use wsa::synthetic::{SyntheticProblem, SyntheticSpec};
 use wsa::{FusionRule, HeadSpec, LabelledFeatures, Scope, ScopeFusion};
 use wsa_fl::fleet::{Deployment, client_id, spawn_server};
 
-const DIM: usize = 16;
-const CLASSES: usize = 4;
+mod common;
+
+use common::{SYNTHETIC_CLASSES as CLASSES, SYNTHETIC_DIM as DIM};
 
 fn client_ids(n: usize) -> Vec<String> {
     (0..n).map(client_id).collect()
 }
 
 fn shard(client: usize) -> Arc<LabelledFeatures> {
-    let problem = SyntheticProblem::new(
-        SyntheticSpec {
-            classes: CLASSES,
-            dim: DIM,
-            ..SyntheticSpec::default()
-        },
-        3,
-    )
-    .unwrap();
-    Arc::new(
-        problem
-            .sample(40 + 10 * client, 100 + client as u64)
-            .unwrap(),
-    )
+    common::synthetic_shard(3, 40 + 10 * client, 100 + client as u64)
 }
 
 fn config(rounds: u64, min_connected: usize, quorum: usize) -> EngineConfig {

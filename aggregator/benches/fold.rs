@@ -142,12 +142,6 @@ fn run_cell(
         .map_err(|e| e.to_string())?;
     let t = Instant::now();
     match path {
-        "fold" => {
-            for k in 0..n {
-                acc.add(&pool[k % pool_len], 1.0, Some(&measured[k % pool_len]))
-                    .map_err(|e| e.to_string())?;
-            }
-        }
         "measure+fold" => {
             for k in 0..n {
                 let m = acc
@@ -170,6 +164,7 @@ fn run_cell(
                 done += k;
             }
         }
+        // "fold", and the storing rules' adds (their work is in the finish).
         _ => {
             for k in 0..n {
                 acc.add(&pool[k % pool_len], 1.0, Some(&measured[k % pool_len]))

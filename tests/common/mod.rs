@@ -1,4 +1,6 @@
-//! What the integration tests that run the real backbone share.
+//! What the root integration tests share: the real backbone and data, or synthetic clients.
+// Each test file compiles this module whole and uses a part of it.
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 
@@ -29,4 +31,24 @@ pub fn model_and_test_images(n: usize) -> Option<(PathBuf, ImageSet)> {
     set.images.truncate(n);
     set.labels.truncate(n);
     Some((model, set))
+}
+
+/// Feature dimensions and classes of the synthetic problem the QUIC tests without a model use.
+pub const SYNTHETIC_DIM: usize = 16;
+/// See [`SYNTHETIC_DIM`].
+pub const SYNTHETIC_CLASSES: usize = 4;
+
+/// `n` labelled rows of synthetic problem `problem_seed`, drawn with `seed`: one client's data.
+pub fn synthetic_shard(
+    problem_seed: u64,
+    n: usize,
+    seed: u64,
+) -> std::sync::Arc<wsa::LabelledFeatures> {
+    let spec = wsa::synthetic::SyntheticSpec {
+        classes: SYNTHETIC_CLASSES,
+        dim: SYNTHETIC_DIM,
+        ..wsa::synthetic::SyntheticSpec::default()
+    };
+    let problem = wsa::synthetic::SyntheticProblem::new(spec, problem_seed).unwrap();
+    std::sync::Arc::new(problem.sample(n, seed).unwrap())
 }
