@@ -10,14 +10,15 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aggregator::Strategy;
-use aggregator::engine::{Engine, EngineConfig, LocalTraining};
+use aggregator_core::engine::{Engine, EngineConfig};
+use aggregator_core::strategy::Strategy;
 use protocol::Encoding;
+use protocol::client_id;
 use serde::Serialize;
 use tokio::sync::watch;
 use wsa::synthetic::{SyntheticProblem, SyntheticSpec};
-use wsa::{FusionRule, HeadSpec};
-use wsa_fl::fleet::{Deployment, client_id, spawn_server};
+use wsa::{FusionRule, HeadSpec, Sgd};
+use wsa_fl::fleet::{Deployment, spawn_server};
 
 #[derive(Serialize)]
 struct Row {
@@ -72,10 +73,10 @@ fn run(clients: usize, encoding: Encoding, rounds: u64, head: HeadSpec) -> Row {
         config.min_connected = clients;
         config.quorum = clients;
         config.update_encoding = encoding;
-        config.train = LocalTraining {
+        config.train = Sgd {
             epochs: 1,
             batch_size: 16,
-            ..LocalTraining::default()
+            ..Sgd::default()
         };
         let params = head.param_count();
         let server = deployment.bind_loopback().unwrap();

@@ -23,7 +23,7 @@ for r in tract:
 PY
 # Wire: bytes and codec speed per update, the engine's CPU per update, round latency over QUIC.
 cargo bench --locked -p protocol --bench codec
-cargo bench --locked -p aggregator --bench engine
+cargo bench --locked -p aggregator-core --bench engine
 # The fold per backend and aggregation rule next to memcpy (add --features cuda on a GPU host).
 cargo bench --locked -p aggregator --bench fold
 cargo bench --locked -p wsa-fl --bench round_latency

@@ -22,7 +22,7 @@ for arch in "${arches[@]}"; do
     armv7) t=armv7-unknown-linux-gnueabihf ;;
   esac
   echo "cross-test: pure crates under qemu ($t)"
-  cargo test --locked --target "$t" -p wsa -p protocol -p datasets --lib --tests
+  cargo test --locked --target "$t" -p wsa -p protocol -p datasets -p support --lib --tests
 done
 echo "cross-test: edge client under qemu against an x86-64 aggregator (${arches[*]})"
 WSA_REQUIRE_MODEL=1 WSA_CROSS_TARGETS=$(IFS=,; echo "${arches[*]}") \

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The CUDA backend's checks on a GPU host, in two steps, because the GPU host builds nothing:
 #
-#   scripts/gpu-check.sh build   here: release-build the CUDA tests and the fold bench and copy
-#                                the executables to target/gpu-check/ under stable names
-#                                (cuda_backend, aggregator-lib, fold);
+#   scripts/gpu-check.sh build   here: release-build the CUDA tests (crate aggregator-cuda) and
+#                                the fold bench (crate aggregator, feature cuda) and copy the
+#                                executables to target/gpu-check/ under stable names
+#                                (cuda_backend, cuda-lib, fold);
 #   scripts/gpu-check.sh run     on the GPU host, from the repo root, with target/gpu-check/
-#                                carried over: nvidia-smi, the CUDA-vs-CPU tests, the crate's
-#                                unit tests, then the fold bench. Logs go to $OUT when it is
+#                                carried over: nvidia-smi, the CUDA-vs-CPU tests, the CUDA
+#                                crate's unit tests, then the fold bench. Logs go to $OUT when it is
 #                                set (else target/gpu-check/), fold.json to $OUT (else
 #                                target/bench/).
 #
@@ -37,12 +38,12 @@ build() {
   scripts/setup.sh
   export PATH="$HOME/.cargo/bin:$PATH"
   mkdir -p "$dest"
-  cargo test --locked -p aggregator --features cuda --release --no-run \
+  cargo test --locked -p aggregator-cuda --release --no-run \
     --message-format=json >"$dest/test-build.json"
   cargo build --locked -p aggregator --features cuda --release --bench fold \
     --message-format=json >"$dest/bench-build.json"
   local name kind target file exe
-  for name in cuda_backend:test:cuda_backend aggregator-lib:lib:aggregator fold:bench:fold; do
+  for name in cuda_backend:test:cuda_backend cuda-lib:lib:aggregator_cuda fold:bench:fold; do
     IFS=: read -r file kind target <<<"$name"
     case $kind in
       bench) exe=$(executable "$dest/bench-build.json" "$kind" "$target") ;;
@@ -90,7 +91,7 @@ run() {
   # One test at a time, output shown: the log reads in order and names the device.
   "$dest/cuda_backend" --test-threads=1 --nocapture 2>&1 | tee "$logs/cuda_backend.log" ||
     status=1
-  "$dest/aggregator-lib" 2>&1 | tee "$logs/lib-tests.log" || status=1
+  "$dest/cuda-lib" 2>&1 | tee "$logs/lib-tests.log" || status=1
   "$dest/fold" --bench --out "${OUT:-target/bench}" 2>&1 | tee "$logs/fold.log" || status=1
   if [[ $status -ne 0 ]]; then
     echo "gpu-check: FAILED (logs in $logs)" >&2

@@ -7,10 +7,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use aggregator::auth::Registry;
-use aggregator::engine::Engine;
 use aggregator::server::{RunSummary, Server, ServerOptions};
 use aggregator::tls::{generate_credentials, layout, token_path};
+use aggregator_core::engine::Engine;
 use anyhow::{Context, Result};
 use edge_client::Adversary;
 use edge_client::net::{Backoff, ClientError, ClientReport, ConnectOptions};
@@ -19,11 +18,6 @@ use protocol::quic::QuicLimits;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use wsa::LabelledFeatures;
-
-/// The conventional id of client `i`.
-pub fn client_id(i: usize) -> String {
-    format!("client-{i:04}")
-}
 
 /// A credentials folder made by `gen-certs` logic, with helpers to configure both ends.
 #[derive(Debug, Clone)]
@@ -56,7 +50,9 @@ impl Deployment {
         &self.creds
     }
 
-    /// Server options listening on `listen`, with the given checkpoint and round log.
+    /// Server options listening on `listen`, with the given checkpoint and round log. A
+    /// whole fleet on one machine connects at once and its TLS handshakes share a few cores:
+    /// room for 4,096 connections and 30 s to say hello.
     pub fn server_options(
         &self,
         listen: SocketAddr,
@@ -64,18 +60,11 @@ impl Deployment {
         rounds_log: Option<PathBuf>,
     ) -> Result<ServerOptions> {
         Ok(ServerOptions {
-            listen,
-            cert: self.creds.join(layout::SERVER_CERT),
-            key: self.creds.join(layout::SERVER_KEY),
-            registry: Registry::load(&self.creds.join(layout::REGISTRY))?,
-            limits: Limits::default(),
-            quic: QuicLimits::default(),
             max_connections: 4096,
             hello_timeout: Duration::from_secs(30),
             checkpoint,
             rounds_log,
-            stop_after_rounds: None,
-            round_observer: None,
+            ..ServerOptions::new(listen, &self.creds)?
         })
     }
 

@@ -6,21 +6,37 @@
 
 use std::path::PathBuf;
 
-use aggregator::Strategy;
-use aggregator::engine::LocalTraining;
-use anyhow::{Context, Result, bail, ensure};
-use clap::Parser;
+use aggregator::backends::BackendChoice;
+use aggregator_core::strategy::{Aggregation, Strategy};
+use anyhow::{Context, Result, ensure};
+use clap::{Parser, Subcommand};
 use edge_client::Adversary;
 use protocol::Encoding;
-use wsa::FusionRule;
-use wsa_fl::partition::Scheme;
+use wsa::Sgd;
+use wsa_fl::partition::PartitionKind;
 use wsa_fl::sim::{Byzantine, DataSource, FleetConfig, markdown_table, run_fleet};
 
 #[derive(Debug, Parser)]
 #[command(
     name = "wsa-fl",
-    about = "Fleet simulator: real edge clients and a real aggregator over QUIC, FedAvg vs FedProx vs WSA"
+    about = "Fleet simulator: real edge clients and a real aggregator over QUIC, FedAvg vs FedProx vs WSA",
+    args_conflicts_with_subcommands = true
 )]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: Args,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// A client process of a run with `--client-processes` (started by the simulator): hosts
+    /// clients i with i % groups == group until the run ends.
+    Clients(ClientGroup),
+}
+
+#[derive(Debug, clap::Args)]
 struct Args {
     /// Simulated clients.
     #[arg(long, default_value_t = 20)]
@@ -33,7 +49,7 @@ struct Args {
     rounds: u64,
     /// `dirichlet`, `shards` or `iid`.
     #[arg(long, default_value = "dirichlet")]
-    partition: String,
+    partition: PartitionKind,
     /// Dirichlet α (smaller: more label skew).
     #[arg(long, default_value_t = 0.1)]
     alpha: f64,
@@ -49,10 +65,10 @@ struct Args {
     /// Aggregation rules, comma-separated; every strategy runs with each: `mean`, `median`,
     /// `trimmed:TRIM` (the fraction cut from each end), `clip:MAX_NORM` (each step's L2 bound).
     #[arg(long, value_delimiter = ',', default_value = "mean")]
-    aggregations: Vec<String>,
+    aggregations: Vec<Aggregation>,
     /// Where the aggregator folds updates: auto (CUDA when built in and present), cpu or cuda.
     #[arg(long, default_value = "auto")]
-    backend: String,
+    backend: BackendChoice,
     /// Accepted updates a round needs to count (default: every client asked).
     #[arg(long)]
     quorum: Option<usize>,
@@ -62,7 +78,7 @@ struct Args {
     /// What attacking clients send: `sign-flip:SCALE` (`g − SCALE·(w − g)`) or
     /// `scale:FACTOR` (`g + FACTOR·(w − g)`), where `w` is their honestly trained head.
     #[arg(long, default_value = "sign-flip:1")]
-    attack: String,
+    attack: Adversary,
     /// Skip the centralized reference run.
     #[arg(long)]
     no_centralized: bool,
@@ -77,7 +93,7 @@ struct Args {
     epochs: u32,
     /// Local batch size.
     #[arg(long, default_value_t = 64)]
-    batch_size: u32,
+    batch_size: usize,
     /// Local learning rate.
     #[arg(long, default_value_t = 0.05)]
     lr: f64,
@@ -89,7 +105,7 @@ struct Args {
     weight_decay: f64,
     /// Update encoding: `f32`, `f16` or `int8`.
     #[arg(long, default_value = "f32")]
-    encoding: String,
+    encoding: Encoding,
     /// Test accuracy for the "rounds to reach" column.
     #[arg(long, default_value_t = 0.75)]
     target: f64,
@@ -128,33 +144,7 @@ struct Args {
     out: PathBuf,
 }
 
-fn parse_strategy(text: &str) -> Result<Strategy> {
-    let parts: Vec<&str> = text.trim().split(':').collect();
-    let number = |s: &str| -> Result<f64> {
-        s.parse::<f64>()
-            .with_context(|| format!("bad number {s:?} in strategy {text:?}"))
-    };
-    Ok(match parts.as_slice() {
-        ["fedavg"] => Strategy::FedAvg,
-        ["fedprox", mu] => Strategy::FedProx { mu: number(mu)? },
-        ["wsa", lambda] => Strategy::Wsa {
-            lambda: number(lambda)?,
-            rule: FusionRule::MeanStd,
-        },
-        ["wsa", lambda, rule] => Strategy::Wsa {
-            lambda: number(lambda)?,
-            rule: match *rule {
-                "mean-std" => FusionRule::MeanStd,
-                "root-mean-var" => FusionRule::RootMeanVar,
-                "mixture" => FusionRule::Mixture,
-                other => bail!("unknown fusion rule {other:?}: mean-std, root-mean-var or mixture"),
-            },
-        },
-        _ => bail!("unknown strategy {text:?}: fedavg, fedprox:MU or wsa:LAMBDA[:RULE]"),
-    })
-}
-
-fn byzantine(fraction: f64, attack: &str) -> Result<Option<Byzantine>> {
+fn byzantine(fraction: f64, attack: Adversary) -> Result<Option<Byzantine>> {
     if fraction == 0.0 {
         return Ok(None);
     }
@@ -162,33 +152,13 @@ fn byzantine(fraction: f64, attack: &str) -> Result<Option<Byzantine>> {
         (0.0..1.0).contains(&fraction),
         "--byzantine must be in [0, 1), got {fraction}"
     );
-    let (kind, value) = attack
-        .split_once(':')
-        .with_context(|| format!("bad attack {attack:?}: sign-flip:SCALE or scale:FACTOR"))?;
-    let value: f32 = value
-        .parse()
-        .with_context(|| format!("bad number in attack {attack:?}"))?;
-    ensure!(value.is_finite(), "the attack's number must be finite");
-    let attack = match kind {
-        "sign-flip" => Adversary::SignFlip { scale: value },
-        "scale" => Adversary::Scale { factor: value },
-        other => bail!("unknown attack {other:?}: sign-flip:SCALE or scale:FACTOR"),
-    };
     Ok(Some(Byzantine { fraction, attack }))
 }
 
 fn config(args: Args) -> Result<FleetConfig> {
-    let partition = match args.partition.as_str() {
-        "dirichlet" => Scheme::Dirichlet {
-            alpha: args.alpha,
-            min_size: args.min_size,
-        },
-        "shards" => Scheme::Shards {
-            classes_per_client: args.classes_per_client,
-        },
-        "iid" => Scheme::Iid,
-        other => bail!("unknown partition {other:?}: dirichlet, shards or iid"),
-    };
+    let partition = args
+        .partition
+        .scheme(args.alpha, args.min_size, args.classes_per_client);
     let hidden = args
         .hidden
         .iter()
@@ -198,12 +168,6 @@ fn config(args: Args) -> Result<FleetConfig> {
                 .with_context(|| format!("bad hidden width {h:?}"))
         })
         .collect::<Result<Vec<_>>>()?;
-    let update_encoding = match args.encoding.as_str() {
-        "f32" => Encoding::F32,
-        "f16" => Encoding::F16,
-        "int8" => Encoding::Int8RowScaled,
-        other => bail!("unknown encoding {other:?}: f32, f16 or int8"),
-    };
     let data = if args.synthetic {
         DataSource::Synthetic {
             dim: 64,
@@ -240,27 +204,23 @@ fn config(args: Args) -> Result<FleetConfig> {
             .strategies
             .iter()
             .filter(|s| !s.is_empty())
-            .map(|s| parse_strategy(s))
+            .map(|s| s.parse::<Strategy>().map_err(anyhow::Error::msg))
             .collect::<Result<_>>()?,
-        aggregations: args
-            .aggregations
-            .iter()
-            .map(|a| a.parse().map_err(anyhow::Error::msg))
-            .collect::<Result<_>>()?,
-        backend: args.backend.parse().map_err(anyhow::Error::msg)?,
-        byzantine: byzantine(args.byzantine, &args.attack)?,
+        aggregations: args.aggregations,
+        backend: args.backend,
+        byzantine: byzantine(args.byzantine, args.attack)?,
         quorum: args.quorum,
         centralized: !args.no_centralized,
         seeds: args.seeds,
         hidden,
-        train: LocalTraining {
+        train: Sgd {
             epochs: args.epochs,
             batch_size: args.batch_size,
             lr: args.lr,
             momentum: args.momentum,
             weight_decay: args.weight_decay,
         },
-        update_encoding,
+        update_encoding: args.encoding,
         target_accuracy: args.target,
         validation_fraction: args.validation_fraction,
         client_processes: args.client_processes,
@@ -268,9 +228,7 @@ fn config(args: Args) -> Result<FleetConfig> {
     })
 }
 
-/// `wsa-fl clients ...`: a client process started by the simulator (`--client-processes`).
-#[derive(Debug, Parser)]
-#[command(name = "wsa-fl clients")]
+#[derive(Debug, clap::Args)]
 struct ClientGroup {
     /// The run's config.json.
     #[arg(long)]
@@ -290,19 +248,12 @@ struct ClientGroup {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                "warn,wsa_fl=info,edge_client=info,edge_client::net=warn".into()
-            }),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    if std::env::args().nth(1).as_deref() == Some("clients") {
-        let g = ClientGroup::parse_from(std::env::args().skip(1));
+    support::logging::init("warn,wsa_fl=info,edge_client=info,edge_client::session=warn");
+    let cli = Cli::parse();
+    if let Some(Command::Clients(g)) = cli.command {
         return wsa_fl::sim::run_client_group(&g.config, g.server, g.seed, g.group, g.groups);
     }
-    let cfg = config(Args::parse())?;
+    let cfg = config(cli.run)?;
     anyhow::ensure!(cfg.clients > 0, "need at least one client");
     let summary = run_fleet(&cfg)?;
     println!("{}", markdown_table(&summary));

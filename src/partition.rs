@@ -15,9 +15,9 @@
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
-use std::fs;
-use std::io::Write;
+use std::fmt;
 use std::path::Path;
+use std::str::FromStr;
 
 use anyhow::Context;
 use rand::distr::OpenClosed01;
@@ -62,6 +62,55 @@ pub enum Scheme {
         /// Classes per client: between 1 and the number of classes.
         classes_per_client: usize,
     },
+}
+
+/// The name of a [`Scheme`], as the simulator's `--partition` takes it; the scheme's numbers
+/// come with it ([`PartitionKind::scheme`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PartitionKind {
+    /// [`Scheme::Iid`].
+    Iid,
+    /// [`Scheme::Dirichlet`].
+    Dirichlet,
+    /// [`Scheme::Shards`].
+    Shards,
+}
+
+impl PartitionKind {
+    /// The scheme of this kind with its numbers (each kind reads the ones it needs).
+    pub fn scheme(self, alpha: f64, min_size: usize, classes_per_client: usize) -> Scheme {
+        match self {
+            PartitionKind::Iid => Scheme::Iid,
+            PartitionKind::Dirichlet => Scheme::Dirichlet { alpha, min_size },
+            PartitionKind::Shards => Scheme::Shards { classes_per_client },
+        }
+    }
+}
+
+impl fmt::Display for PartitionKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PartitionKind::Iid => "iid",
+            PartitionKind::Dirichlet => "dirichlet",
+            PartitionKind::Shards => "shards",
+        })
+    }
+}
+
+impl FromStr for PartitionKind {
+    type Err = String;
+
+    /// `iid`, `dirichlet` or `shards`.
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "iid" => Ok(PartitionKind::Iid),
+            "dirichlet" => Ok(PartitionKind::Dirichlet),
+            "shards" => Ok(PartitionKind::Shards),
+            other => Err(format!(
+                "unknown partition {other:?}: dirichlet, shards or iid"
+            )),
+        }
+    }
 }
 
 /// A bad input to [`partition`], or a Dirichlet constraint that could not be met.
@@ -572,27 +621,7 @@ impl Partition {
         };
         let mut json = serde_json::to_vec(&document)?;
         json.push(b'\n');
-        write_atomic(path, &json).with_context(|| format!("writing partition {}", path.display()))
+        support::fs::write_atomic(path, &json)
+            .with_context(|| format!("writing partition {}", path.display()))
     }
-}
-
-/// Writes `bytes` to a temporary sibling of `path`, then renames it over `path`.
-fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let name = path
-        .file_name()
-        .with_context(|| format!("{} names no file", path.display()))?;
-    let mut temporary_name = std::ffi::OsString::from(".");
-    temporary_name.push(name);
-    temporary_name.push(format!(".tmp{}", std::process::id()));
-    let temporary = path.with_file_name(temporary_name);
-    let written = fs::File::create(&temporary).and_then(|mut file| {
-        file.write_all(bytes)?;
-        file.sync_all()
-    });
-    if let Err(e) = written.and_then(|()| fs::rename(&temporary, path)) {
-        // Best effort: the temporary may not even exist.
-        let _ = fs::remove_file(&temporary);
-        return Err(e.into());
-    }
-    Ok(())
 }

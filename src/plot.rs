@@ -77,24 +77,21 @@ pub fn line_plot(
         .collect();
     let (x_range, y_range) = ranges(finite.iter().flatten().copied());
 
-    let name = path
-        .file_name()
-        .with_context(|| format!("{} names no file", path.display()))?;
-    // The bitmap backend picks its encoder from the extension, so the temporary ends in .png
-    // whatever `path` is called.
-    let temporary = path.with_file_name(format!(
-        ".{}.tmp{}.png",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
+    // The bitmap backend writes the file itself and picks its encoder from the extension,
+    // which the temporary keeps.
+    let file = support::fs::AtomicFile::reserve(path)
+        .with_context(|| format!("writing plot {}", path.display()))?;
     let drawn = draw(
-        &temporary, title, x_label, y_label, series, &finite, x_range, y_range,
+        file.temporary(),
+        title,
+        x_label,
+        y_label,
+        series,
+        &finite,
+        x_range,
+        y_range,
     )
-    .and_then(|()| std::fs::rename(&temporary, path).map_err(Into::into));
-    if drawn.is_err() {
-        // Best effort: the temporary may not even exist.
-        let _ = std::fs::remove_file(&temporary);
-    }
+    .and_then(|()| file.commit().map_err(Into::into));
     drawn.with_context(|| format!("writing plot {}", path.display()))
 }
 

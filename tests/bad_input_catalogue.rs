@@ -9,10 +9,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use aggregator::Strategy;
-use aggregator::engine::{Engine, EngineConfig, LocalTraining};
 use aggregator::server::RunSummary;
 use aggregator::tls::{layout, token_path};
+use aggregator_core::engine::{Engine, EngineConfig};
+use aggregator_core::strategy::Strategy;
+use protocol::client_id;
 use protocol::quic::{QuicLimits, read_message, write_message};
 use protocol::{
     Auth, Capabilities, EncodedParams, Encoding, Hello, Limits, MAGIC, Message, Outcome,
@@ -21,8 +22,8 @@ use protocol::{
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokio::sync::watch;
-use wsa::{DEFAULT_SCOPE_EPS, Head, HeadSpec, LabelledFeatures, ScopeSelection};
-use wsa_fl::fleet::{Deployment, client_id, spawn_server};
+use wsa::{DEFAULT_SCOPE_EPS, Head, HeadSpec, LabelledFeatures, ScopeSelection, Sgd};
+use wsa_fl::fleet::{Deployment, spawn_server};
 
 mod common;
 
@@ -49,7 +50,7 @@ fn update_with(task: &RoundTask, client: &str, params: &[f32]) -> Update {
         .unwrap()
         .scopes(ScopeSelection::default(), DEFAULT_SCOPE_EPS)
         .unwrap();
-    let layout = protocol::RowLayout::of_head(&task.shape);
+    let layout = protocol::RowLayout::of_head(&task.shape.to_spec().unwrap());
     Update {
         run_id: task.run_id,
         round: task.round,
@@ -71,7 +72,7 @@ fn update_with(task: &RoundTask, client: &str, params: &[f32]) -> Update {
 
 /// The global head plus small noise: a plausible update.
 fn plausible(task: &RoundTask) -> Vec<f32> {
-    let layout = protocol::RowLayout::of_head(&task.shape);
+    let layout = protocol::RowLayout::of_head(&task.shape.to_spec().unwrap());
     let mut rng = ChaCha8Rng::seed_from_u64(task.round);
     task.global
         .decode(&layout)
@@ -265,7 +266,7 @@ fn catalogue() -> Vec<Case> {
             expect: "wrong-encoding",
             answer: |cx| {
                 let mut u = good(cx);
-                let layout = protocol::RowLayout::of_head(&cx.task.shape);
+                let layout = protocol::RowLayout::of_head(&cx.task.shape.to_spec().unwrap());
                 u.params =
                     EncodedParams::encode(&plausible(cx.task), &layout, Encoding::F16).unwrap();
                 frame(u.seal())
@@ -292,10 +293,10 @@ fn config(rounds: u64) -> EngineConfig {
     // Short: a bad answer that got no verdict would show as a round closed by its deadline
     // (and a failed assertion) rather than a long wait.
     c.round_timeout_ms = 8_000;
-    c.train = LocalTraining {
+    c.train = Sgd {
         epochs: 1,
         batch_size: 16,
-        ..LocalTraining::default()
+        ..Sgd::default()
     };
     c
 }
@@ -506,7 +507,7 @@ async fn every_bad_input_gets_its_reason_while_honest_clients_are_accepted() {
         let report = &line.report;
         let key = verdict
             .as_ref()
-            .map_or("accepted", aggregator::engine::reason_key);
+            .map_or("accepted", protocol::RejectReason::key);
         assert_eq!(key, case.expect, "{}: {verdict:?}", case.name);
         for id in &honest_ids {
             let times = report.accepted.iter().filter(|a| *a == id).count();

@@ -11,14 +11,15 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use aggregator::Strategy;
-use aggregator::engine::{Engine, EngineConfig};
+use aggregator_core::engine::{Engine, EngineConfig};
+use aggregator_core::strategy::Strategy;
 use edge_client::Backbone;
 use edge_client::cache::{CacheKey, digest_images, read_cache};
 use edge_client::preprocess::PREPROCESSING_ID;
+use protocol::client_id;
 use sha2::{Digest, Sha256};
 use wsa::{FusionRule, HeadSpec};
-use wsa_fl::fleet::{Deployment, client_id, spawn_server};
+use wsa_fl::fleet::{Deployment, spawn_server};
 
 const SIDE: usize = 32;
 const IMAGES: usize = 32;

@@ -19,13 +19,14 @@ use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aggregator::Strategy;
-use aggregator::checkpoint::Checkpoint;
-use aggregator::engine::{Engine, EngineConfig, LocalTraining, RoundReport};
+use aggregator_core::checkpoint::Checkpoint;
+use aggregator_core::engine::{Engine, EngineConfig, RoundReport};
+use aggregator_core::strategy::Strategy;
 use edge_client::net::RunEnd;
+use protocol::client_id;
 use tokio::sync::watch;
-use wsa::{HeadSpec, LabelledFeatures};
-use wsa_fl::fleet::{Deployment, client_id, spawn_server};
+use wsa::{HeadSpec, LabelledFeatures, Sgd};
+use wsa_fl::fleet::{Deployment, spawn_server};
 
 mod common;
 
@@ -48,10 +49,10 @@ fn config() -> EngineConfig {
     c.min_connected = CLIENTS;
     c.quorum = CLIENTS;
     c.round_timeout_ms = 60_000;
-    c.train = LocalTraining {
+    c.train = Sgd {
         epochs: 3,
         batch_size: 32,
-        ..LocalTraining::default()
+        ..Sgd::default()
     };
     c
 }
@@ -70,12 +71,7 @@ fn child_server() {
     let Ok(dir) = std::env::var(SERVE_ENV) else {
         return;
     };
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
+    support::logging::init("warn");
     let dir = PathBuf::from(dir);
     let addr: SocketAddr = std::fs::read_to_string(dir.join("addr"))
         .unwrap()
@@ -364,7 +360,7 @@ fn when_30_percent_of_clients_vanish_the_round_closes_at_its_deadline_with_the_q
     assert_eq!(log[0].accepted_count, FLEET);
     let first_deadline = log
         .iter()
-        .position(|r| r.closed_by == aggregator::engine::ClosedBy::Deadline)
+        .position(|r| r.closed_by == aggregator_core::engine::ClosedBy::Deadline)
         .expect("a round closed at its deadline");
     assert!(first_deadline <= 2, "the clients vanished late");
     for r in &log[first_deadline..] {
@@ -372,7 +368,7 @@ fn when_30_percent_of_clients_vanish_the_round_closes_at_its_deadline_with_the_q
         // every later round asks them too and waits for its deadline.
         assert_eq!(
             r.closed_by,
-            aggregator::engine::ClosedBy::Deadline,
+            aggregator_core::engine::ClosedBy::Deadline,
             "round {}",
             r.round
         );

@@ -2,10 +2,13 @@
 //! their updates; the next global head is the sample-weighted mean of the client heads and the
 //! next targets are the fused client scopes, both checked against direct computations.
 
-use aggregator::{RoundFold, Strategy};
-use edge_client::{RoundTask, local_round};
+use aggregator_core::backend::{CpuBackend, FoldShape};
+use aggregator_core::strategy::{Aggregation, RoundFold, Strategy};
+use edge_client::{TrainingTask, local_round};
 use wsa::synthetic::{SyntheticProblem, SyntheticSpec};
-use wsa::{FusionRule, Head, HeadSpec, Init, ScopeSelection, TrainConfig, Weighting, kl};
+use wsa::{
+    DEFAULT_SCOPE_EPS, FusionRule, Head, HeadSpec, Init, ScopeSelection, Sgd, Weighting, kl,
+};
 
 #[test]
 fn a_wsa_round_averages_heads_and_fuses_scopes() {
@@ -22,38 +25,74 @@ fn a_wsa_round_averages_heads_and_fuses_scopes() {
         lambda: 5.0,
         rule: FusionRule::Mixture,
     };
-    let base = TrainConfig {
+    let sgd = Sgd {
         epochs: 2,
         batch_size: 16,
-        ..TrainConfig::default()
+        ..Sgd::default()
     };
-    let task = RoundTask {
+    let selection = ScopeSelection::default();
+    let task = TrainingTask {
         round: 0,
         global: global.clone(),
-        train: strategy.client_config(&base, &targets),
+        train: strategy.client_config(&sgd, 0, &targets, selection, DEFAULT_SCOPE_EPS),
     };
     assert!(task.train.wsa.is_some());
 
-    let mut fold = RoundFold::new(&spec, ScopeSelection::default(), Weighting::SampleCount);
+    let shape = FoldShape::of_head(&spec, selection, DEFAULT_SCOPE_EPS);
+    let mut fold = RoundFold::open(
+        &CpuBackend::default(),
+        &shape,
+        &global.to_flat(),
+        strategy,
+        Aggregation::Mean,
+        Weighting::SampleCount,
+        shards.len(),
+    )
+    .unwrap();
     let updates: Vec<_> = shards
         .iter()
         .enumerate()
         .map(|(c, d)| local_round(&task, d, c as u64).unwrap())
         .collect();
-    for u in &updates {
-        fold.add(&u.params, &u.scopes, u.metrics.n_samples).unwrap();
+    for (c, u) in updates.iter().enumerate() {
+        let measured = fold.measure(&u.params).unwrap();
+        let client = protocol::client_id(c);
+        fold.add(
+            &client,
+            &u.params,
+            &measured,
+            &u.scopes,
+            u.metrics.n_samples,
+        )
+        .unwrap();
     }
     // A malformed update is refused and changes nothing.
+    assert!(fold.measure(&updates[0].params[1..]).is_err());
+    let measured = fold.measure(&updates[0].params).unwrap();
     assert!(
-        fold.add(&updates[0].params[1..], &updates[0].scopes, 10)
-            .is_err()
+        fold.add(
+            "late",
+            &updates[0].params,
+            &measured,
+            &updates[0].scopes[1..],
+            10
+        )
+        .is_err()
     );
     assert!(
-        fold.add(&updates[0].params, &updates[0].scopes[1..], 10)
-            .is_err()
+        fold.add(
+            &protocol::client_id(0),
+            &updates[0].params,
+            &measured,
+            &updates[0].scopes,
+            10
+        )
+        .is_err(),
+        "one update per client"
     );
     assert_eq!(fold.accepted(), 4);
-    let (next, fused) = fold.finish(strategy.fusion_rule()).unwrap();
+    let (next, fused) = fold.finish().unwrap();
+    let next = Head::from_flat(&spec, &next).unwrap();
 
     let total: f64 = updates.iter().map(|u| u.metrics.n_samples as f64).sum();
     for (i, &got) in next.to_flat().iter().enumerate() {

@@ -42,8 +42,8 @@ fn a_small_fleet_writes_its_run_folder() {
     let stdout = String::from_utf8_lossy(&run.stdout);
     for row in [
         "| fedavg |",
-        "| fedprox(mu=0.01) |",
-        "| wsa(lambda=10,Mixture) |",
+        "| fedprox:0.01 |",
+        "| wsa:10:mixture |",
         "| centralized |",
     ] {
         assert!(stdout.contains(row), "{row} missing from\n{stdout}");

@@ -9,19 +9,20 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use aggregator::Strategy;
-use aggregator::checkpoint::Checkpoint;
-use aggregator::engine::{Engine, EngineConfig, LocalTraining};
 use aggregator::server::{RunSummary, Server};
 use aggregator::tls::{layout, token_path};
+use aggregator_core::checkpoint::Checkpoint;
+use aggregator_core::engine::{Engine, EngineConfig};
+use aggregator_core::strategy::Strategy;
 use edge_client::net::{ClientError, ClientReport, ConnectOptions, RunEnd};
+use protocol::client_id;
 use protocol::quic::{QuicLimits, read_message, write_message};
 use protocol::{
     Auth, Capabilities, Hello, Limits, Message, Outcome, PROTOCOL_VERSION, RejectReason,
 };
 use tokio::sync::watch;
-use wsa::{FusionRule, HeadSpec, LabelledFeatures, Scope, ScopeFusion};
-use wsa_fl::fleet::{Deployment, client_id, spawn_server};
+use wsa::{FusionRule, HeadSpec, LabelledFeatures, Scope, ScopeFusion, Sgd};
+use wsa_fl::fleet::{Deployment, spawn_server};
 
 mod common;
 
@@ -49,10 +50,10 @@ fn config(rounds: u64, min_connected: usize, quorum: usize) -> EngineConfig {
     c.min_connected = min_connected;
     c.quorum = quorum;
     c.round_timeout_ms = 30_000;
-    c.train = LocalTraining {
+    c.train = Sgd {
         epochs: 2,
         batch_size: 16,
-        ..LocalTraining::default()
+        ..Sgd::default()
     };
     c
 }
@@ -239,7 +240,7 @@ async fn five_clients_three_rounds_over_quic_with_intruders_refused() {
         let mut accepted = line.report.accepted.clone();
         accepted.sort();
         assert_eq!(line.report.round, r as u64);
-        assert_eq!(line.report.strategy, "wsa(lambda=5,MeanStd)");
+        assert_eq!(line.report.strategy, "wsa:5:mean-std");
         assert_eq!(
             accepted,
             client_ids(5),
@@ -334,12 +335,7 @@ async fn a_run_resumed_after_round_two_ends_like_an_uninterrupted_one() {
 }
 
 fn init_logs() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_test_writer()
-        .try_init();
+    support::logging::init_for_tests("warn");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,15 +8,16 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use aggregator::Strategy;
-use aggregator::checkpoint::Checkpoint;
-use aggregator::engine::{Engine, EngineConfig};
+use aggregator_core::checkpoint::Checkpoint;
+use aggregator_core::engine::{Engine, EngineConfig};
+use aggregator_core::strategy::Strategy;
 use edge_client::Backbone;
 use edge_client::net::RunEnd;
 use protocol::Encoding;
+use protocol::client_id;
 use tokio::sync::watch;
 use wsa::{FusionRule, HeadSpec, LabelledFeatures};
-use wsa_fl::fleet::{Deployment, client_id, spawn_server};
+use wsa_fl::fleet::{Deployment, spawn_server};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_clients_train_on_real_backbone_features_over_quic() {

@@ -2,15 +2,13 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 
-use aggregator::Strategy;
-use aggregator::auth::Registry;
-use aggregator::backend::{BackendChoice, open_backend};
-use aggregator::checkpoint::Checkpoint;
-use aggregator::engine::{Engine, EngineConfig};
+use aggregator::backends::{BackendChoice, open_backend};
 use aggregator::server::{Server, ServerOptions};
-use aggregator::tls::{generate_credentials, layout};
+use aggregator::tls::generate_credentials;
+use aggregator_core::checkpoint::Checkpoint;
+use aggregator_core::engine::{Engine, EngineConfig};
+use aggregator_core::strategy::Strategy;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use wsa::{FusionRule, HeadSpec};
@@ -56,9 +54,9 @@ enum Command {
         /// Per-round JSON lines.
         #[arg(long, default_value = "run/rounds.jsonl")]
         rounds_log: PathBuf,
-        /// Most simultaneous connections.
-        #[arg(long, default_value_t = 2048)]
-        max_connections: usize,
+        /// Most simultaneous connections [default: 2048].
+        #[arg(long)]
+        max_connections: Option<usize>,
         /// Stop after this many rounds of the run have closed (resume later).
         #[arg(long)]
         stop_after: Option<u64>,
@@ -84,12 +82,7 @@ fn default_config() -> EngineConfig {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    support::logging::init("info");
     match Cli::parse().command {
         Command::GenCerts {
             out,
@@ -98,7 +91,7 @@ fn main() -> Result<()> {
             client_ids,
         } => {
             let ids = if client_ids.is_empty() {
-                (0..clients).map(|i| format!("client-{i:04}")).collect()
+                (0..clients).map(protocol::client_id).collect()
             } else {
                 client_ids
             };
@@ -142,19 +135,13 @@ fn main() -> Result<()> {
             } else {
                 Engine::with_backend(config, backend)?
             };
+            let defaults = ServerOptions::new(listen, &creds)?;
             let opts = ServerOptions {
-                listen,
-                cert: creds.join(layout::SERVER_CERT),
-                key: creds.join(layout::SERVER_KEY),
-                registry: Registry::load(&creds.join(layout::REGISTRY))?,
-                limits: protocol::Limits::default(),
-                quic: protocol::quic::QuicLimits::default(),
-                max_connections,
-                hello_timeout: Duration::from_secs(10),
+                max_connections: max_connections.unwrap_or(defaults.max_connections),
                 checkpoint: Some(checkpoint),
                 rounds_log: Some(rounds_log),
                 stop_after_rounds: stop_after,
-                round_observer: None,
+                ..defaults
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

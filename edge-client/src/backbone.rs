@@ -299,10 +299,11 @@ pub fn convert_onnx_to_nnef(onnx_path: &Path, out: &Path) -> Result<(), Backbone
         path: out.to_owned(),
         source,
     };
-    let file = std::fs::File::create(out).map_err(io_err)?;
+    // Atomically: a converter stopped half-way leaves no truncated archive behind.
+    let file = support::fs::AtomicFile::create(out).map_err(io_err)?;
     let gz = flate2::write::GzEncoder::new(file, flate2::Compression::best());
     let gz = tract_nnef::nnef()
         .write_to_tar_with_config(&typed, gz, false, true)
         .map_err(model_err)?;
-    gz.finish().and_then(|f| f.sync_all()).map_err(io_err)
+    gz.finish().and_then(|f| f.commit()).map_err(io_err)
 }

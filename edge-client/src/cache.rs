@@ -146,7 +146,7 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> CacheError + '_ {
     }
 }
 
-/// Writes `features` under `key`, atomically (temporary file, fsync, rename).
+/// Writes `features` under `key`, atomically ([`support::fs::AtomicFile`]).
 pub fn write_cache(
     path: &Path,
     key: &CacheKey,
@@ -155,10 +155,10 @@ pub fn write_cache(
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
     }
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    let result = (|| {
-        let file = File::create(&tmp).map_err(io(&tmp))?;
-        let mut w = BufWriter::with_capacity(CHUNK, file);
+    let mut file = support::fs::AtomicFile::create(path).map_err(io(path))?;
+    let tmp = file.temporary().to_owned();
+    {
+        let mut w = BufWriter::with_capacity(CHUNK, file.file().map_err(io(&tmp))?);
         let mut header = [0u8; HEADER_LEN];
         header[..8].copy_from_slice(&MAGIC);
         header[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -185,16 +185,12 @@ pub fn write_cache(
         }
         h.update(&buf);
         w.write_all(&buf).map_err(io(&tmp))?;
-        let mut file = w.into_inner().map_err(|e| io(&tmp)(e.into_error()))?;
-        file.seek(SeekFrom::Start(104)).map_err(io(&tmp))?;
-        file.write_all(&h.finalize()).map_err(io(&tmp))?;
-        file.sync_all().map_err(io(&tmp))?;
-        std::fs::rename(&tmp, path).map_err(io(path))
-    })();
-    if result.is_err() {
-        std::fs::remove_file(&tmp).ok();
+        let inner = w.into_inner().map_err(|e| io(&tmp)(e.into_error()))?;
+        inner.seek(SeekFrom::Start(104)).map_err(io(&tmp))?;
+        inner.write_all(&h.finalize()).map_err(io(&tmp))?;
     }
-    result
+    // Dropped on an error above, the temporary is removed and `path` left as it was.
+    file.commit().map_err(io(path))
 }
 
 /// Reads the cache at `path` if it was built under `key` and is intact.

@@ -4,8 +4,9 @@
 //! images from the `datasets` loaders into feature vectors after [`preprocess`]ing them; the
 //! [`cache`] keeps those features on disk, keyed by the backbone's hash, input side,
 //! preprocessing and the source data, so they are computed once. [`local_round`] trains the
-//! round's global head on them and packages the [`ClientUpdate`]. The QUIC transport builds
-//! on these pieces.
+//! round's global head on them and packages the [`ClientUpdate`]. The [`session`] with the
+//! aggregator is a sans-IO state machine (reconnects, goodbyes, verdicts, the report);
+//! [`net`] is its thin QUIC glue.
 #![warn(missing_docs, unreachable_pub)]
 
 mod backbone;
@@ -15,10 +16,11 @@ mod features;
 pub mod net;
 pub mod preprocess;
 mod round;
+pub mod session;
 
 #[cfg(feature = "onnx")]
 pub use backbone::convert_onnx_to_nnef;
 pub use backbone::{Backbone, INPUT_SIDES};
 pub use error::{BackboneError, FeatureError};
 pub use features::cached_features;
-pub use round::{Adversary, ClientUpdate, RoundTask, local_round};
+pub use round::{Adversary, ClientUpdate, TrainingTask, local_round};

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use datasets::{ImageSet, Limits};
 use edge_client::{Backbone, cached_features};
-use wsa::{Head, HeadSpec, Init, LabelledFeatures, TrainConfig};
+use wsa::{Head, HeadSpec, Init, LabelledFeatures, Sgd, TrainConfig};
 
 #[derive(Parser)]
 #[command(
@@ -311,12 +311,7 @@ fn features(
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    support::logging::init("info");
     match Cli::parse().command {
         Command::Join(args) => join(*args)?,
         Command::Features {
@@ -348,11 +343,11 @@ fn main() -> Result<()> {
                 train = train.select(&(0..train_limit).collect::<Vec<_>>())?;
             }
             let test = features(&source, &backbone, "test", 0)?;
-            let cfg = TrainConfig {
+            let cfg = TrainConfig::new(Sgd {
                 epochs,
                 batch_size: 64,
-                ..TrainConfig::default()
-            };
+                ..Sgd::default()
+            });
             println!("| head | train rows | epochs | test accuracy | train seconds |");
             println!("|---|---|---|---|---|");
             for spec in [

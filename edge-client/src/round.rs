@@ -2,9 +2,10 @@
 
 use wsa::{Head, LabelledFeatures, Scope, TrainConfig, TrainMetrics};
 
-/// What the aggregator sends a client for one round.
-#[derive(Debug, Clone)]
-pub struct RoundTask {
+/// What a client trains in one round: the aggregator's round task (the wire's
+/// [`protocol::RoundTask`]) decoded and checked ([`TrainingTask::from_wire`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainingTask {
     /// The round number.
     pub round: u64,
     /// The global head to start from (and the FedProx anchor).
@@ -14,7 +15,7 @@ pub struct RoundTask {
 }
 
 /// What a client returns for one round.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ClientUpdate {
     /// The round the update answers.
     pub round: u64,
@@ -29,7 +30,7 @@ pub struct ClientUpdate {
 /// Trains the task's head on `data` and packages the result. `client_seed` decorrelates the
 /// shuffles of clients that share a round seed.
 pub fn local_round(
-    task: &RoundTask,
+    task: &TrainingTask,
     data: &LabelledFeatures,
     client_seed: u64,
 ) -> wsa::Result<ClientUpdate> {
@@ -63,17 +64,46 @@ pub enum Adversary {
     },
 }
 
-impl Adversary {
-    /// A short name for tables.
-    pub fn label(&self) -> String {
+impl std::fmt::Display for Adversary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Adversary::SignFlip { scale } => format!("sign-flip({scale})"),
-            Adversary::Scale { factor } => format!("scale({factor})"),
+            Adversary::SignFlip { scale } => write!(f, "sign-flip:{scale}"),
+            Adversary::Scale { factor } => write!(f, "scale:{factor}"),
         }
+    }
+}
+
+impl std::str::FromStr for Adversary {
+    type Err = String;
+
+    /// `sign-flip:SCALE` or `scale:FACTOR`, with a finite number.
+    fn from_str(text: &str) -> Result<Self, String> {
+        let usage = "sign-flip:SCALE or scale:FACTOR";
+        let (kind, value) = text
+            .split_once(':')
+            .ok_or_else(|| format!("bad attack {text:?}: {usage}"))?;
+        let value: f32 = value
+            .parse()
+            .map_err(|e| format!("bad number in attack {text:?}: {e}"))?;
+        if !value.is_finite() {
+            return Err(format!("the number in attack {text:?} must be finite"));
+        }
+        match kind {
+            "sign-flip" => Ok(Adversary::SignFlip { scale: value }),
+            "scale" => Ok(Adversary::Scale { factor: value }),
+            other => Err(format!("unknown attack {other:?}: {usage}")),
+        }
+    }
+}
+
+impl Adversary {
+    /// A short name for tables: the grammar's spelling.
+    pub fn label(&self) -> String {
+        self.to_string()
     }
 
     /// Rewrites `update` (trained from `task`) into the attack, scopes included.
-    pub fn corrupt(&self, task: &RoundTask, update: &mut ClientUpdate) -> wsa::Result<()> {
+    pub fn corrupt(&self, task: &TrainingTask, update: &mut ClientUpdate) -> wsa::Result<()> {
         let k = match *self {
             Adversary::SignFlip { scale } => -scale,
             Adversary::Scale { factor } => factor,
@@ -102,7 +132,7 @@ mod tests {
         let problem = SyntheticProblem::new(SyntheticSpec::default(), 1).unwrap();
         let data = problem.sample(200, 2).unwrap();
         let spec = HeadSpec::mlp(data.dim(), &[8], data.classes());
-        let task = RoundTask {
+        let task = TrainingTask {
             round: 0,
             global: Head::init(&spec, Init::Standard, 3).unwrap(),
             train: TrainConfig::default(),
@@ -123,6 +153,7 @@ mod tests {
                 .scopes(ScopeSelection::default(), wsa::DEFAULT_SCOPE_EPS)
                 .unwrap();
             assert_eq!(sent.scopes, scopes, "{}", attack.label());
+            assert_eq!(attack.label().parse::<Adversary>().unwrap(), attack);
             assert_ne!(sent.scopes, honest.scopes);
         }
     }

@@ -3,7 +3,7 @@
 //! fuzzer reaches the payload decoder instead of stopping at the digest.
 #![no_main]
 
-use aggregator::checkpoint::{Checkpoint, FORMAT_VERSION, MAGIC};
+use aggregator_core::checkpoint::{Checkpoint, FORMAT_VERSION, MAGIC};
 use libfuzzer_sys::fuzz_target;
 use sha2::{Digest, Sha256};
 

@@ -9,6 +9,7 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use protocol::*;
+use wsa::HeadSpec;
 
 /// `cargo bench` passes `--bench`; `cargo test --all-targets` does not, and then this binary
 /// only smoke-tests itself on a tiny head.
@@ -35,17 +36,9 @@ fn time_per_iter(mut f: impl FnMut(), min_secs: f64) -> f64 {
 fn main() {
     let full = full_run();
     let shape = if full {
-        HeadShape {
-            input: 1280,
-            hidden: vec![256],
-            classes: 10,
-        }
+        HeadSpec::mlp(1280, &[256], 10)
     } else {
-        HeadShape {
-            input: 16,
-            hidden: vec![8],
-            classes: 3,
-        }
+        HeadSpec::mlp(16, &[8], 3)
     };
     let min_secs = if full { 0.5 } else { 0.001 };
     let layout = RowLayout::of_head(&shape);

@@ -1,7 +1,7 @@
 //! Between the wire types and the `wsa` core's types. Wire → core conversions validate, since
 //! the wire side is untrusted.
 
-use wsa::{HeadSpec, Scope, ScopeSelection, TrainConfig, WsaTerm};
+use wsa::{HeadSpec, Scope, ScopeSelection, Sgd, TrainConfig, WsaTerm};
 
 use crate::message::{HeadShape, TrainSpec, WireScope, WsaSpec};
 
@@ -51,12 +51,13 @@ impl WireScope {
 
 impl From<&TrainConfig> for TrainSpec {
     fn from(c: &TrainConfig) -> Self {
+        // A batch larger than the wire's u32 trains on the whole local set either way.
         Self {
-            epochs: c.epochs,
-            batch_size: c.batch_size as u32,
-            lr: c.lr,
-            momentum: c.momentum,
-            weight_decay: c.weight_decay,
+            epochs: c.sgd.epochs,
+            batch_size: u32::try_from(c.sgd.batch_size).unwrap_or(u32::MAX),
+            lr: c.sgd.lr,
+            momentum: c.sgd.momentum,
+            weight_decay: c.sgd.weight_decay,
             seed: c.seed,
             prox_mu: c.prox_mu,
             wsa: c.wsa.as_ref().map(|w| WsaSpec {
@@ -84,11 +85,13 @@ impl TrainSpec {
             None => None,
         };
         Ok(TrainConfig {
-            epochs: self.epochs,
-            batch_size: self.batch_size as usize,
-            lr: self.lr,
-            momentum: self.momentum,
-            weight_decay: self.weight_decay,
+            sgd: Sgd {
+                epochs: self.epochs,
+                batch_size: self.batch_size as usize,
+                lr: self.lr,
+                momentum: self.momentum,
+                weight_decay: self.weight_decay,
+            },
             seed: self.seed,
             prox_mu: self.prox_mu,
             wsa,

@@ -6,12 +6,62 @@
 //! f32 exact; f16 `|x̂ − x| ≤ 2⁻¹¹·|x| + 2⁻²⁵` for `|x| ≤ 65504` (larger is refused);
 //! int8 `|x̂ − x| ≤ max|row| / 254`.
 
+use std::fmt;
+use std::str::FromStr;
+
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 use serde::{Deserialize, Serialize};
+use wsa::HeadSpec;
 
-use crate::error::EncodingError;
-use crate::message::HeadShape;
+/// A parameter vector that cannot be encoded or decoded.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EncodingError {
+    /// The value count does not match the layout.
+    #[error("expected {expected} values, got {got}")]
+    Length {
+        /// From the layout.
+        expected: usize,
+        /// Given.
+        got: usize,
+    },
+    /// The data bytes do not match the count and encoding.
+    #[error("expected {expected} data bytes, got {got}")]
+    DataBytes {
+        /// From count and encoding.
+        expected: usize,
+        /// Given.
+        got: usize,
+    },
+    /// The number of int8 scales does not match the rows.
+    #[error("expected {expected} scales, got {got}")]
+    Scales {
+        /// Rows of the layout.
+        expected: usize,
+        /// Given.
+        got: usize,
+    },
+    /// An int8 scale is negative or non-finite.
+    #[error("bad scale in row {row}")]
+    BadScale {
+        /// The row.
+        row: usize,
+    },
+    /// A value to encode is NaN or infinite.
+    #[error("value {index} is not finite")]
+    NonFinite {
+        /// Its index.
+        index: usize,
+    },
+    /// A value does not fit the encoding (f16 above 65504).
+    #[error("value {value} at {index} does not fit the encoding")]
+    OutOfRange {
+        /// Its index.
+        index: usize,
+        /// The value.
+        value: f32,
+    },
+}
 
 /// How a parameter vector is put on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash, Serialize, Deserialize)]
@@ -24,6 +74,30 @@ pub enum Encoding {
     F16,
     /// 1 byte per value plus one f32 scale per row.
     Int8RowScaled,
+}
+
+impl fmt::Display for Encoding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Encoding::F32 => "f32",
+            Encoding::F16 => "f16",
+            Encoding::Int8RowScaled => "int8",
+        })
+    }
+}
+
+impl FromStr for Encoding {
+    type Err = String;
+
+    /// `f32`, `f16` or `int8` (also `int8-row-scaled`, the config files' spelling).
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "f32" => Ok(Encoding::F32),
+            "f16" => Ok(Encoding::F16),
+            "int8" | "int8-row-scaled" => Ok(Encoding::Int8RowScaled),
+            other => Err(format!("unknown encoding {other:?}: f32, f16 or int8")),
+        }
+    }
 }
 
 impl Encoding {
@@ -44,17 +118,16 @@ pub struct RowLayout {
 }
 
 impl RowLayout {
-    /// The layout of `wsa::Head`'s flat vector: per layer, `W [in, out]` then `b [out]`.
-    pub fn of_head(shape: &HeadShape) -> Self {
-        let mut widths = Vec::with_capacity(shape.hidden.len() + 2);
-        widths.push(shape.input as usize);
-        widths.extend(shape.hidden.iter().map(|&h| h as usize));
-        widths.push(shape.classes as usize);
-        let segments = widths
-            .windows(2)
-            .flat_map(|w| [(w[0], w[1]), (1, w[1])])
-            .collect();
-        Self { segments }
+    /// The rows of a head's flat vector ([`HeadSpec::flat_layout`]): each weight matrix
+    /// `[in, out]` gives `in` rows of `out` values, each bias one row.
+    pub fn of_head(spec: &HeadSpec) -> Self {
+        Self {
+            segments: spec
+                .flat_layout()
+                .iter()
+                .map(|t| (t.rows, t.cols))
+                .collect(),
+        }
     }
 
     /// One segment of `len` values in rows of `cols` (the last row may be shorter).

@@ -1,55 +1,6 @@
-//! Typed errors of the codec.
+//! Bytes that are not a frame or a message, and the reason the peer is told.
 
 use crate::message::RejectReason;
-
-/// A parameter vector that cannot be encoded or decoded.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum EncodingError {
-    /// The value count does not match the layout.
-    #[error("expected {expected} values, got {got}")]
-    Length {
-        /// From the layout.
-        expected: usize,
-        /// Given.
-        got: usize,
-    },
-    /// The data bytes do not match the count and encoding.
-    #[error("expected {expected} data bytes, got {got}")]
-    DataBytes {
-        /// From count and encoding.
-        expected: usize,
-        /// Given.
-        got: usize,
-    },
-    /// The number of int8 scales does not match the rows.
-    #[error("expected {expected} scales, got {got}")]
-    Scales {
-        /// Rows of the layout.
-        expected: usize,
-        /// Given.
-        got: usize,
-    },
-    /// An int8 scale is negative or non-finite.
-    #[error("bad scale in row {row}")]
-    BadScale {
-        /// The row.
-        row: usize,
-    },
-    /// A value to encode is NaN or infinite.
-    #[error("value {index} is not finite")]
-    NonFinite {
-        /// Its index.
-        index: usize,
-    },
-    /// A value does not fit the encoding (f16 above 65504).
-    #[error("value {value} at {index} does not fit the encoding")]
-    OutOfRange {
-        /// Its index.
-        index: usize,
-        /// The value.
-        value: f32,
-    },
-}
 
 /// Bytes that are not a valid frame or message.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

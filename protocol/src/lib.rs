@@ -4,8 +4,13 @@
 //! carries a magic, the [`PROTOCOL_VERSION`] and the body length ([`frame`]). Readers check
 //! the header against configured [`Limits`] before reading the body, decode with
 //! `take_from_bytes` and refuse trailing bytes, then check the counts inside. Head parameters
-//! travel as [`EncodedParams`] in f32, f16 or int8 with per-row scales. Nothing here does I/O;
-//! the QUIC code reads headers and bodies and hands them to these functions.
+//! travel as [`EncodedParams`] in f32, f16 or int8 with per-row scales, in rows that follow the
+//! head's one flat layout (`wsa::HeadSpec::flat_layout`). Nothing here does I/O but the `quic`
+//! module (feature `quic`), which reads headers and bodies and hands them to these functions.
+//!
+//! The modules look only down: `encoding` (parameters and their errors) under `message` (the
+//! messages, [`RejectReason`] with its names beside [`Message::kind`]) under `error` (bad
+//! frames), `limits` and `frame`; `convert` and `digest` add to the messages.
 #![warn(missing_docs, unreachable_pub)]
 
 mod convert;
@@ -18,8 +23,8 @@ mod message;
 #[cfg(feature = "quic")]
 pub mod quic;
 
-pub use encoding::{EncodedParams, Encoding, RowLayout};
-pub use error::{EncodingError, ProtocolError};
+pub use encoding::{EncodedParams, Encoding, EncodingError, RowLayout};
+pub use error::ProtocolError;
 pub use frame::{
     FrameHeader, HEADER_LEN, MAGIC, PROTOCOL_VERSION, decode_body, decode_frame, encode_frame,
 };
@@ -27,4 +32,5 @@ pub use limits::Limits;
 pub use message::{
     Auth, Capabilities, Goodbye, GoodbyeReason, HeadShape, Hello, Message, Outcome, RejectReason,
     RoundTask, Subject, TrainSpec, Update, UpdateMetrics, Verdict, Welcome, WireScope, WsaSpec,
+    client_id,
 };

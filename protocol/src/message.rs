@@ -56,6 +56,12 @@ pub struct Capabilities {
     pub int8: bool,
 }
 
+/// The conventional id of the `index`-th numbered client (`client-0000`, `client-0001`, …):
+/// what `aggregator gen-certs --clients N` issues and the fleet simulator runs.
+pub fn client_id(index: usize) -> String {
+    format!("client-{index:04}")
+}
+
 /// The first message of a client.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
@@ -280,6 +286,34 @@ pub enum RejectReason {
     /// The aggregator is at its connection limit.
     #[error("server busy")]
     Busy,
+}
+
+impl RejectReason {
+    /// The reason's kebab-case name, for counting and logs (the variant without its data).
+    pub fn key(&self) -> &'static str {
+        match self {
+            RejectReason::UnsupportedVersion(_) => "unsupported-version",
+            RejectReason::Malformed(_) => "malformed",
+            RejectReason::UnexpectedMessage(_) => "unexpected-message",
+            RejectReason::UnknownClient => "unknown-client",
+            RejectReason::BadCredentials => "bad-credentials",
+            RejectReason::ClientMismatch => "client-mismatch",
+            RejectReason::WrongRun => "wrong-run",
+            RejectReason::StaleRound { .. } => "stale-round",
+            RejectReason::FutureRound { .. } => "future-round",
+            RejectReason::NotSelected => "not-selected",
+            RejectReason::Duplicate => "duplicate",
+            RejectReason::WrongShape(_) => "wrong-shape",
+            RejectReason::NonFinite => "non-finite",
+            RejectReason::NormTooLarge { .. } => "norm-too-large",
+            RejectReason::BadScope(_) => "bad-scope",
+            RejectReason::BadSampleCount(_) => "bad-sample-count",
+            RejectReason::DigestMismatch => "digest-mismatch",
+            RejectReason::WrongEncoding => "wrong-encoding",
+            RejectReason::RoundClosed => "round-closed",
+            RejectReason::Busy => "busy",
+        }
+    }
 }
 
 /// Accepted or rejected.

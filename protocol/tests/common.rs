@@ -14,7 +14,8 @@ pub fn shape() -> HeadShape {
 pub fn params(encoding: Encoding) -> EncodedParams {
     // 3·2 + 2 + 2·2 + 2 = 14 values.
     let values: Vec<f32> = (0..14).map(|i| (i as f32 - 6.5) * 0.125).collect();
-    EncodedParams::encode(&values, &RowLayout::of_head(&shape()), encoding).unwrap()
+    let spec = shape().to_spec().unwrap();
+    EncodedParams::encode(&values, &RowLayout::of_head(&spec), encoding).unwrap()
 }
 
 pub fn samples() -> Vec<(&'static str, Message)> {

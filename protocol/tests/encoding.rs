@@ -1,12 +1,17 @@
 //! The encodings' error bounds, on random heads and values over many magnitudes.
 
 use proptest::prelude::*;
-use protocol::{EncodedParams, Encoding, EncodingError, HeadShape, RowLayout};
+use protocol::{EncodedParams, Encoding, EncodingError, RowLayout};
+use wsa::HeadSpec;
 
 fn layout_and_values() -> impl Strategy<Value = (RowLayout, Vec<f32>)> {
-    (1u32..40, prop::collection::vec(1u32..20, 0..3), 1u32..12).prop_flat_map(
-        |(input, hidden, classes)| {
-            let layout = RowLayout::of_head(&HeadShape {
+    (
+        1usize..40,
+        prop::collection::vec(1usize..20, 0..3),
+        1usize..12,
+    )
+        .prop_flat_map(|(input, hidden, classes)| {
+            let layout = RowLayout::of_head(&HeadSpec {
                 input,
                 hidden,
                 classes,
@@ -19,8 +24,7 @@ fn layout_and_values() -> impl Strategy<Value = (RowLayout, Vec<f32>)> {
                     n,
                 ),
             )
-        },
-    )
+        })
 }
 
 proptest! {
@@ -90,12 +94,7 @@ fn row_len_at(layout: &RowLayout, start: usize) -> usize {
 
 #[test]
 fn head_layout_rows_follow_the_tensors() {
-    let shape = HeadShape {
-        input: 1280,
-        hidden: vec![256],
-        classes: 10,
-    };
-    let layout = RowLayout::of_head(&shape);
+    let layout = RowLayout::of_head(&HeadSpec::mlp(1280, &[256], 10));
     assert_eq!(layout.len(), 1280 * 256 + 256 + 256 * 10 + 10);
     assert_eq!(layout.rows(), 1280 + 1 + 256 + 1);
     // Int8 payload against f32: the target is ≤ 26%.
@@ -160,17 +159,20 @@ fn decoder_checks_lengths_and_scales() {
     ));
 }
 
-/// A shape from the wire may claim more values than memory (or `usize`) holds; decoding
-/// against it is a length error, decided before any output is allocated. (The fuzz target
-/// found a 2 GB allocation here; with these dimensions the old code aborted on capacity
-/// overflow.)
+/// A shape may claim more values than memory (or `usize`) holds; decoding against it is a
+/// length error, decided before any output is allocated. (The fuzz target found a 2 GB
+/// allocation here; with these dimensions the old code aborted on capacity overflow.) Such a
+/// spec fails `HeadSpec::validate`, but its layout must still be safe to ask for.
 #[test]
 fn a_shape_claiming_more_than_memory_is_a_length_error() {
-    let layout = RowLayout::of_head(&HeadShape {
-        input: u32::MAX,
-        hidden: vec![u32::MAX, u32::MAX],
-        classes: u32::MAX,
-    });
+    let huge = u32::MAX as usize;
+    let spec = HeadSpec {
+        input: huge,
+        hidden: vec![huge, huge],
+        classes: huge,
+    };
+    assert!(spec.validate().is_err());
+    let layout = RowLayout::of_head(&spec);
     assert_eq!(layout.len(), usize::MAX, "the length saturates");
     for encoding in [Encoding::F32, Encoding::F16, Encoding::Int8RowScaled] {
         let params = EncodedParams {

@@ -10,7 +10,7 @@ use std::time::Instant;
 use ndarray::linalg::general_mat_mul;
 use ndarray::{Array2, s};
 use wsa::synthetic::{SyntheticProblem, SyntheticSpec};
-use wsa::{Head, HeadSpec, Init, LabelledFeatures, TrainConfig, WsaTerm, train};
+use wsa::{Head, HeadSpec, Init, LabelledFeatures, Sgd, TrainConfig, WsaTerm, train};
 
 const INPUT: usize = 1280;
 const HIDDEN: usize = 256;
@@ -112,11 +112,13 @@ fn main() {
         ("sgd+wsa", 64, Some(WsaTerm::new(10.0, targets.clone()))),
     ] {
         let cfg = TrainConfig {
-            epochs: 1,
-            batch_size: batch,
-            lr: 0.05,
-            momentum: 0.9,
-            weight_decay: 1e-5,
+            sgd: Sgd {
+                epochs: 1,
+                batch_size: batch,
+                lr: 0.05,
+                momentum: 0.9,
+                weight_decay: 1e-5,
+            },
             seed: 3,
             prox_mu: None,
             wsa: wsa_term,

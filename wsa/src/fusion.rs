@@ -4,6 +4,9 @@
 //! different aggregators combine exactly: fusing the groups' sums equals fusing everything at
 //! once, for every σ̃ rule. `Σpμ²` joins the design's list because the mixture rule needs it.
 
+use std::fmt;
+use std::str::FromStr;
+
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result, ensure_len};
@@ -20,6 +23,32 @@ pub enum FusionRule {
     RootMeanVar,
     /// (c) `σ̃ = sqrt(Σ p (σ² + μ²) − μ̃²)`: the std of the mixture of the client Gaussians.
     Mixture,
+}
+
+impl fmt::Display for FusionRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FusionRule::MeanStd => "mean-std",
+            FusionRule::RootMeanVar => "root-mean-var",
+            FusionRule::Mixture => "mixture",
+        })
+    }
+}
+
+impl FromStr for FusionRule {
+    type Err = String;
+
+    /// `mean-std`, `root-mean-var` or `mixture` (the config files' spelling too).
+    fn from_str(text: &str) -> std::result::Result<Self, String> {
+        match text {
+            "mean-std" => Ok(FusionRule::MeanStd),
+            "root-mean-var" => Ok(FusionRule::RootMeanVar),
+            "mixture" => Ok(FusionRule::Mixture),
+            other => Err(format!(
+                "unknown fusion rule {other:?}: mean-std, root-mean-var or mixture"
+            )),
+        }
+    }
 }
 
 /// How much each client counts in fusion and averaging.

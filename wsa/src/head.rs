@@ -1,8 +1,11 @@
 //! Classifier heads on frozen features: a linear layer, or an MLP with ReLU hidden layers,
 //! trained with softmax cross-entropy.
 //!
-//! Weights are stored `[in, out]` so a batch `X [B, in]` maps to `X·W + b`. The flat layout
-//! (used for averaging and, later, the wire) is, layer by layer, `W` in row-major order then `b`.
+//! Weights are stored `[in, out]` so a batch `X [B, in]` maps to `X·W + b`. Every flat
+//! parameter vector (averaging, scopes, the wire's rows) follows [`HeadSpec::flat_layout`]:
+//! layer by layer, `W` in row-major order, then `b`.
+
+use std::ops::Range;
 
 use ndarray::{Array1, Array2, ArrayView2, ArrayViewMut2, Axis, linalg::general_mat_mul, s};
 use rand::SeedableRng;
@@ -57,7 +60,38 @@ impl HeadSpec {
                 self.classes
             )));
         }
+        let count = self.layer_dims().iter().try_fold(0usize, |n, &(i, o)| {
+            i.checked_mul(o)?.checked_add(o)?.checked_add(n)
+        });
+        if count.is_none() {
+            return Err(Error::InvalidConfig(format!(
+                "head {self:?} has more parameters than this machine can address"
+            )));
+        }
         Ok(())
+    }
+
+    /// Where each tensor lies in a flat parameter vector: the one definition of the layout.
+    /// Layer by layer, input side first: the weights `[in, out]` in row-major order, then the
+    /// bias `[out]`. Offsets saturate, so a spec that [`HeadSpec::validate`] refuses gives a
+    /// layout that matches no real vector instead of overflowing.
+    pub fn flat_layout(&self) -> Vec<FlatTensor> {
+        let mut out = Vec::with_capacity(2 * (self.hidden.len() + 1));
+        let mut offset = 0usize;
+        for (layer, (i, o)) in self.layer_dims().into_iter().enumerate() {
+            for (kind, rows) in [(TensorKind::Weight, i), (TensorKind::Bias, 1)] {
+                let t = FlatTensor {
+                    layer,
+                    kind,
+                    offset,
+                    rows,
+                    cols: o,
+                };
+                offset = offset.saturating_add(t.len());
+                out.push(t);
+            }
+        }
+        out
     }
 
     /// `(in, out)` of every layer, input side first.
@@ -71,17 +105,64 @@ impl HeadSpec {
 
     /// Number of scalars in all weights and biases.
     pub fn param_count(&self) -> usize {
-        self.layer_dims().iter().map(|(i, o)| i * o + o).sum()
+        self.flat_layout()
+            .iter()
+            .fold(0usize, |n, t| n.saturating_add(t.len()))
+    }
+
+    /// The tensors that carry a scope under `selection`, in layout order (the order of scopes
+    /// everywhere).
+    pub fn scoped_tensors(&self, selection: ScopeSelection) -> Vec<FlatTensor> {
+        self.flat_layout()
+            .into_iter()
+            .filter(|t| selection.scopes(t.kind))
+            .collect()
     }
 
     /// Number of tensors that carry a scope under `selection`.
     pub fn scoped_tensor_count(&self, selection: ScopeSelection) -> usize {
-        let layers = self.hidden.len() + 1;
-        if selection.include_biases {
-            2 * layers
-        } else {
-            layers
-        }
+        self.scoped_tensors(selection).len()
+    }
+}
+
+/// A layer's weights or its bias.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TensorKind {
+    /// The weight matrix `[in, out]`.
+    Weight,
+    /// The bias vector `[out]`.
+    Bias,
+}
+
+/// One tensor of the flat layout ([`HeadSpec::flat_layout`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlatTensor {
+    /// Its layer, input side first.
+    pub layer: usize,
+    /// Weights or bias.
+    pub kind: TensorKind,
+    /// Index of its first value in the flat vector.
+    pub offset: usize,
+    /// Rows: the layer's input width for weights, 1 for a bias (int8 scales are per row).
+    pub rows: usize,
+    /// Columns: the layer's output width.
+    pub cols: usize,
+}
+
+impl FlatTensor {
+    /// Its number of values (saturating).
+    pub fn len(&self) -> usize {
+        self.rows.saturating_mul(self.cols)
+    }
+
+    /// True for a tensor without values (never, in a valid spec).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Its place in the flat vector.
+    pub fn range(&self) -> Range<usize> {
+        self.offset..self.offset.saturating_add(self.len())
     }
 }
 
@@ -97,6 +178,9 @@ pub enum Init {
     /// Xavier/Glorot uniform (`±sqrt(6/(in+out))`) everywhere.
     Xavier,
 }
+
+/// A layer's weights and bias, each lent out once.
+type LayerSlots<'a, F> = [Option<&'a mut [F]>; 2];
 
 /// One affine layer.
 #[derive(Debug, Clone, PartialEq)]
@@ -174,25 +258,38 @@ impl<F: Real> Head<F> {
         let mut head = Self::zeros(spec)?;
         ensure_len("flat parameters", spec.param_count(), flat.len())?;
         ensure_finite("parameters", flat)?;
-        let mut offset = 0;
-        for layer in &mut head.layers {
-            for t in [&mut layer.w.as_slice_mut(), &mut layer.b.as_slice_mut()] {
-                let t = t.as_deref_mut().expect("fresh arrays are contiguous");
-                t.copy_from_slice(&flat[offset..offset + t.len()]);
-                offset += t.len();
-            }
+        for t in spec.flat_layout() {
+            head.tensor_mut(t).copy_from_slice(&flat[t.range()]);
         }
         Ok(head)
     }
 
-    /// The flat parameter vector (see the module docs for the layout).
+    /// The flat parameter vector ([`HeadSpec::flat_layout`]).
     pub fn to_flat(&self) -> Vec<F> {
         let mut flat = Vec::with_capacity(self.spec.param_count());
-        for layer in &self.layers {
-            flat.extend(layer.w.iter());
-            flat.extend(layer.b.iter());
+        for t in self.spec.flat_layout() {
+            flat.extend_from_slice(self.tensor(t));
         }
         flat
+    }
+
+    /// The values of one tensor of the layout.
+    fn tensor(&self, t: FlatTensor) -> &[F] {
+        let layer = &self.layers[t.layer];
+        match t.kind {
+            TensorKind::Weight => layer.w.as_slice(),
+            TensorKind::Bias => layer.b.as_slice(),
+        }
+        .expect("head arrays are contiguous")
+    }
+
+    fn tensor_mut(&mut self, t: FlatTensor) -> &mut [F] {
+        let layer = &mut self.layers[t.layer];
+        match t.kind {
+            TensorKind::Weight => layer.w.as_slice_mut(),
+            TensorKind::Bias => layer.b.as_slice_mut(),
+        }
+        .expect("head arrays are contiguous")
     }
 
     /// The same head in another scalar type.
@@ -225,26 +322,36 @@ impl<F: Real> Head<F> {
         &mut self.layers
     }
 
-    /// The scoped tensors in canonical order: per layer, the weights, then (if selected) the bias.
+    /// The scoped tensors in layout order ([`HeadSpec::scoped_tensors`]).
     pub fn tensors(&self, selection: ScopeSelection) -> Vec<&[F]> {
-        let mut out = Vec::with_capacity(self.spec.scoped_tensor_count(selection));
-        for l in &self.layers {
-            out.push(l.w.as_slice().expect("head arrays are contiguous"));
-            if selection.include_biases {
-                out.push(l.b.as_slice().expect("head arrays are contiguous"));
-            }
-        }
-        out
+        self.spec
+            .scoped_tensors(selection)
+            .into_iter()
+            .map(|t| self.tensor(t))
+            .collect()
     }
 
     /// Mutable views of the scoped tensors, in the order of [`Head::tensors`].
     pub fn tensors_mut(&mut self, selection: ScopeSelection) -> Vec<&mut [F]> {
-        let mut out = Vec::with_capacity(self.spec.scoped_tensor_count(selection));
-        for l in &mut self.layers {
-            out.push(l.w.as_slice_mut().expect("head arrays are contiguous"));
-            if selection.include_biases {
-                out.push(l.b.as_slice_mut().expect("head arrays are contiguous"));
-            }
+        let scoped = self.spec.scoped_tensors(selection);
+        let mut out = Vec::with_capacity(scoped.len());
+        // Each layer's weights and bias are disjoint borrows; the layout visits each once.
+        let mut slots: Vec<LayerSlots<'_, F>> = self
+            .layers
+            .iter_mut()
+            .map(|l| {
+                [
+                    Some(l.w.as_slice_mut().expect("head arrays are contiguous")),
+                    Some(l.b.as_slice_mut().expect("head arrays are contiguous")),
+                ]
+            })
+            .collect();
+        for t in scoped {
+            let slot = match t.kind {
+                TensorKind::Weight => 0,
+                TensorKind::Bias => 1,
+            };
+            out.extend(slots[t.layer][slot].take());
         }
         out
     }

@@ -9,8 +9,10 @@
 //! sums, so tiers of aggregators can pre-fuse groups and combine them exactly.
 //!
 //! The heads ([`Head`], shaped by [`HeadSpec`]) are linear or ReLU MLPs over frozen backbone
-//! features ([`LabelledFeatures`]); [`train`] runs local SGD with momentum, weight decay and
-//! the optional FedProx and WSA terms. Everything is deterministic from its seed and generic
+//! features ([`LabelledFeatures`]); every flat parameter vector follows
+//! [`HeadSpec::flat_layout`]. [`train`] runs local SGD ([`Sgd`]: the one home of the training
+//! settings a run configures and a task carries) with momentum, weight decay and the optional
+//! FedProx and WSA terms ([`TrainConfig`]). Everything is deterministic from its seed and generic
 //! over [`Real`] so the f32 code is checked against finite differences in f64.
 #![warn(missing_docs, unreachable_pub)]
 
@@ -29,10 +31,10 @@ pub use average::ParamSum;
 pub use data::LabelledFeatures;
 pub use error::{Error, Result};
 pub use fusion::{FusionRule, ScopeFusion, ScopeSums, Weighting};
-pub use head::{Dense, Evaluation, Head, HeadSpec, Init, Workspace};
+pub use head::{Dense, Evaluation, FlatTensor, Head, HeadSpec, Init, TensorKind, Workspace};
 pub use real::Real;
 pub use regularizer::{add_kl_grad, kl};
 pub use scope::{DEFAULT_SCOPE_EPS, Scope, ScopeSelection};
 pub use train::{
-    RegularizerValue, Regularizers, TrainConfig, TrainMetrics, TrainOutcome, WsaTerm, train,
+    RegularizerValue, Regularizers, Sgd, TrainConfig, TrainMetrics, TrainOutcome, WsaTerm, train,
 };

@@ -74,3 +74,13 @@ pub struct ScopeSelection {
     /// few, so their scope says little and a tight target σ̃ would dominate the regularizer.
     pub include_biases: bool,
 }
+
+impl ScopeSelection {
+    /// Whether tensors of `kind` carry a scope.
+    pub fn scopes(&self, kind: crate::TensorKind) -> bool {
+        match kind {
+            crate::TensorKind::Weight => true,
+            crate::TensorKind::Bias => self.include_biases,
+        }
+    }
+}

@@ -184,9 +184,12 @@ impl<F: Real> Regularizers<'_, F> {
     }
 }
 
-/// Settings of one local training run.
+/// Local SGD: how many passes, in what steps, how fast. The one home of these settings: a
+/// run configuration holds them, a round task carries them (with the strategy's terms), and
+/// [`train`] runs them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TrainConfig {
+#[serde(default)]
+pub struct Sgd {
     /// Passes over the local data.
     pub epochs: u32,
     /// Rows per SGD step (the last step of an epoch may be smaller).
@@ -197,6 +200,52 @@ pub struct TrainConfig {
     pub momentum: f64,
     /// Coupled L2 weight decay over all parameters.
     pub weight_decay: f64,
+}
+
+impl Default for Sgd {
+    fn default() -> Self {
+        Self {
+            epochs: 1,
+            batch_size: 64,
+            lr: 0.05,
+            momentum: 0.9,
+            weight_decay: 1e-5,
+        }
+    }
+}
+
+impl Sgd {
+    /// Checks every value against its domain, naming the field.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(Error::InvalidConfig(msg));
+        if self.epochs == 0 {
+            return bad("epochs must be at least 1".into());
+        }
+        if self.batch_size == 0 {
+            return bad("batch_size must be at least 1".into());
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad(format!("lr must be finite and > 0, got {}", self.lr));
+        }
+        if !(0.0..1.0).contains(&self.momentum) {
+            return bad(format!("momentum must be in [0, 1), got {}", self.momentum));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return bad(format!(
+                "weight_decay must be finite and >= 0, got {}",
+                self.weight_decay
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Settings of one local training run: the SGD settings, the shuffles' seed and the
+/// strategy's terms.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Epochs, batch size, learning rate, momentum, weight decay.
+    pub sgd: Sgd,
     /// Seeds the per-epoch shuffles.
     pub seed: u64,
     /// FedProx μ; the anchor is the head training starts from.
@@ -205,40 +254,13 @@ pub struct TrainConfig {
     pub wsa: Option<WsaTerm>,
 }
 
-impl Default for TrainConfig {
-    fn default() -> Self {
-        Self {
-            epochs: 1,
-            batch_size: 64,
-            lr: 0.05,
-            momentum: 0.9,
-            weight_decay: 1e-5,
-            seed: 0,
-            prox_mu: None,
-            wsa: None,
-        }
-    }
-}
-
 impl TrainConfig {
-    fn validate(&self) -> Result<()> {
-        let bad = |msg: String| Err(Error::InvalidConfig(msg));
-        if self.epochs == 0 {
-            return bad("epochs must be at least 1".into());
+    /// Plain local SGD with `sgd`, no strategy term, seed 0.
+    pub fn new(sgd: Sgd) -> Self {
+        Self {
+            sgd,
+            ..Self::default()
         }
-        if self.batch_size == 0 {
-            return bad("batch size must be at least 1".into());
-        }
-        if !(self.lr.is_finite() && self.lr > 0.0) {
-            return bad(format!(
-                "learning rate must be finite and > 0, got {}",
-                self.lr
-            ));
-        }
-        if !(0.0..1.0).contains(&self.momentum) {
-            return bad(format!("momentum must be in [0, 1), got {}", self.momentum));
-        }
-        Ok(())
     }
 }
 
@@ -276,7 +298,7 @@ pub fn train(
     data: &LabelledFeatures,
     cfg: &TrainConfig,
 ) -> Result<TrainOutcome> {
-    cfg.validate()?;
+    cfg.sgd.validate()?;
     let spec = start.spec();
     ensure_len("feature width", spec.input, data.dim())?;
     if data.classes() > spec.classes {
@@ -287,21 +309,21 @@ pub fn train(
         });
     }
     let regs = Regularizers {
-        weight_decay: cfg.weight_decay,
+        weight_decay: cfg.sgd.weight_decay,
         prox: cfg.prox_mu.map(|mu| (mu, start)),
         wsa: cfg.wsa.as_ref(),
     };
     regs.validate(start)?;
 
     let n = data.len();
-    let batch = cfg.batch_size.min(n);
+    let batch = cfg.sgd.batch_size.min(n);
     let mut head = start.clone();
     let mut grad = Head::zeros(spec)?;
     let mut velocity = Head::<f32>::zeros(spec)?;
     let mut ws = Workspace::new(spec, batch);
     let mut order: Vec<usize> = (0..n).collect();
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-    let (lr, momentum) = (cfg.lr as f32, cfg.momentum as f32);
+    let (lr, momentum) = (cfg.sgd.lr as f32, cfg.sgd.momentum as f32);
     let x = data.x();
     let mut metrics = TrainMetrics {
         n_samples: n as u64,
@@ -309,7 +331,7 @@ pub fn train(
     };
     let mut labels = vec![0u32; batch];
 
-    for _ in 0..cfg.epochs {
+    for _ in 0..cfg.sgd.epochs {
         order.shuffle(&mut rng);
         let (mut loss, mut correct) = (0.0, 0usize);
         for chunk in order.chunks(batch) {

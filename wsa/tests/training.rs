@@ -4,7 +4,9 @@
 
 use ndarray::Array2;
 use wsa::synthetic::{SyntheticProblem, SyntheticSpec};
-use wsa::{Error, Head, HeadSpec, Init, LabelledFeatures, Scope, TrainConfig, WsaTerm, kl, train};
+use wsa::{
+    Error, Head, HeadSpec, Init, LabelledFeatures, Scope, Sgd, TrainConfig, WsaTerm, kl, train,
+};
 
 fn problem() -> (LabelledFeatures, LabelledFeatures) {
     let p = SyntheticProblem::new(SyntheticSpec::default(), 42).unwrap();
@@ -13,14 +15,20 @@ fn problem() -> (LabelledFeatures, LabelledFeatures) {
 
 fn config(epochs: u32) -> TrainConfig {
     TrainConfig {
-        epochs,
-        batch_size: 32,
-        lr: 0.05,
-        momentum: 0.9,
-        weight_decay: 1e-5,
+        sgd: Sgd {
+            epochs,
+            batch_size: 32,
+            lr: 0.05,
+            momentum: 0.9,
+            weight_decay: 1e-5,
+        },
         seed: 5,
         ..TrainConfig::default()
     }
+}
+
+fn with_sgd(sgd: Sgd) -> TrainConfig {
+    TrainConfig { sgd, ..config(1) }
 }
 
 /// Stated accuracies on the default synthetic problem (10 classes of 4 overlapping clusters
@@ -149,26 +157,26 @@ fn bad_inputs_are_typed_errors() {
         Err(Error::ShapeMismatch { .. })
     ));
     for broken in [
-        TrainConfig {
+        with_sgd(Sgd {
             epochs: 0,
-            ..config(1)
-        },
-        TrainConfig {
+            ..config(1).sgd
+        }),
+        with_sgd(Sgd {
             batch_size: 0,
-            ..config(1)
-        },
-        TrainConfig {
+            ..config(1).sgd
+        }),
+        with_sgd(Sgd {
             lr: f64::NAN,
-            ..config(1)
-        },
-        TrainConfig {
+            ..config(1).sgd
+        }),
+        with_sgd(Sgd {
             momentum: 1.0,
-            ..config(1)
-        },
-        TrainConfig {
+            ..config(1).sgd
+        }),
+        with_sgd(Sgd {
             weight_decay: -1.0,
-            ..config(1)
-        },
+            ..config(1).sgd
+        }),
         TrainConfig {
             prox_mu: Some(f64::INFINITY),
             ..config(1)
@@ -208,10 +216,10 @@ fn bad_inputs_are_typed_errors() {
         train(&start, &train_set, &bad_target),
         Err(Error::InvalidScope { .. })
     ));
-    let diverging = TrainConfig {
+    let diverging = with_sgd(Sgd {
         lr: 1e30,
-        ..config(1)
-    };
+        ..config(1).sgd
+    });
     assert!(matches!(
         train(&start, &train_set, &diverging),
         Err(Error::NonFinite { .. })

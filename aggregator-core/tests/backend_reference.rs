@@ -2,8 +2,8 @@
 //! statistics, whole-column sorts, one loop per update), on random inputs, with 1 and several
 //! threads: the threaded, blocked and batched paths must agree with the obvious code.
 
-use aggregator::Aggregation;
-use aggregator::backend::{Backend, BackendError, CpuBackend, FoldShape};
+use aggregator_core::backend::{Backend, BackendError, CpuBackend, FoldShape};
+use aggregator_core::strategy::Aggregation;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use wsa::{HeadSpec, ParamSum, ScopeSelection};

@@ -12,12 +12,11 @@
 //! ```
 //!
 //! The payload is the postcard encoding of [`Checkpoint`]. [`Checkpoint::save_atomic`]
-//! writes a temporary file in the same directory, syncs it, renames it over the target and
-//! syncs the directory, so a crash leaves either the old file or the new one. Loading checks
+//! writes it atomically, so a crash leaves either the old file or the new one. Loading checks
 //! every part and never panics on any content.
 
-use std::fs::{self, File};
-use std::io::{self, Write};
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -168,44 +167,13 @@ impl Checkpoint {
     }
 
     /// Writes the checkpoint so that `path` holds either the previous file or this one, never
-    /// a mix: temporary file in the same directory, fsync, rename, fsync of the directory.
+    /// a mix ([`support::fs::write_atomic`]).
     pub fn save_atomic(&self, path: &Path) -> Result<(), CheckpointError> {
         let bytes = self.to_bytes()?;
-        let io_err = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| CheckpointError::Io { path, source }
-        };
-        let name = path.file_name().ok_or_else(|| CheckpointError::Io {
+        support::fs::write_atomic(path, &bytes).map_err(|source| CheckpointError::Io {
             path: path.to_path_buf(),
-            source: io::Error::new(io::ErrorKind::InvalidInput, "the path names no file"),
-        })?;
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
-        let mut tmp_name = std::ffi::OsString::from(".");
-        tmp_name.push(name);
-        tmp_name.push(format!(".tmp-{}", std::process::id()));
-        let tmp = dir.join(tmp_name);
-        let written = (|| {
-            let mut f = File::create(&tmp)?;
-            f.write_all(&bytes)?;
-            f.sync_all()
-        })();
-        if let Err(e) = written {
-            let _ = fs::remove_file(&tmp);
-            return Err(io_err(&tmp)(e));
-        }
-        if let Err(e) = fs::rename(&tmp, path) {
-            let _ = fs::remove_file(&tmp);
-            return Err(io_err(path)(e));
-        }
-        // The rename is durable only once the directory entry is on disk.
-        #[cfg(unix)]
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err(dir))?;
-        Ok(())
+            source,
+        })
     }
 
     /// Reads and checks a checkpoint file.

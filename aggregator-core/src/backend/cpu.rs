@@ -7,11 +7,12 @@ use std::ops::Range;
 
 use wsa::{ParamSum, Scope};
 
-use super::robust::{column_median, column_trimmed_mean};
-use super::{
-    Accumulator, Aggregation, Backend, BackendError, FoldShape, Measurement, check_batch,
-    check_len, check_request, check_weight, clip_factor, inverse_total, nothing_to_aggregate,
+use super::contract::{
+    batch_full, check_batch, check_len, check_request, check_weight, full, inverse_total,
+    nothing_to_aggregate, unsupported,
 };
+use super::{Accumulator, Backend, BackendError, FoldShape, Measurement};
+use crate::strategy::{Aggregation, Plan};
 
 /// Values a thread is given at least. A pass over 1 Mi values takes ~0.5 ms; below that,
 /// a second thread saves little and, on a busy machine, waits for a free core: splitting the
@@ -110,7 +111,8 @@ impl Backend for CpuBackend {
         capacity: usize,
     ) -> Result<Box<dyn Accumulator>, BackendError> {
         check_request(shape, reference, aggregation)?;
-        let stores = aggregation.stores_updates();
+        let plan = aggregation.plan();
+        let stores = plan.stores_updates();
         if stores {
             let bytes = capacity.saturating_mul(shape.len).saturating_mul(4);
             if bytes > self.max_stored_bytes {
@@ -127,6 +129,7 @@ impl Backend for CpuBackend {
             shape: shape.clone(),
             reference: reference.to_vec(),
             aggregation,
+            plan,
             capacity,
             split: self.split,
             sum: if stores {
@@ -148,6 +151,7 @@ struct CpuAccumulator {
     shape: FoldShape,
     reference: Vec<f32>,
     aggregation: Aggregation,
+    plan: Plan,
     capacity: usize,
     split: Split,
     sum: Vec<f64>,
@@ -157,17 +161,10 @@ struct CpuAccumulator {
 }
 
 impl CpuAccumulator {
-    fn unsupported(&self, op: &'static str) -> BackendError {
-        BackendError::Unsupported {
-            op,
-            rule: self.aggregation.label(),
-        }
-    }
-
-    /// Checks `w` for an add without a measurement; returns the distance when the rule needs
+    /// Checks `w` for an add without a measurement; returns the distance when the plan needs
     /// it (clipping), which the measurement's pass gives for free.
     fn check_unmeasured(&mut self, w: &[f32]) -> Result<f64, BackendError> {
-        if matches!(self.aggregation, Aggregation::NormClipped { .. }) {
+        if matches!(self.plan, Plan::WeightedSum { max_step: Some(_) }) {
             return Ok(self.measure(w)?.distance);
         }
         check_len(self.shape.len, w)?;
@@ -179,20 +176,15 @@ impl CpuAccumulator {
 
     /// Folds a checked `w`; `distance` is `‖w − reference‖` (used by clipping only).
     fn fold_checked(&mut self, w: &[f32], p: f64, distance: f64) -> Result<(), BackendError> {
-        match self.aggregation {
-            Aggregation::Mean => fold_scaled(&mut self.sum, w, p, None, self.split),
-            Aggregation::NormClipped { max_norm } => {
-                let c = clip_factor(max_norm, distance);
+        match self.plan {
+            Plan::WeightedSum { .. } => {
+                let c = self.plan.step_scale(distance);
                 let pull = (c < 1.0).then_some((p * (1.0 - c), self.reference.as_slice()));
                 fold_scaled(&mut self.sum, w, p * c, pull, self.split);
             }
-            Aggregation::TrimmedMean { .. } | Aggregation::Median => {
+            Plan::Columns(_) => {
                 if self.count >= self.capacity {
-                    return Err(BackendError::Capacity(format!(
-                        "the {} rule was given room for {} updates",
-                        self.aggregation.label(),
-                        self.capacity
-                    )));
+                    return Err(full(self.aggregation, self.capacity));
                 }
                 self.stored.extend_from_slice(w);
             }
@@ -250,19 +242,14 @@ impl Accumulator for CpuAccumulator {
                 None => self.check_unmeasured(w)?,
             });
         }
-        if self.aggregation == Aggregation::Mean {
+        if self.plan == (Plan::WeightedSum { max_step: None }) {
             fold_batch(&mut self.sum, ws, ps, self.split);
             self.total_weight += ps.iter().sum::<f64>();
             self.count += ws.len();
             return Ok(());
         }
-        if self.aggregation.stores_updates() && self.count + ws.len() > self.capacity {
-            return Err(BackendError::Capacity(format!(
-                "a batch of {} with {} of {} places taken",
-                ws.len(),
-                self.count,
-                self.capacity
-            )));
+        if self.plan.stores_updates() && self.count + ws.len() > self.capacity {
+            return Err(batch_full(ws.len(), self.count, self.capacity));
         }
         for ((w, &p), d) in ws.iter().zip(ps).zip(distances) {
             self.fold_checked(w, p, d)?;
@@ -271,8 +258,8 @@ impl Accumulator for CpuAccumulator {
     }
 
     fn merge(&mut self, partial: &ParamSum) -> Result<(), BackendError> {
-        if self.aggregation.stores_updates() {
-            return Err(self.unsupported("merge"));
+        if self.plan.stores_updates() {
+            return Err(unsupported("merge", self.aggregation));
         }
         let other = partial.weighted();
         if other.len() != self.sum.len() {
@@ -294,8 +281,8 @@ impl Accumulator for CpuAccumulator {
     }
 
     fn partial(&self) -> Result<ParamSum, BackendError> {
-        if self.aggregation.stores_updates() {
-            return Err(self.unsupported("partial"));
+        if self.plan.stores_updates() {
+            return Err(unsupported("partial", self.aggregation));
         }
         Ok(ParamSum::from_parts(self.total_weight, self.sum.clone())?)
     }
@@ -310,8 +297,8 @@ impl Accumulator for CpuAccumulator {
 
     fn finish(&mut self) -> Result<Vec<f32>, BackendError> {
         let mut out = vec![0f32; self.shape.len];
-        match self.aggregation {
-            Aggregation::Mean | Aggregation::NormClipped { .. } => {
+        match self.plan {
+            Plan::WeightedSum { .. } => {
                 let inv = inverse_total(self.total_weight)?;
                 let sum = &self.sum;
                 for_each_chunk(self.split, &mut out, |at, chunk| {
@@ -320,12 +307,12 @@ impl Accumulator for CpuAccumulator {
                     }
                 });
             }
-            Aggregation::TrimmedMean { .. } | Aggregation::Median => {
+            Plan::Columns(rule) => {
                 let n = self.count;
                 if n == 0 {
                     return Err(nothing_to_aggregate());
                 }
-                let (len, rule, stored) = (self.shape.len, self.aggregation, &self.stored);
+                let (len, stored, reference) = (self.shape.len, &self.stored, &self.reference);
                 for_each_chunk(self.split, &mut out, |at, chunk| {
                     // Columns are gathered a tile at a time: each update's stretch of the tile
                     // is one contiguous read, and the strided gather then runs in cache
@@ -343,12 +330,7 @@ impl Accumulator for CpuAccumulator {
                             for (r, v) in column.iter_mut().enumerate() {
                                 *v = tile[r * width + j];
                             }
-                            *o = match rule {
-                                Aggregation::TrimmedMean { trim } => {
-                                    column_trimmed_mean(&mut column, trim)
-                                }
-                                _ => column_median(&mut column),
-                            };
+                            *o = rule.reduce(&mut column, reference[start + j]);
                         }
                     }
                 });

@@ -12,9 +12,9 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use aggregator::backend::{Backend, CpuBackend, FoldShape};
-use aggregator::engine::{Action, Engine, EngineConfig, Event, Millis, ReceivedUpdate};
-use aggregator::{Aggregation, Strategy};
+use aggregator_core::backend::{Backend, CpuBackend, FoldShape};
+use aggregator_core::engine::{Action, Engine, EngineConfig, Event, Millis, ReceivedUpdate};
+use aggregator_core::strategy::{Aggregation, Strategy};
 use protocol::{
     Capabilities, EncodedParams, Encoding, Outcome, RowLayout, Update, UpdateMetrics, WireScope,
 };
@@ -53,9 +53,7 @@ fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
         .fold(f64::INFINITY, f64::min)
 }
 
-fn client(i: usize) -> String {
-    format!("client-{i:04}")
-}
+use protocol::client_id as client;
 
 /// A client's update: the global head plus noise, scoped and encoded as a client would.
 fn update(spec: &HeadSpec, global: &[f32], round: u64, i: usize, encoding: Encoding) -> Update {
@@ -68,7 +66,7 @@ fn update(spec: &HeadSpec, global: &[f32], round: u64, i: usize, encoding: Encod
         .unwrap()
         .scopes(ScopeSelection::default(), DEFAULT_SCOPE_EPS)
         .unwrap();
-    let layout = RowLayout::of_head(&spec.into());
+    let layout = RowLayout::of_head(spec);
     Update {
         run_id: 1,
         round,
@@ -169,7 +167,7 @@ fn main() {
 
         // The parts of one update, on their own.
         let reps = if full { 20 } else { 2 };
-        let layout = RowLayout::of_head(&(&spec).into());
+        let layout = RowLayout::of_head(&spec);
         let u0 = &updates[0];
         let digest_us = best_of(reps, || assert!(black_box(u0).digest_ok()));
         let mut scratch = vec![0f32; n];
@@ -196,6 +194,7 @@ fn main() {
         for (i, u) in received.into_iter().enumerate() {
             let event = Event::Update {
                 client: client(i),
+                task_round: 0,
                 update: Box::new(u),
                 wire_bytes: payload as u64 + 200,
             };

@@ -1,10 +1,9 @@
 //! The CUDA backend against the CPU backend, operation by operation, on random inputs.
 //!
-//! Always compiled. Without the `cuda` feature every test prints `skipped: built without the
-//! cuda feature`; with it but without a driver or a device, `skipped: no CUDA driver: …`. On
-//! a GPU they run for real (`scripts/gpu-check.sh run`).
+//! Without a driver or a device every test prints `skipped: no CUDA driver: …`. On a GPU they
+//! run for real (`scripts/gpu-check.sh run`).
 //!
-//! Tolerances (see `aggregator/src/backend/cuda.rs`): the mean rules' f64 sums are compared
+//! Tolerances (see the crate's documentation): the mean rules' f64 sums are compared
 //! bit for bit and their f32 results to 1 ulp; scopes and distances to a relative 1e-5 (the
 //! CPU sums f32 blocks, the GPU f64); a clipped mean to 1 ulp plus 1e-6 of the largest value
 //! (its clip factor comes from that distance); the median exactly, the trimmed mean to 1 ulp.
@@ -13,12 +12,9 @@ macro_rules! cuda_tests {
     ($($name:ident),* $(,)?) => {$(
         #[test]
         fn $name() {
-            #[cfg(feature = "cuda")]
             if let Some(gpu) = on_gpu::backend() {
                 on_gpu::$name(gpu);
             }
-            #[cfg(not(feature = "cuda"))]
-            eprintln!("skipped: built without the cuda feature");
         }
     )*};
 }
@@ -42,13 +38,14 @@ cuda_tests!(
     resident_bandwidth_is_measured,
 );
 
-#[cfg(feature = "cuda")]
 mod on_gpu {
     use std::sync::OnceLock;
 
-    use aggregator::Aggregation;
-    use aggregator::backend::cuda::{CudaBackend, MAX_STORED, probe};
-    use aggregator::backend::{Accumulator, Backend, BackendError, CpuBackend, FoldShape};
+    use aggregator_core::backend::{
+        Accumulator, Backend, BackendError, CpuBackend, FoldShape, Measurement,
+    };
+    use aggregator_core::strategy::Aggregation;
+    use aggregator_cuda::{CudaBackend, MAX_STORED, probe};
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
     use wsa::{HeadSpec, ParamSum, ScopeSelection};
@@ -142,11 +139,7 @@ mod on_gpu {
         v.iter().fold(0f32, |m, x| m.max(x.abs()))
     }
 
-    fn assert_measurements_close(
-        what: &str,
-        gpu: &aggregator::backend::Measurement,
-        cpu: &aggregator::backend::Measurement,
-    ) {
+    fn assert_measurements_close(what: &str, gpu: &Measurement, cpu: &Measurement) {
         assert_eq!(gpu.scopes.len(), cpu.scopes.len(), "{what}: scopes");
         for (t, (g, c)) in gpu.scopes.iter().zip(&cpu.scopes).enumerate() {
             let tol = 1e-5 * c.std.max(1e-12);

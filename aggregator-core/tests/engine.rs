@@ -5,12 +5,12 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use aggregator::checkpoint::Checkpoint;
-use aggregator::engine::{
+use aggregator_core::checkpoint::Checkpoint;
+use aggregator_core::engine::{
     Action, ClosedBy, Engine, EngineConfig, EngineError, Event, Millis, RoundReport, Sampling,
     sample_sizes,
 };
-use aggregator::{Aggregation, Strategy};
+use aggregator_core::strategy::{Aggregation, Strategy};
 use protocol::{
     Capabilities, EncodedParams, Encoding, Outcome, RejectReason, RoundTask, RowLayout, Update,
     UpdateMetrics, WireScope,
@@ -102,8 +102,10 @@ impl Sim {
     }
 
     fn send(&mut self, client: &str, update: Update) -> Vec<Action> {
+        // Sent on the stream of the task of the round it names, as a client does.
         self.event(Event::Update {
             client: client.into(),
+            task_round: update.round,
             update: Box::new(update.into()),
             wire_bytes: 1000,
         })
@@ -170,7 +172,7 @@ fn sent_to(actions: &[Action]) -> Vec<(String, u64)> {
 
 fn global_of(task: &RoundTask) -> Vec<f32> {
     task.global
-        .decode(&RowLayout::of_head(&task.shape))
+        .decode(&RowLayout::of_head(&task.shape.to_spec().unwrap()))
         .unwrap()
 }
 
@@ -193,8 +195,12 @@ fn update_with(task: &RoundTask, client: &str, n_samples: u64, params: &[f32]) -
         round: task.round,
         client_id: client.into(),
         n_samples,
-        params: EncodedParams::encode(params, &RowLayout::of_head(&task.shape), task.encoding)
-            .unwrap(),
+        params: EncodedParams::encode(
+            params,
+            &RowLayout::of_head(&task.shape.to_spec().unwrap()),
+            task.encoding,
+        )
+        .unwrap(),
         scopes: scopes.into_iter().map(WireScope::from).collect(),
         metrics: UpdateMetrics {
             loss: 1.0,
@@ -850,7 +856,10 @@ fn fedavg_equals_a_weighted_average_computed_by_hand() {
     for (i, &(c, n)) in clients.iter().enumerate() {
         let task = sim.task(c);
         let u = perturbed(&task, c, n, 40 + i as u64);
-        let params = u.params.decode(&RowLayout::of_head(&task.shape)).unwrap();
+        let params = u
+            .params
+            .decode(&RowLayout::of_head(&task.shape.to_spec().unwrap()))
+            .unwrap();
         sent.push((params, n, u.scopes.clone()));
         sim.send(c, u);
     }
@@ -904,7 +913,9 @@ fn robust_aggregation_rules_give_their_definition() {
             let task = sim.task(c);
             let u = perturbed(&task, c, n, 70 + i as u64);
             sent.push((
-                u.params.decode(&RowLayout::of_head(&task.shape)).unwrap(),
+                u.params
+                    .decode(&RowLayout::of_head(&task.shape.to_spec().unwrap()))
+                    .unwrap(),
                 n,
             ));
             assert_eq!(sim.verdict(c, u), Outcome::Accepted);

@@ -1,0 +1,252 @@
+//! What decides what a run computes: the [`EngineConfig`] (loaded from the run's TOML), its
+//! checks, and what the engine refuses at construction or resumption ([`EngineError`]).
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use wsa::{HeadSpec, Init, ScopeSelection, Sgd, Weighting};
+
+use crate::backend::BackendError;
+use crate::strategy::{Aggregation, Strategy};
+use protocol::Encoding;
+
+/// Which connected clients a round asks.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Sampling {
+    /// Fraction of the connected clients a round wants updates from, in `(0, 1]`.
+    pub fraction: f64,
+    /// At least this many (capped at the connected count).
+    pub min_clients: usize,
+    /// ≥ 1: ask `ceil(target · over_selection)` clients and close as soon as `target`
+    /// updates are accepted, so a few stragglers do not hold the round up.
+    pub over_selection: f64,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Self {
+            fraction: 1.0,
+            min_clients: 1,
+            over_selection: 1.0,
+        }
+    }
+}
+
+/// `(target, selected)` for `connected` clients: target = max(ceil(fraction·connected),
+/// min_clients, quorum) capped at connected; selected = ceil(target·over_selection) capped
+/// likewise. The target is never below the quorum, or reaching it would close a round that
+/// cannot count.
+pub fn sample_sizes(sampling: &Sampling, quorum: usize, connected: usize) -> (usize, usize) {
+    let target = ((sampling.fraction * connected as f64).ceil() as usize)
+        .max(sampling.min_clients)
+        .max(quorum)
+        .min(connected);
+    let select = ((target as f64 * sampling.over_selection).ceil() as usize).min(connected);
+    (target, select.max(target))
+}
+
+/// Bounds an update must stay within to be folded.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct UpdateBounds {
+    /// Most training samples an update may claim (also bounded by the client's hello).
+    pub max_n_samples: u64,
+    /// `‖w − w_global‖₂ ≤ norm_ratio · max(‖w_global‖₂, 1)`.
+    pub norm_ratio: f64,
+    /// Reported and recomputed scopes must agree within `tolerance · σ_recomputed` in both μ
+    /// and σ (f16 and int8 make them differ slightly; f32 makes them equal).
+    pub scope_tolerance: f64,
+}
+
+impl Default for UpdateBounds {
+    fn default() -> Self {
+        Self {
+            max_n_samples: 10_000_000,
+            norm_ratio: 10.0,
+            scope_tolerance: 0.05,
+        }
+    }
+}
+
+/// Everything that decides what a run computes. Its [`EngineConfig::config_hash`] is stored
+/// in every checkpoint, and a run resumes only under the same configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EngineConfig {
+    /// Names the run on the wire; updates for other runs are refused.
+    pub run_id: u64,
+    /// Seeds the initial head, the sampling and the clients' shuffles.
+    #[serde(default)]
+    pub seed: u64,
+    /// Rounds in the run.
+    pub rounds: u64,
+    /// FedAvg, FedProx or WSA.
+    pub strategy: Strategy,
+    /// How accepted updates become the next global head: the weighted mean, or a robust rule.
+    #[serde(default)]
+    pub aggregation: Aggregation,
+    /// The head's shape.
+    pub head: HeadSpec,
+    /// How the initial head is drawn.
+    #[serde(default)]
+    pub init: Init,
+    /// Local training settings; the strategy adds its term and the engine a per-round seed.
+    #[serde(default)]
+    pub train: Sgd,
+    /// Which tensors carry scopes. Biases only with WSA: the wire carries the selection only
+    /// inside the WSA term, so other strategies' clients scope the weights alone.
+    #[serde(default)]
+    pub scope_selection: ScopeSelection,
+    /// How clients are weighted in the average and the fusion.
+    #[serde(default)]
+    pub weighting: Weighting,
+    /// The encoding clients are asked to send updates in (f32 for a client that cannot).
+    #[serde(default)]
+    pub update_encoding: Encoding,
+    /// Which clients a round asks.
+    #[serde(default)]
+    pub sampling: Sampling,
+    /// Accepted updates a round needs to move the global head.
+    pub quorum: usize,
+    /// Milliseconds from a round's opening to its deadline.
+    pub round_timeout_ms: u64,
+    /// Connected clients needed before a round opens (at least `quorum` are always needed).
+    pub min_connected: usize,
+    /// Bounds on updates.
+    #[serde(default)]
+    pub bounds: UpdateBounds,
+}
+
+impl EngineConfig {
+    /// A configuration that runs out of the box: 10 rounds, all connected clients every round,
+    /// quorum 1, a minute per round, f32 updates.
+    pub fn new(run_id: u64, head: HeadSpec, strategy: Strategy) -> Self {
+        Self {
+            run_id,
+            seed: 0,
+            rounds: 10,
+            strategy,
+            aggregation: Aggregation::Mean,
+            head,
+            init: Init::default(),
+            train: Sgd::default(),
+            scope_selection: ScopeSelection::default(),
+            weighting: Weighting::default(),
+            update_encoding: Encoding::F32,
+            sampling: Sampling::default(),
+            quorum: 1,
+            round_timeout_ms: 60_000,
+            min_connected: 1,
+            bounds: UpdateBounds::default(),
+        }
+    }
+
+    /// The strategy's label, with the aggregation rule's unless it is the plain mean
+    /// (`wsa:10:mean-std`, `fedavg+median`).
+    pub fn label(&self) -> String {
+        match self.aggregation {
+            Aggregation::Mean => self.strategy.label(),
+            rule => format!("{}+{}", self.strategy.label(), rule.label()),
+        }
+    }
+
+    /// sha256 of the configuration's postcard bytes.
+    pub fn config_hash(&self) -> Result<[u8; 32], EngineError> {
+        let bytes = postcard::to_stdvec(self)
+            .map_err(|e| EngineError::InvalidConfig(format!("cannot encode: {e}")))?;
+        Ok(Sha256::digest(&bytes).into())
+    }
+
+    /// Checks every value against its domain, with a message that names the field.
+    pub fn validate(&self) -> Result<(), EngineError> {
+        let bad = |msg: String| Err(EngineError::InvalidConfig(msg));
+        if self.rounds == 0 {
+            return bad("rounds must be at least 1".into());
+        }
+        self.head.validate()?;
+        if u32::try_from(self.head.param_count()).is_err() {
+            return bad(format!(
+                "head has {} parameters, more than the wire's u32 count",
+                self.head.param_count()
+            ));
+        }
+        if let Err(wsa::Error::InvalidConfig(e)) = self.train.validate() {
+            return bad(format!("train.{e}"));
+        }
+        if let Err(e) = self.strategy.validate(self.scope_selection) {
+            return bad(e);
+        }
+        if let Err(e) = self.aggregation.validate() {
+            return bad(format!("aggregation: {e}"));
+        }
+        let s = &self.sampling;
+        if !(s.fraction > 0.0 && s.fraction <= 1.0) {
+            return bad(format!(
+                "sampling.fraction must be in (0, 1], got {}",
+                s.fraction
+            ));
+        }
+        if s.min_clients == 0 {
+            return bad("sampling.min_clients must be at least 1".into());
+        }
+        if !(s.over_selection.is_finite() && s.over_selection >= 1.0) {
+            return bad(format!(
+                "sampling.over_selection must be finite and >= 1, got {}",
+                s.over_selection
+            ));
+        }
+        if self.quorum == 0 || self.min_connected == 0 {
+            return bad("quorum and min_connected must be at least 1".into());
+        }
+        if self.round_timeout_ms == 0 {
+            return bad("round_timeout_ms must be at least 1".into());
+        }
+        let b = &self.bounds;
+        if b.max_n_samples == 0 {
+            return bad("bounds.max_n_samples must be at least 1".into());
+        }
+        if !(b.norm_ratio.is_finite() && b.norm_ratio > 0.0) {
+            return bad(format!(
+                "bounds.norm_ratio must be finite and > 0, got {}",
+                b.norm_ratio
+            ));
+        }
+        if !(b.scope_tolerance.is_finite() && b.scope_tolerance >= 0.0) {
+            return bad(format!(
+                "bounds.scope_tolerance must be finite and >= 0, got {}",
+                b.scope_tolerance
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What the engine can refuse at construction or resumption; `handle` itself never fails.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EngineError {
+    /// A configuration value is out of its domain.
+    #[error("invalid engine configuration: {0}")]
+    InvalidConfig(String),
+    /// The checkpoint was taken under another configuration.
+    #[error(
+        "checkpoint was written under another configuration (hash {found}, this one {expected}); \
+         resume with the configuration the run started with, or start a new run"
+    )]
+    ConfigMismatch {
+        /// This configuration's hash, hex.
+        expected: String,
+        /// The checkpoint's, hex.
+        found: String,
+    },
+    /// The checkpoint's contents do not fit the configuration.
+    #[error("checkpoint does not fit the configuration: {0}")]
+    BadCheckpoint(String),
+    /// The validation set does not fit the head.
+    #[error("validation set does not fit the head: {0}")]
+    BadValidationSet(String),
+    /// The core refused something.
+    #[error(transparent)]
+    Core(#[from] wsa::Error),
+    /// The compute backend refused something.
+    #[error("compute backend: {0}")]
+    Backend(#[from] BackendError),
+}

@@ -1,0 +1,251 @@
+//! What goes in and out of the engine: the runtime's clock ([`Millis`]), the [`Event`]s it
+//! feeds, the [`Action`]s it carries out, and the [`RoundReport`] of every round attempt.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use protocol::{Capabilities, RejectReason, RoundTask, Update, Verdict};
+use serde::{Deserialize, Serialize};
+use wsa::Evaluation;
+
+use crate::checkpoint::Checkpoint;
+pub use support::Millis;
+
+/// An update as it came off the wire, with its digest already checked.
+///
+/// sha256 over the parameters is the largest single cost of an update (~0.8 ms for the 1.3 MB
+/// of a 330k-parameter head in f32) and needs no engine state, so the runtime builds this in
+/// the connection's own task, in parallel with the other connections; the engine, one thread
+/// for the whole round, only reads the result at its place in the check order. The flag is
+/// private and set only by [`ReceivedUpdate::new`], so it cannot disagree with the contents.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReceivedUpdate {
+    update: Update,
+    digest_ok: bool,
+}
+
+impl ReceivedUpdate {
+    /// Checks the digest of `update` (O(payload); call it off the engine's thread).
+    pub fn new(update: Update) -> Self {
+        let digest_ok = update.digest_ok();
+        Self { update, digest_ok }
+    }
+
+    /// The update.
+    pub fn update(&self) -> &Update {
+        &self.update
+    }
+
+    /// Whether its digest matched its contents.
+    pub fn digest_ok(&self) -> bool {
+        self.digest_ok
+    }
+
+    /// The update, for reuse of its buffers.
+    pub fn into_update(self) -> Update {
+        self.update
+    }
+}
+
+impl From<Update> for ReceivedUpdate {
+    fn from(update: Update) -> Self {
+        Self::new(update)
+    }
+}
+
+/// Something that happened, fed to [`Engine::handle`](super::Engine::handle).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A client passed the transport's authentication.
+    Connected {
+        /// Its authenticated id.
+        client: String,
+        /// The training rows its hello claimed (an upper bound for its updates).
+        n_samples: u64,
+        /// Encodings it can produce.
+        capabilities: Capabilities,
+    },
+    /// A client's session ended.
+    Disconnected {
+        /// Its id.
+        client: String,
+    },
+    /// An update arrived on a client's session.
+    Update {
+        /// The session's authenticated client id (not the id inside the update).
+        client: String,
+        /// The round of the task whose stream carried it: the verdict goes back there, and an
+        /// update naming another round is refused.
+        task_round: u64,
+        /// The decoded message with its digest checked ([`ReceivedUpdate::new`]), otherwise
+        /// not yet validated.
+        update: Box<ReceivedUpdate>,
+        /// Bytes it took on the wire (frame included), for the round report.
+        wire_bytes: u64,
+    },
+    /// A client answered its round task with something that is not a decodable update
+    /// (the transport already told it why). Counted as a rejection; the client has answered.
+    Unreadable {
+        /// The session's authenticated client id.
+        client: String,
+        /// The round of the task it answered.
+        round: u64,
+        /// Why the bytes were refused.
+        reason: RejectReason,
+        /// Bytes received for it.
+        wire_bytes: u64,
+    },
+    /// Time passed; sent at [`Engine::next_deadline`](super::Engine::next_deadline) (sending more often is harmless).
+    Tick,
+}
+
+impl Event {
+    /// The client the event is about (none for a tick).
+    pub fn client(&self) -> Option<&str> {
+        match self {
+            Event::Connected { client, .. }
+            | Event::Disconnected { client }
+            | Event::Update { client, .. }
+            | Event::Unreadable { client, .. } => Some(client),
+            Event::Tick => None,
+        }
+    }
+}
+
+/// Something the runtime must do, in the order given.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Send `task` to `client`. Clients with the same encoding share one task value.
+    SendTask {
+        /// Recipient.
+        client: String,
+        /// The task.
+        task: Arc<RoundTask>,
+    },
+    /// Send `verdict` to `client`.
+    SendVerdict {
+        /// Recipient.
+        client: String,
+        /// The answer to its update.
+        verdict: Verdict,
+    },
+    /// A round attempt closed (successfully or below quorum): log the report.
+    RoundClosed(Box<RoundReport>),
+    /// Persist this checkpoint (e.g. [`Checkpoint::save_atomic`]) before carrying out the
+    /// actions after it.
+    Checkpoint(Box<Checkpoint>),
+    /// All rounds are done: say goodbye to everyone.
+    Finished,
+}
+
+/// Why a round attempt closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClosedBy {
+    /// The target count of accepted updates was reached.
+    Target,
+    /// Every selected client answered or left.
+    AllAnswered,
+    /// The deadline passed with at least a quorum.
+    Deadline,
+    /// It closed (for any of the reasons above) below quorum: the head did not move.
+    Failed,
+}
+
+/// One refused update.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rejection {
+    /// The session's client id.
+    pub client: String,
+    /// The round the update claimed.
+    pub round: u64,
+    /// Why, as sent to the client.
+    pub reason: String,
+}
+
+/// What one round attempt did, one JSON line per attempt. Rejections and bytes are those that
+/// arrived while this attempt was the current one (late updates for the previous round land
+/// in the next report).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundReport {
+    /// The run.
+    pub run_id: u64,
+    /// The strategy's label (e.g. `wsa(lambda=100,MeanStd)`), so a log of many runs can be
+    /// grouped without knowing their order.
+    #[serde(default)]
+    pub strategy: String,
+    /// The round number.
+    pub round: u64,
+    /// Attempt at this round number, from 0.
+    pub attempt: u32,
+    /// How the attempt ended.
+    pub closed_by: ClosedBy,
+    /// Connected clients when it opened.
+    pub connected: usize,
+    /// How many clients were asked.
+    pub selected_count: usize,
+    /// Clients asked, in the order they were sampled.
+    pub selected: Vec<String>,
+    /// Accepted updates at which it closes early.
+    pub target: usize,
+    /// Accepted updates it needed to count.
+    pub quorum: usize,
+    /// How many updates were folded.
+    pub accepted_count: usize,
+    /// Clients whose update was folded, in arrival order.
+    pub accepted: Vec<String>,
+    /// Selected clients that left before answering.
+    pub disconnected: Vec<String>,
+    /// How many updates were refused.
+    pub rejected_count: u64,
+    /// Refused updates (the first [`MAX_LISTED_REJECTIONS`]; the counts are complete).
+    pub rejected: Vec<Rejection>,
+    /// Refused updates per reason (the kebab-case name of the reason).
+    pub rejected_by_reason: BTreeMap<String, u64>,
+    /// Mean local training loss of the accepted updates, weighted as in the fold.
+    pub train_loss: Option<f64>,
+    /// Mean local training accuracy, weighted the same way.
+    pub train_accuracy: Option<f64>,
+    /// Mean Σ KL to the targets at the end of local training, weighted the same way.
+    pub mean_kl: Option<f64>,
+    /// The median and the largest `‖w − g‖` of the accepted updates (their steps from the
+    /// round's global head): what a norm-clipping bound is chosen from.
+    #[serde(default)]
+    pub step_norms: Option<(f64, f64)>,
+    /// The new global head on the validation set (when one was given and the round counted).
+    pub eval: Option<Evaluation>,
+    /// The new global head on the test set (when one was given and the round counted).
+    pub test_eval: Option<Evaluation>,
+    /// Parameter payload bytes of all updates received (accepted or not).
+    pub payload_bytes_in: u64,
+    /// Wire bytes of all updates received, as the runtime reported them.
+    pub wire_bytes_in: u64,
+    /// Parameter payload bytes of the accepted updates.
+    pub accepted_payload_bytes: u64,
+    /// When it opened.
+    pub opened_at: Millis,
+    /// When it closed.
+    pub closed_at: Millis,
+    /// `closed_at − opened_at`.
+    pub duration_ms: u64,
+}
+
+/// Most rejections listed by name in one report.
+pub const MAX_LISTED_REJECTIONS: usize = 256;
+
+/// A snapshot of the open round, for status displays.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RoundStatus {
+    /// The round number.
+    pub round: u64,
+    /// Attempt at it.
+    pub attempt: u32,
+    /// Clients asked.
+    pub selected: usize,
+    /// Accepted so far.
+    pub accepted: usize,
+    /// Early-close target.
+    pub target: usize,
+    /// When it closes at the latest.
+    pub deadline: Millis,
+}

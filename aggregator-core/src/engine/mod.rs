@@ -1,0 +1,838 @@
+//! The round engine: events in, actions out; no sockets, no clocks, no threads.
+//!
+//! The runtime (QUIC server, fleet simulator, tests) owns the I/O and the time. It feeds the
+//! [`Engine`] [`Event`]s — a client connected or left, an update arrived, time passed — each
+//! with the current monotonic time as [`Millis`], and carries out the [`Action`]s it gets
+//! back in order: send a task or a verdict, record a round report, write a checkpoint (before
+//! sending the next round's tasks, which follow it), say goodbye when the run is
+//! [`Action::Finished`]. [`Engine::next_deadline`] says when to feed a [`Event::Tick`].
+//!
+//! A round opens as soon as enough clients are connected. The engine samples clients
+//! deterministically, sends each a [`RoundTask`], and checks every [`Update`] in a fixed
+//! order ([`admission`]); accepted ones are folded at once through the round's
+//! [`RoundFold`]. The round closes when its target of accepted updates is reached, when every
+//! selected client has answered or left, or at its deadline. With a quorum of accepted
+//! updates the fold becomes the next global head and the fused client scopes the next
+//! targets; below quorum the round fails, the head stays, and the same round number is tried
+//! again with a fresh sample.
+//!
+//! The pieces: [`config`] (what a run computes, and its checks), [`events`] (the clock, the
+//! events, the actions and the reports), [`admission`] (the checks on an update).
+
+pub mod admission;
+mod config;
+mod events;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use protocol::{
+    Capabilities, EncodedParams, Encoding, HeadShape, Outcome, RejectReason, RoundTask, RowLayout,
+    Subject, TrainSpec, Verdict, WireScope,
+};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+use sha2::{Digest, Sha256};
+use tracing::{error, info, warn};
+use wsa::{DEFAULT_SCOPE_EPS, Head, LabelledFeatures, Scope};
+
+pub use config::{EngineConfig, EngineError, Sampling, UpdateBounds, sample_sizes};
+pub use events::{
+    Action, ClosedBy, Event, MAX_LISTED_REJECTIONS, Millis, ReceivedUpdate, Rejection, RoundReport,
+    RoundStatus,
+};
+
+use crate::backend::{Backend, BackendError, CpuBackend, FoldShape};
+use crate::checkpoint::{Checkpoint, History};
+use crate::strategy::RoundFold;
+
+#[derive(Debug, Clone, Copy)]
+struct ClientInfo {
+    n_samples: u64,
+    capabilities: Capabilities,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    Pending,
+    Accepted,
+    Rejected,
+    Disconnected,
+}
+
+#[derive(Debug)]
+struct Selected {
+    encoding: Encoding,
+    answer: Answer,
+}
+
+/// Weighted sums of the accepted updates' metrics.
+#[derive(Debug, Default)]
+struct MetricSums {
+    weight: f64,
+    loss: f64,
+    accuracy: f64,
+    kl: f64,
+}
+
+#[derive(Debug)]
+struct OpenRound {
+    round: u64,
+    attempt: u32,
+    connected: usize,
+    opened_at: Millis,
+    deadline: Millis,
+    target: usize,
+    order: Vec<String>,
+    selected: BTreeMap<String, Selected>,
+    /// The task as sent, per encoding, for clients that reconnect mid-round.
+    tasks: BTreeMap<EncodingKey, Arc<RoundTask>>,
+    fold: RoundFold,
+    accepted: Vec<String>,
+    accepted_payload_bytes: u64,
+    metrics: MetricSums,
+    step_norms: Vec<f64>,
+}
+
+/// `Encoding` as a map key (it is not `Ord`).
+type EncodingKey = u8;
+
+/// Rejections and bytes since the last close.
+#[derive(Debug, Default)]
+struct Tally {
+    rejected: Vec<Rejection>,
+    by_reason: BTreeMap<String, u64>,
+    payload_bytes: u64,
+    wire_bytes: u64,
+}
+
+/// The round state machine. See the module docs.
+#[derive(Debug)]
+pub struct Engine {
+    config: EngineConfig,
+    config_hash: [u8; 32],
+    backend: Arc<dyn Backend>,
+    shape: HeadShape,
+    layout: RowLayout,
+    fold_shape: FoldShape,
+    /// The scopes' ε: the WSA term's, which non-WSA clients also use (the core's default).
+    eps: f64,
+    global: Vec<f32>,
+    global_norm: f64,
+    targets: Vec<Scope>,
+    next_round: u64,
+    attempt: u32,
+    history: History,
+    clients: BTreeMap<String, ClientInfo>,
+    open: Option<OpenRound>,
+    tally: Tally,
+    finished: bool,
+    validation: Option<LabelledFeatures>,
+    test: Option<LabelledFeatures>,
+    /// Decoded parameters of the update being checked, reused across updates.
+    scratch: Vec<f32>,
+}
+
+impl Engine {
+    /// A fresh run on the CPU backend: the global head drawn from the seed, round 0's targets
+    /// its scopes.
+    pub fn new(config: EngineConfig) -> Result<Self, EngineError> {
+        Self::with_backend(config, Arc::new(CpuBackend::default()))
+    }
+
+    /// A fresh run folding on `backend`.
+    pub fn with_backend(
+        config: EngineConfig,
+        backend: Arc<dyn Backend>,
+    ) -> Result<Self, EngineError> {
+        config.validate()?;
+        let head = Head::<f32>::init(&config.head, config.init, config.seed)?;
+        let targets = head.scopes(config.scope_selection, DEFAULT_SCOPE_EPS)?;
+        Self::build(
+            config,
+            backend,
+            head.to_flat(),
+            targets,
+            0,
+            0,
+            History::default(),
+        )
+    }
+
+    /// Resumes a run from `checkpoint` on the CPU backend.
+    pub fn resume(config: EngineConfig, checkpoint: Checkpoint) -> Result<Self, EngineError> {
+        Self::resume_with_backend(config, checkpoint, Arc::new(CpuBackend::default()))
+    }
+
+    /// Resumes a run from `checkpoint`, folding on `backend`. The configuration must be the
+    /// one the checkpoint was taken under.
+    pub fn resume_with_backend(
+        config: EngineConfig,
+        checkpoint: Checkpoint,
+        backend: Arc<dyn Backend>,
+    ) -> Result<Self, EngineError> {
+        config.validate()?;
+        let expected = config.config_hash()?;
+        if checkpoint.config_hash != expected {
+            return Err(EngineError::ConfigMismatch {
+                expected: hex::encode(expected),
+                found: hex::encode(checkpoint.config_hash),
+            });
+        }
+        let bad = |msg: String| Err(EngineError::BadCheckpoint(msg));
+        if checkpoint.run_id != config.run_id || checkpoint.seed != config.seed {
+            return bad("run id or seed differ from the configuration".into());
+        }
+        if checkpoint.next_round > config.rounds {
+            return bad(format!(
+                "next round {} is past the run's {} rounds",
+                checkpoint.next_round, config.rounds
+            ));
+        }
+        // Checks length and finiteness of the parameters.
+        Head::from_flat(&config.head, &checkpoint.global)
+            .map_err(|e| EngineError::BadCheckpoint(format!("global head: {e}")))?;
+        let scoped = config.head.scoped_tensor_count(config.scope_selection);
+        if checkpoint.targets.len() != scoped {
+            return bad(format!(
+                "{} targets for {scoped} scoped tensors",
+                checkpoint.targets.len()
+            ));
+        }
+        for t in &checkpoint.targets {
+            t.validate()
+                .map_err(|e| EngineError::BadCheckpoint(format!("target: {e}")))?;
+        }
+        Self::build(
+            config,
+            backend,
+            checkpoint.global,
+            checkpoint.targets,
+            checkpoint.next_round,
+            checkpoint.attempt,
+            checkpoint.history,
+        )
+    }
+
+    fn build(
+        config: EngineConfig,
+        backend: Arc<dyn Backend>,
+        global: Vec<f32>,
+        targets: Vec<Scope>,
+        next_round: u64,
+        attempt: u32,
+        history: History,
+    ) -> Result<Self, EngineError> {
+        let config_hash = config.config_hash()?;
+        if !backend.supports(&config.aggregation.plan()) {
+            return Err(BackendError::Unsupported {
+                op: "a run",
+                rule: format!("{} (on the {} backend)", config.aggregation, backend.name()),
+            }
+            .into());
+        }
+        let shape = HeadShape::from(&config.head);
+        let layout = RowLayout::of_head(&config.head);
+        let eps = DEFAULT_SCOPE_EPS;
+        let fold_shape = FoldShape::of_head(&config.head, config.scope_selection, eps);
+        let global_norm = l2_norm(&global);
+        let scratch = vec![0.0; fold_shape.len];
+        Ok(Self {
+            config,
+            config_hash,
+            backend,
+            shape,
+            layout,
+            fold_shape,
+            eps,
+            global,
+            global_norm,
+            targets,
+            next_round,
+            attempt,
+            history,
+            clients: BTreeMap::new(),
+            open: None,
+            tally: Tally::default(),
+            finished: false,
+            validation: None,
+            test: None,
+            scratch,
+        })
+    }
+
+    /// Evaluates every new global head on `data` (reported in [`RoundReport::eval`]): the
+    /// split that choices such as λ are made on.
+    pub fn set_validation(&mut self, data: LabelledFeatures) -> Result<(), EngineError> {
+        self.check_eval_set(&data)?;
+        self.validation = Some(data);
+        Ok(())
+    }
+
+    /// Also evaluates every new global head on a held-out test set (reported in
+    /// [`RoundReport::test_eval`]), kept apart from the validation set so nothing is tuned on it.
+    pub fn set_test(&mut self, data: LabelledFeatures) -> Result<(), EngineError> {
+        self.check_eval_set(&data)?;
+        self.test = Some(data);
+        Ok(())
+    }
+
+    fn check_eval_set(&self, data: &LabelledFeatures) -> Result<(), EngineError> {
+        if data.dim() != self.config.head.input {
+            return Err(EngineError::BadValidationSet(format!(
+                "features are {}-wide, the head reads {}",
+                data.dim(),
+                self.config.head.input
+            )));
+        }
+        if data.classes() > self.config.head.classes {
+            return Err(EngineError::BadValidationSet(format!(
+                "{} classes, the head has {}",
+                data.classes(),
+                self.config.head.classes
+            )));
+        }
+        Ok(())
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// sha256 of the configuration (as in checkpoints).
+    pub fn config_hash(&self) -> [u8; 32] {
+        self.config_hash
+    }
+
+    /// The name of the compute backend.
+    pub fn backend_name(&self) -> &'static str {
+        self.backend.name()
+    }
+
+    /// The round the run is in: the open one, or the one it opens next (`rounds` when done).
+    /// This is what a `Welcome` announces.
+    pub fn round(&self) -> u64 {
+        self.next_round
+    }
+
+    /// Failed attempts at the current round so far.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// The global head's flat parameters.
+    pub fn global_params(&self) -> &[f32] {
+        &self.global
+    }
+
+    /// The global head.
+    pub fn global_head(&self) -> Head<f32> {
+        // The engine only ever stores finite vectors of the configured length.
+        Head::from_flat(&self.config.head, &self.global).expect("the global head is valid")
+    }
+
+    /// The current target scopes.
+    pub fn targets(&self) -> &[Scope] {
+        &self.targets
+    }
+
+    /// Run-wide counters.
+    pub fn history(&self) -> History {
+        self.history
+    }
+
+    /// Clients currently connected.
+    pub fn connected(&self) -> usize {
+        self.clients.len()
+    }
+
+    /// Whether all rounds are done.
+    pub fn is_finished(&self) -> bool {
+        self.next_round >= self.config.rounds
+    }
+
+    /// The open round, if any.
+    pub fn open_round(&self) -> Option<RoundStatus> {
+        self.open.as_ref().map(|o| RoundStatus {
+            round: o.round,
+            attempt: o.attempt,
+            selected: o.order.len(),
+            accepted: o.accepted.len(),
+            target: o.target,
+            deadline: o.deadline,
+        })
+    }
+
+    /// When the runtime must send the next [`Event::Tick`], if ever.
+    pub fn next_deadline(&self) -> Option<Millis> {
+        self.open.as_ref().map(|o| o.deadline)
+    }
+
+    /// The state to resume from, as of now (between rounds it equals the last
+    /// [`Action::Checkpoint`]).
+    pub fn checkpoint(&self) -> Checkpoint {
+        Checkpoint {
+            config_hash: self.config_hash,
+            run_id: self.config.run_id,
+            seed: self.config.seed,
+            next_round: self.next_round,
+            attempt: self.attempt,
+            global: self.global.clone(),
+            targets: self.targets.clone(),
+            history: self.history,
+        }
+    }
+
+    /// Processes one event at time `now` and returns what to do, in order.
+    ///
+    /// A deadline that has passed is acted on first, whatever the event. An update gets a
+    /// verdict on the stream of the task it answers; the checks and their order are in
+    /// [`admission`]. A refused update leaves the fold untouched; a selected client may send
+    /// again after a refusal while the round is open.
+    pub fn handle(&mut self, now: Millis, event: Event) -> Vec<Action> {
+        let mut out = Vec::new();
+        self.poll_deadline(now, &mut out);
+        match event {
+            Event::Connected {
+                client,
+                n_samples,
+                capabilities,
+            } => self.on_connected(now, client, n_samples, capabilities, &mut out),
+            Event::Disconnected { client } => self.on_disconnected(now, &client, &mut out),
+            Event::Update {
+                client,
+                task_round,
+                update,
+                wire_bytes,
+            } => self.on_update(now, &client, task_round, &update, wire_bytes, &mut out),
+            Event::Unreadable {
+                client,
+                round,
+                reason,
+                wire_bytes,
+            } => self.on_unreadable(now, &client, round, &reason, wire_bytes, &mut out),
+            Event::Tick => {}
+        }
+        if self.open.is_none() {
+            self.try_open(now, &mut out);
+        }
+        if self.is_finished() && !self.finished {
+            self.finished = true;
+            out.push(Action::Finished);
+        }
+        out
+    }
+
+    fn poll_deadline(&mut self, now: Millis, out: &mut Vec<Action>) {
+        if self.open.as_ref().is_some_and(|o| now >= o.deadline) {
+            self.close(now, ClosedBy::Deadline, out);
+        }
+    }
+
+    fn on_connected(
+        &mut self,
+        now: Millis,
+        client: String,
+        n_samples: u64,
+        capabilities: Capabilities,
+        out: &mut Vec<Action>,
+    ) {
+        self.clients.insert(
+            client.clone(),
+            ClientInfo {
+                n_samples,
+                capabilities,
+            },
+        );
+        // A selected client that comes back mid-round gets its task again on the new session,
+        // with the time that is left.
+        if let Some(open) = &mut self.open
+            && let Some(sel) = open.selected.get_mut(&client)
+            && sel.answer != Answer::Accepted
+        {
+            sel.answer = Answer::Pending;
+            if let Some(task) = open.tasks.get(&(sel.encoding as u8)) {
+                let mut task = RoundTask::clone(task);
+                task.deadline_ms = open.deadline.since(now);
+                out.push(Action::SendTask {
+                    client,
+                    task: Arc::new(task),
+                });
+            }
+        }
+    }
+
+    fn on_disconnected(&mut self, now: Millis, client: &str, out: &mut Vec<Action>) {
+        self.clients.remove(client);
+        if let Some(open) = &mut self.open
+            && let Some(sel) = open.selected.get_mut(client)
+            && sel.answer == Answer::Pending
+        {
+            sel.answer = Answer::Disconnected;
+        }
+        self.close_if_done(now, out);
+    }
+
+    fn record_rejection(&mut self, client: &str, round: u64, reason: &RejectReason) {
+        warn!(
+            client,
+            round,
+            current = self.next_round,
+            %reason,
+            "update rejected"
+        );
+        self.history.updates_rejected += 1;
+        let key = reason.key().to_owned();
+        *self.tally.by_reason.entry(key).or_insert(0) += 1;
+        if self.tally.rejected.len() < MAX_LISTED_REJECTIONS {
+            self.tally.rejected.push(Rejection {
+                client: client.to_owned(),
+                round,
+                reason: reason.to_string(),
+            });
+        }
+    }
+
+    /// A selected client answered its task with bytes that are no update: it has answered
+    /// (the round need not wait for it), the refusal is counted, nothing is folded. It may
+    /// still send a good update while the round is open.
+    fn on_unreadable(
+        &mut self,
+        now: Millis,
+        client: &str,
+        round: u64,
+        reason: &RejectReason,
+        wire_bytes: u64,
+        out: &mut Vec<Action>,
+    ) {
+        self.refuse_answer(client, round, reason, wire_bytes);
+        self.close_if_done(now, out);
+    }
+
+    /// Counts a refused answer to the task of `round`; a selected client's pending answer to
+    /// the open round is then given (the round need not wait for it).
+    fn refuse_answer(&mut self, client: &str, round: u64, reason: &RejectReason, wire_bytes: u64) {
+        self.tally.wire_bytes += wire_bytes;
+        self.record_rejection(client, round, reason);
+        if round == self.next_round
+            && self.clients.contains_key(client)
+            && let Some(open) = &mut self.open
+            && let Some(sel) = open.selected.get_mut(client)
+            && sel.answer == Answer::Pending
+        {
+            sel.answer = Answer::Rejected;
+        }
+    }
+
+    fn on_update(
+        &mut self,
+        now: Millis,
+        client: &str,
+        task_round: u64,
+        received: &ReceivedUpdate,
+        wire_bytes: u64,
+        out: &mut Vec<Action>,
+    ) {
+        let update = received.update();
+        // An update names its round, and its verdict goes back on the stream of the task it
+        // answers: one naming another round than its task's is refused as that task's answer.
+        if let Err(reason) = admission::check_task_round(update.round, task_round) {
+            self.refuse_answer(client, task_round, &reason, wire_bytes);
+            out.push(Action::SendVerdict {
+                client: client.to_owned(),
+                verdict: Verdict {
+                    run_id: self.config.run_id,
+                    subject: Subject::Update { round: task_round },
+                    outcome: Outcome::Rejected(reason),
+                },
+            });
+            self.close_if_done(now, out);
+            return;
+        }
+        self.tally.payload_bytes += update.params.payload_bytes() as u64;
+        self.tally.wire_bytes += wire_bytes;
+        let outcome = match self.admit(client, received) {
+            Ok(()) => {
+                self.history.updates_accepted += 1;
+                Outcome::Accepted
+            }
+            Err(reason) => {
+                self.record_rejection(client, update.round, &reason);
+                Outcome::Rejected(reason)
+            }
+        };
+        out.push(Action::SendVerdict {
+            client: client.to_owned(),
+            verdict: Verdict {
+                run_id: self.config.run_id,
+                subject: Subject::Update {
+                    round: update.round,
+                },
+                outcome,
+            },
+        });
+        self.close_if_done(now, out);
+    }
+
+    fn close_if_done(&mut self, now: Millis, out: &mut Vec<Action>) {
+        let Some(open) = &self.open else { return };
+        if open.accepted.len() >= open.target {
+            self.close(now, ClosedBy::Target, out);
+        } else if open.selected.values().all(|s| s.answer != Answer::Pending) {
+            self.close(now, ClosedBy::AllAnswered, out);
+        }
+    }
+
+    fn close(&mut self, now: Millis, trigger: ClosedBy, out: &mut Vec<Action>) {
+        let Some(mut open) = self.open.take() else {
+            return;
+        };
+        let quorum = self.config.quorum;
+        let mut closed_by = trigger;
+        let mut eval = None;
+        let mut test_eval = None;
+        let fold = if open.accepted.len() >= quorum {
+            open.fold
+                .finish()
+                .inspect_err(|e| {
+                    error!(
+                        round = open.round,
+                        error = %e,
+                        "the fold of a round at quorum did not finish; counting the round as failed"
+                    );
+                })
+                .ok()
+        } else {
+            None
+        };
+        if let Some((params, targets)) = fold {
+            self.global_norm = l2_norm(&params);
+            self.global = params;
+            self.targets = targets;
+            self.next_round += 1;
+            self.attempt = 0;
+            self.history.rounds_closed += 1;
+            let head = self.global_head();
+            let evaluate = |data: &Option<LabelledFeatures>| {
+                let data = data.as_ref()?;
+                head.evaluate(data.x(), data.labels())
+                    .inspect_err(|e| warn!(error = %e, "evaluation of the new global head failed"))
+                    .ok()
+            };
+            eval = evaluate(&self.validation);
+            test_eval = evaluate(&self.test);
+        } else {
+            closed_by = ClosedBy::Failed;
+            self.attempt = self.attempt.saturating_add(1);
+            self.history.rounds_failed += 1;
+        }
+        let tally = std::mem::take(&mut self.tally);
+        let m = &open.metrics;
+        let mean = |sum: f64| (m.weight > 0.0).then(|| sum / m.weight);
+        let report = RoundReport {
+            run_id: self.config.run_id,
+            strategy: self.config.label(),
+            round: open.round,
+            attempt: open.attempt,
+            closed_by,
+            connected: open.connected,
+            selected_count: open.order.len(),
+            selected: open.order.clone(),
+            target: open.target,
+            quorum,
+            accepted_count: open.accepted.len(),
+            accepted: open.accepted.clone(),
+            disconnected: open
+                .order
+                .iter()
+                .filter(|c| {
+                    open.selected
+                        .get(*c)
+                        .is_some_and(|s| s.answer == Answer::Disconnected)
+                })
+                .cloned()
+                .collect(),
+            rejected_count: tally.by_reason.values().sum(),
+            rejected: tally.rejected,
+            rejected_by_reason: tally.by_reason,
+            train_loss: mean(m.loss),
+            train_accuracy: mean(m.accuracy),
+            mean_kl: mean(m.kl),
+            step_norms: {
+                let mut norms = open.step_norms.clone();
+                norms.sort_by(f64::total_cmp);
+                norms.last().map(|&max| (norms[(norms.len() - 1) / 2], max))
+            },
+            eval,
+            test_eval,
+            payload_bytes_in: tally.payload_bytes,
+            wire_bytes_in: tally.wire_bytes,
+            accepted_payload_bytes: open.accepted_payload_bytes,
+            opened_at: open.opened_at,
+            closed_at: now,
+            duration_ms: now.since(open.opened_at),
+        };
+        info!(
+            round = report.round,
+            attempt = report.attempt,
+            closed_by = ?report.closed_by,
+            accepted = report.accepted.len(),
+            selected = report.selected.len(),
+            rejected = report.rejected_count,
+            "round closed"
+        );
+        out.push(Action::RoundClosed(Box::new(report)));
+        out.push(Action::Checkpoint(Box::new(self.checkpoint())));
+    }
+
+    fn try_open(&mut self, now: Millis, out: &mut Vec<Action>) {
+        // Fewer clients than the quorum could only fail: wait for more.
+        let needed = self.config.min_connected.max(self.config.quorum);
+        if self.is_finished() || self.clients.len() < needed {
+            return;
+        }
+        let connected = self.clients.len();
+        let (target, select) = sample_sizes(&self.config.sampling, self.config.quorum, connected);
+        // Sorted ids (the map's order) shuffled by an RNG derived from (seed, round, attempt):
+        // the sample depends on nothing else, so a checkpoint needs no RNG state.
+        let mut ids: Vec<&String> = self.clients.keys().collect();
+        let mut rng = ChaCha8Rng::from_seed(derive_seed(
+            b"sample",
+            self.config.seed,
+            self.next_round,
+            self.attempt,
+        ));
+        ids.shuffle(&mut rng);
+        let order: Vec<String> = ids.into_iter().take(select).cloned().collect();
+
+        let deadline = now.plus(self.config.round_timeout_ms);
+        let global = match EncodedParams::encode(&self.global, &self.layout, Encoding::F32) {
+            Ok(g) => g,
+            Err(e) => {
+                error!(error = %e, "cannot encode the global head; no round opens");
+                return;
+            }
+        };
+        let fold = match RoundFold::open(
+            self.backend.as_ref(),
+            &self.fold_shape,
+            &self.global,
+            self.config.strategy,
+            self.config.aggregation,
+            self.config.weighting,
+            order.len(),
+        ) {
+            Ok(fold) => fold,
+            Err(e) => {
+                error!(error = %e, backend = self.backend.name(), "no accumulator; no round opens");
+                return;
+            }
+        };
+        let train = self.config.strategy.client_config(
+            &self.config.train,
+            u64_seed(b"train", self.config.seed, self.next_round, self.attempt),
+            &self.targets,
+            self.config.scope_selection,
+            self.eps,
+        );
+        let template = RoundTask {
+            run_id: self.config.run_id,
+            round: self.next_round,
+            shape: self.shape.clone(),
+            global,
+            targets: self.targets.iter().copied().map(WireScope::from).collect(),
+            train: TrainSpec::from(&train),
+            encoding: Encoding::F32,
+            deadline_ms: self.config.round_timeout_ms,
+        };
+        let mut tasks: BTreeMap<EncodingKey, Arc<RoundTask>> = BTreeMap::new();
+        let mut selected = BTreeMap::new();
+        for client in &order {
+            let encoding = match self.clients.get(client) {
+                Some(info) if can_encode(info.capabilities, self.config.update_encoding) => {
+                    self.config.update_encoding
+                }
+                _ => Encoding::F32,
+            };
+            let task = tasks
+                .entry(encoding as u8)
+                .or_insert_with(|| {
+                    Arc::new(RoundTask {
+                        encoding,
+                        ..template.clone()
+                    })
+                })
+                .clone();
+            selected.insert(
+                client.clone(),
+                Selected {
+                    encoding,
+                    answer: Answer::Pending,
+                },
+            );
+            out.push(Action::SendTask {
+                client: client.clone(),
+                task,
+            });
+        }
+        info!(
+            round = self.next_round,
+            attempt = self.attempt,
+            selected = order.len(),
+            target,
+            connected,
+            "round opened"
+        );
+        self.open = Some(OpenRound {
+            round: self.next_round,
+            attempt: self.attempt,
+            connected,
+            opened_at: now,
+            deadline,
+            target,
+            order,
+            selected,
+            tasks,
+            fold,
+            accepted: Vec::new(),
+            accepted_payload_bytes: 0,
+            metrics: MetricSums::default(),
+            step_norms: Vec::new(),
+        });
+    }
+}
+
+fn can_encode(c: Capabilities, e: Encoding) -> bool {
+    match e {
+        Encoding::F32 => true,
+        Encoding::F16 => c.f16,
+        Encoding::Int8RowScaled => c.int8,
+    }
+}
+
+/// A 32-byte RNG seed from the run seed and the round counters.
+fn derive_seed(domain: &[u8], seed: u64, round: u64, attempt: u32) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"wsa-fl engine\0");
+    h.update(domain);
+    h.update(seed.to_le_bytes());
+    h.update(round.to_le_bytes());
+    h.update(attempt.to_le_bytes());
+    h.finalize().into()
+}
+
+fn u64_seed(domain: &[u8], seed: u64, round: u64, attempt: u32) -> u64 {
+    let d = derive_seed(domain, seed, round, attempt);
+    let mut b = [0; 8];
+    b.copy_from_slice(&d[..8]);
+    u64::from_le_bytes(b)
+}
+
+fn l2_norm(w: &[f32]) -> f64 {
+    w.iter()
+        .map(|&x| f64::from(x) * f64::from(x))
+        .sum::<f64>()
+        .sqrt()
+}

@@ -1,0 +1,294 @@
+//! The QUIC runtime around the round engine: it moves bytes and timers in and out of
+//! [`Engine`], which holds every decision. One task per connection ([`connection`]); one
+//! task, [`Server::run`], owns the engine and carries out its actions in order.
+//!
+//! A client opens one bidirectional *control* stream for its hello, the welcome and the final
+//! goodbye. For each round the server opens a stream to each selected client and writes the
+//! task; the client answers on it with its update and the server closes it with the verdict.
+//! Clients may not open more streams than that (QUIC flow control refuses the rest).
+
+mod connection;
+mod options;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use aggregator_core::engine::{Action, ClosedBy, Engine, Event, Millis};
+use anyhow::{Context, Result};
+use protocol::{GoodbyeReason, Message, encode_frame};
+use tokio::sync::{mpsc, watch};
+
+use connection::{FromConnection, GOODBYE_GRACE, Outbound, Shared, accept_loop};
+pub use options::{RoundLine, RunSummary, ServerOptions, TransportStats};
+
+/// A bound, not yet running, aggregator.
+pub struct Server {
+    endpoint: quinn::Endpoint,
+    opts: ServerOptions,
+}
+
+impl Server {
+    /// Binds the endpoint (so the address is known before [`Server::run`]).
+    pub fn bind(opts: ServerOptions) -> Result<Self> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let config = protocol::quic::server_config(&opts.cert, &opts.key, &opts.quic)?;
+        // The stateless-reset key and the connection-id key come from the server's private
+        // key, not from chance: an aggregator restarted after a crash (same key) then
+        // recognizes the old process's connection ids and answers them with a valid reset, so
+        // clients reconnect at their next packet instead of at their idle timeout.
+        let key =
+            std::fs::read(&opts.key).with_context(|| format!("reading {}", opts.key.display()))?;
+        let secret = ring::digest::digest(
+            &ring::digest::SHA256,
+            &[&b"wsa-fl stateless reset\0"[..], &key].concat(),
+        );
+        let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_ref());
+        let mut cid_key = [0u8; 8];
+        cid_key.copy_from_slice(&secret.as_ref()[..8]);
+        let cid_key = u64::from_le_bytes(cid_key);
+        let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+        endpoint_config.cid_generator(move || {
+            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+        });
+        let socket = std::net::UdpSocket::bind(opts.listen)
+            .with_context(|| format!("binding {}", opts.listen))?;
+        let runtime = quinn::default_runtime().context("no async runtime for the endpoint")?;
+        let endpoint = quinn::Endpoint::new(endpoint_config, Some(config), socket, runtime)
+            .with_context(|| format!("starting the endpoint on {}", opts.listen))?;
+        Ok(Self { endpoint, opts })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        Ok(self.endpoint.local_addr()?)
+    }
+
+    /// Runs `engine` until all rounds are done or `shutdown` turns true.
+    pub async fn run(
+        self,
+        mut engine: Engine,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<RunSummary> {
+        let shared = Arc::new(Shared {
+            limits: self.opts.limits,
+            registry: self.opts.registry.clone(),
+            hello_timeout: self.opts.hello_timeout,
+            run_id: engine.config().run_id,
+            round: AtomicU64::new(engine.round()),
+            sessions: AtomicU64::new(0),
+            live: AtomicUsize::new(0),
+        });
+        let (events_tx, mut events) = mpsc::unbounded_channel();
+        let acceptor = tokio::spawn(accept_loop(
+            self.endpoint.clone(),
+            Arc::clone(&shared),
+            events_tx.clone(),
+            self.opts.max_connections,
+        ));
+
+        let clock = Instant::now();
+        let now = |clock: Instant| Millis(clock.elapsed().as_millis() as u64);
+        let mut log = match &self.opts.rounds_log {
+            Some(path) => Some(std::io::BufWriter::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .with_context(|| format!("opening {}", path.display()))?,
+            )),
+            None => None,
+        };
+        let mut sessions: HashMap<String, (u64, mpsc::UnboundedSender<Outbound>)> = HashMap::new();
+        let mut stats = TransportStats::default();
+        let mut round_started = Instant::now();
+        let mut summary = RunSummary {
+            rounds: Vec::new(),
+            finished: false,
+        };
+        let mut stop_now = false;
+        let mut task_frame: Option<(Arc<protocol::RoundTask>, Arc<Vec<u8>>)> = None;
+        let mut pending = engine.handle(now(clock), Event::Tick);
+        'run: loop {
+            // Apply the engine's actions in order: a checkpoint is on disk before the next
+            // round's tasks leave.
+            for action in pending.drain(..) {
+                match action {
+                    Action::SendTask { client, task } => {
+                        let frame = match &task_frame {
+                            Some((t, f)) if Arc::ptr_eq(t, &task) => Arc::clone(f),
+                            _ => {
+                                let f =
+                                    Arc::new(encode_frame(&Message::RoundTask((*task).clone()))?);
+                                task_frame = Some((Arc::clone(&task), Arc::clone(&f)));
+                                f
+                            }
+                        };
+                        if let Some((_, out)) = sessions.get(&client) {
+                            let _ = out.send(Outbound::Task {
+                                round: task.round,
+                                frame,
+                            });
+                        }
+                    }
+                    Action::SendVerdict { client, verdict } => {
+                        if let Some((_, out)) = sessions.get(&client) {
+                            let _ = out.send(Outbound::Verdict(verdict));
+                        }
+                    }
+                    Action::Checkpoint(checkpoint) => {
+                        if let Some(path) = &self.opts.checkpoint {
+                            // Blocking on purpose: nothing may leave before it is durable.
+                            checkpoint.save_atomic(path).with_context(|| {
+                                format!("writing checkpoint {}", path.display())
+                            })?;
+                        }
+                        if stop_now {
+                            tracing::info!(
+                                next_round = checkpoint.next_round,
+                                "stopping after the configured rounds"
+                            );
+                            break 'run;
+                        }
+                    }
+                    Action::RoundClosed(report) => {
+                        stats.wall_ms = round_started.elapsed().as_millis() as u64;
+                        stats.connected = sessions.len();
+                        let line = RoundLine {
+                            report: *report,
+                            transport: std::mem::take(&mut stats),
+                        };
+                        tracing::info!(
+                            round = line.report.round,
+                            accepted = line.report.accepted.len(),
+                            selected = line.report.selected.len(),
+                            wall_ms = line.transport.wall_ms,
+                            "round closed"
+                        );
+                        if let Some(log) = log.as_mut() {
+                            use std::io::Write;
+                            serde_json::to_writer(&mut *log, &line)?;
+                            log.write_all(b"\n")?;
+                            log.flush()?;
+                        }
+                        stop_now = line.report.closed_by != ClosedBy::Failed
+                            && self
+                                .opts
+                                .stop_after_rounds
+                                .is_some_and(|n| line.report.round + 1 >= n);
+                        if let Some(observer) = &self.opts.round_observer {
+                            let _ = observer.send(line.clone());
+                        }
+                        summary.rounds.push(line);
+                        round_started = Instant::now();
+                        shared.round.store(engine.round(), Ordering::Relaxed);
+                    }
+                    Action::Finished => {
+                        summary.finished = true;
+                        break 'run;
+                    }
+                }
+            }
+            let deadline = engine.next_deadline().map(|Millis(ms)| {
+                tokio::time::Instant::from_std(clock + Duration::from_millis(ms))
+            });
+            tokio::select! {
+                _ = shutdown.changed() => break 'run,
+                _ = sleep_until(deadline) => {
+                    pending = engine.handle(now(clock), Event::Tick);
+                }
+                event = events.recv() => {
+                    let Some(event) = event else { break 'run };
+                    let at = now(clock);
+                    pending = match event {
+                        FromConnection::Joined { session, out, event } => {
+                            let Some(client) = event.client().map(str::to_owned) else {
+                                continue;
+                            };
+                            if let Some((_, old)) = sessions.insert(client.clone(), (session, out)) {
+                                // A reconnect replaces the old session; dropping its sender
+                                // makes its connection task close it.
+                                drop(old);
+                                let mut a = engine.handle(at, Event::Disconnected { client });
+                                a.extend(engine.handle(at, event));
+                                a
+                            } else {
+                                engine.handle(at, event)
+                            }
+                        }
+                        FromConnection::Session { session, event } => {
+                            let current = event
+                                .client()
+                                .is_some_and(|c| sessions.get(c).is_some_and(|(s, _)| *s == session));
+                            match &event {
+                                _ if !current => Vec::new(),
+                                Event::Disconnected { client } => {
+                                    sessions.remove(client);
+                                    engine.handle(at, event)
+                                }
+                                Event::Update { wire_bytes, .. } => {
+                                    stats.bytes_in += wire_bytes;
+                                    let t = Instant::now();
+                                    let a = engine.handle(at, event);
+                                    stats.engine_update_us += t.elapsed().as_micros() as u64;
+                                    stats.engine_updates += 1;
+                                    a
+                                }
+                                _ => engine.handle(at, event),
+                            }
+                        }
+                        FromConnection::OverLimit => {
+                            stats.refused_connections += 1;
+                            Vec::new()
+                        }
+                        FromConnection::Refused { reason } => {
+                            stats.refused_hellos.push(reason);
+                            Vec::new()
+                        }
+                        FromConnection::BytesOut(n) => {
+                            stats.bytes_out += n;
+                            Vec::new()
+                        }
+                    };
+                }
+            }
+        }
+        let reason = if summary.finished {
+            GoodbyeReason::RunFinished
+        } else {
+            GoodbyeReason::ShuttingDown
+        };
+        acceptor.abort();
+        let mut saying_goodbye = 0usize;
+        for (_, (_, out)) in sessions.drain() {
+            saying_goodbye += usize::from(out.send(Outbound::Goodbye(reason)).is_ok());
+        }
+        // Let connection tasks flush their goodbyes, then close what is left.
+        let drain = async {
+            while saying_goodbye > 0 {
+                match events.recv().await {
+                    Some(FromConnection::Session {
+                        event: Event::Disconnected { .. },
+                        ..
+                    }) => saying_goodbye -= 1,
+                    Some(_) => {}
+                    None => break,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(GOODBYE_GRACE + Duration::from_millis(500), drain).await;
+        self.endpoint.close(0u32.into(), b"run over");
+        // Release the UDP port before returning, so a restart can bind it again.
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        Ok(summary)
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,107 @@
+//! The server's settings, with their one set of defaults, and what a run reports.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use aggregator_core::engine::RoundReport;
+use anyhow::Result;
+use protocol::Limits;
+use protocol::quic::QuicLimits;
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::auth::Registry;
+use crate::tls::layout;
+
+/// Settings of the QUIC side.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// Server certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Server key (PEM).
+    pub key: PathBuf,
+    /// Who may join.
+    pub registry: Registry,
+    /// Message size and count limits.
+    pub limits: Limits,
+    /// QUIC timeouts and stream limits.
+    pub quic: QuicLimits,
+    /// Connections beyond this are refused at the QUIC handshake.
+    pub max_connections: usize,
+    /// A connection that has not said hello by then is closed.
+    pub hello_timeout: Duration,
+    /// Checkpoint file written after every round (atomically).
+    pub checkpoint: Option<PathBuf>,
+    /// Per-round JSON lines.
+    pub rounds_log: Option<PathBuf>,
+    /// Stop (with a checkpoint, telling clients the server is going down) once this many
+    /// rounds of the run have closed; a later start resumes from the checkpoint.
+    pub stop_after_rounds: Option<u64>,
+    /// Receives each round's line as it closes (progress bars, live plots).
+    pub round_observer: Option<mpsc::UnboundedSender<RoundLine>>,
+}
+
+impl ServerOptions {
+    /// Options for a server on `listen` with the credentials `gen-certs` wrote to `creds`
+    /// (certificate, key, client registry) and the defaults: the protocol's limits, 2,048
+    /// connections, 10 s to say hello, no checkpoint, no round log, no stop.
+    pub fn new(listen: SocketAddr, creds: &Path) -> Result<Self> {
+        Ok(Self {
+            listen,
+            cert: creds.join(layout::SERVER_CERT),
+            key: creds.join(layout::SERVER_KEY),
+            registry: Registry::load(&creds.join(layout::REGISTRY))?,
+            limits: Limits::default(),
+            quic: QuicLimits::default(),
+            max_connections: 2048,
+            hello_timeout: Duration::from_secs(10),
+            checkpoint: None,
+            rounds_log: None,
+            stop_after_rounds: None,
+            round_observer: None,
+        })
+    }
+}
+
+/// What the transport saw in a round, beside the engine's report.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TransportStats {
+    /// Frame bytes sent (tasks, verdicts).
+    pub bytes_out: u64,
+    /// Frame bytes received (updates).
+    pub bytes_in: u64,
+    /// Hellos refused (bad credentials, unknown client, bad version).
+    pub refused_hellos: Vec<String>,
+    /// Connections refused over the connection limit.
+    pub refused_connections: u64,
+    /// Engine CPU time spent handling updates, µs.
+    pub engine_update_us: u64,
+    /// Updates the engine handled.
+    pub engine_updates: u64,
+    /// Wall time of the round, ms.
+    pub wall_ms: u64,
+    /// Clients connected when the round closed.
+    pub connected: usize,
+}
+
+/// One line of the per-round log.
+#[derive(Debug, Clone, Serialize)]
+pub struct RoundLine {
+    /// The engine's account.
+    #[serde(flatten)]
+    pub report: RoundReport,
+    /// The transport's.
+    pub transport: TransportStats,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunSummary {
+    /// Every round's line.
+    pub rounds: Vec<RoundLine>,
+    /// True when all rounds ran (false: stopped by shutdown).
+    pub finished: bool,
+}

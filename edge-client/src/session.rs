@@ -1,0 +1,723 @@
+//! The client's session with the aggregator as a state machine: events in, actions out, the
+//! caller's clock; no sockets, no threads. The QUIC glue ([`crate::net`]) connects, moves
+//! frames and runs the training the machine asks for; every decision is here: when to
+//! (re)connect and how long to back off, what a welcome, a refusal or a goodbye means, how a
+//! task is checked and its update packaged, what a verdict says, and what the run's report
+//! records. Tests drive it with a fake clock (`edge-client/tests/session.rs`).
+//!
+//! The sequence of one session: [`Action::Connect`] (the glue opens the connection and the
+//! control stream and sends the hello) → the welcome on the control stream →
+//! [`Action::AcceptTask`] → a [`protocol::RoundTask`] on a stream the server opened →
+//! [`Action::Train`] → [`Event::Trained`] → [`Action::SendUpdate`] on the task's stream → its
+//! verdict → the next [`Action::AcceptTask`], until a goodbye ends the run. A lost connection
+//! or a protocol error ends the session, and the machine reconnects after an exponential
+//! backoff with jitter; a refused hello ends the run.
+
+use std::time::Duration;
+
+use protocol::{
+    Auth, Capabilities, EncodedParams, Goodbye, GoodbyeReason, Hello, Message, Outcome,
+    PROTOCOL_VERSION, RejectReason, RoundTask, RowLayout, Subject, Update, UpdateMetrics,
+    WireScope,
+};
+use serde::Serialize;
+use support::Millis;
+use wsa::Head;
+
+use crate::round::{ClientUpdate, TrainingTask};
+
+/// How long a round in progress may still finish once the run's goodbye has arrived (its
+/// verdict is usually already in flight); well under the server's wait for the close.
+pub const VERDICT_GRACE: Duration = Duration::from_secs(2);
+
+/// Exponential backoff with full jitter between reconnect attempts.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    /// The first delay's upper bound.
+    pub initial: Duration,
+    /// The cap on any delay.
+    pub max: Duration,
+    /// Give up after this many failed attempts in a row (`None`: never).
+    pub max_attempts: Option<u32>,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            initial: Duration::from_millis(200),
+            max: Duration::from_secs(10),
+            max_attempts: None,
+        }
+    }
+}
+
+impl Backoff {
+    /// The delay before attempt `attempt` (1-based), uniformly drawn from `[0, min(max,
+    /// initial·2^(attempt−1))]` so that a fleet that lost its aggregator does not come back in
+    /// lockstep. `unit` in `[0, 1)` is the random draw.
+    pub fn delay(&self, attempt: u32, unit: f64) -> Duration {
+        let exp = self
+            .initial
+            .saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
+        exp.min(self.max).mul_f64(unit.clamp(0.0, 1.0))
+    }
+}
+
+/// What happened to one round task.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct RoundRecord {
+    /// The round.
+    pub round: u64,
+    /// Accepted, or the reason it was rejected.
+    pub outcome: String,
+    /// Local training time.
+    pub train_ms: u64,
+    /// Mean local loss of the last epoch.
+    pub loss: f64,
+    /// Bytes of the update frame.
+    pub update_bytes: u64,
+    /// Rows trained on (the update's weight under sample-count weighting).
+    pub n_samples: u64,
+    /// The scopes sent with the update.
+    pub scopes: Vec<WireScope>,
+}
+
+/// How a client's run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum RunEnd {
+    /// The aggregator finished the run.
+    RunFinished,
+    /// Shut down on request.
+    Shutdown,
+}
+
+/// What a client did over its run.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClientReport {
+    /// One record per task answered.
+    pub rounds: Vec<RoundRecord>,
+    /// Connections made (1 without reconnects).
+    pub connections: u32,
+    /// Why it stopped.
+    pub end: RunEnd,
+}
+
+/// Why a client gave up.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ClientError {
+    /// The aggregator refused the hello; retrying would not help.
+    #[error("aggregator refused the hello: {0}")]
+    Refused(RejectReason),
+    /// Too many failed connection attempts in a row.
+    #[error("gave up after {attempts} attempts: {last}")]
+    GaveUp {
+        /// Attempts made.
+        attempts: u32,
+        /// The last failure.
+        last: String,
+    },
+    /// Local setup failed (TLS files, socket).
+    #[error("setup: {0}")]
+    Setup(String),
+}
+
+/// Who the client is, and what its hello says.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// Its id, as in its credentials.
+    pub client_id: String,
+    /// Its secret token.
+    pub token: Vec<u8>,
+    /// Rows of local training data it holds.
+    pub n_samples: u64,
+}
+
+/// Something that happened, fed to [`Session::handle`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// The connection and its control stream are up and the hello was sent.
+    Connected,
+    /// Connecting, opening the control stream or sending the hello failed.
+    ConnectFailed(String),
+    /// A message arrived on the control stream.
+    Control(Message),
+    /// The control stream or the connection failed.
+    ControlFailed(String),
+    /// The first message arrived on a stream the server opened (a round task, normally).
+    Task(Message),
+    /// The training asked for by [`Action::Train`] finished.
+    Trained(Result<ClientUpdate, String>),
+    /// The update went out: its frame's bytes.
+    UpdateSent(u64),
+    /// The answer arrived on the task's stream.
+    Verdict(Message),
+    /// The task's stream failed (reading the task, writing the update, reading the verdict).
+    TaskFailed(String),
+    /// Stop: say goodbye and end the run.
+    Shutdown,
+    /// Time passed; sent at [`Session::next_deadline`] (more often is harmless).
+    Tick,
+}
+
+/// Something the runtime must do, in the order given.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Connect, open the control stream and send this hello on it.
+    Connect(Box<Message>),
+    /// Accept the next stream the server opens and read its first message.
+    AcceptTask,
+    /// Train this task (off the I/O thread), then feed [`Event::Trained`].
+    Train(Box<TrainingTask>),
+    /// Send this update on the task's stream and finish the stream, then read the verdict.
+    SendUpdate(Box<Message>),
+    /// Send this goodbye on the control stream and finish it.
+    SendGoodbye(GoodbyeReason),
+    /// Close the connection with this code and reason.
+    Close {
+        /// The application close code.
+        code: u32,
+        /// The reason, for the peer's logs.
+        reason: &'static [u8],
+    },
+    /// The run is over: report and result.
+    Finish(Result<RunEnd, ClientError>),
+}
+
+/// The task in progress.
+#[derive(Debug)]
+enum TaskState {
+    /// Waiting for the server to open a task's stream.
+    Waiting,
+    /// Training on `task` since `started`.
+    Training {
+        task: Box<RoundTask>,
+        started: Millis,
+    },
+    /// The update went out; its record waits for the verdict's outcome.
+    AwaitingVerdict { record: RoundRecord },
+}
+
+#[derive(Debug)]
+enum Phase {
+    /// Waiting out a backoff delay before the next connection attempt.
+    Backoff { until: Millis },
+    /// A connection was asked for.
+    Connecting,
+    /// Connected, the hello sent, waiting for the welcome.
+    Hello,
+    /// In the run; `goodbye` is a control message that arrived mid-task, acted on when the
+    /// task's verdict arrives or at the deadline.
+    Joined {
+        task: TaskState,
+        goodbye: Option<Box<(Message, Millis)>>,
+    },
+    /// The run is over.
+    Done,
+}
+
+/// The client's session state machine. See the module docs.
+#[derive(Debug)]
+pub struct Session {
+    identity: Identity,
+    backoff: Backoff,
+    jitter: u64,
+    /// Failed attempts in a row.
+    failures: u32,
+    /// Whether the current connection got its welcome (it then counts, and resets the
+    /// failures).
+    welcomed: bool,
+    phase: Phase,
+    rounds: Vec<RoundRecord>,
+    connections: u32,
+    end: Option<RunEnd>,
+}
+
+impl Session {
+    /// A session for `identity` that reconnects by `backoff`; [`Session::start`] begins it.
+    pub fn new(identity: Identity, backoff: Backoff) -> Self {
+        let jitter = seed_of(&identity.client_id) | 1;
+        Self {
+            identity,
+            backoff,
+            jitter,
+            failures: 0,
+            welcomed: false,
+            phase: Phase::Connecting,
+            rounds: Vec::new(),
+            connections: 0,
+            end: None,
+        }
+    }
+
+    /// The first actions: connect.
+    pub fn start(&mut self, _now: Millis) -> Vec<Action> {
+        self.connect()
+    }
+
+    /// A stable per-client seed (FNV-1a of the id): decorrelates client shuffles and jitter.
+    pub fn client_seed(&self) -> u64 {
+        seed_of(&self.identity.client_id)
+    }
+
+    /// When the runtime must send the next [`Event::Tick`], if ever.
+    pub fn next_deadline(&self) -> Option<Millis> {
+        match &self.phase {
+            Phase::Backoff { until } => Some(*until),
+            Phase::Joined {
+                goodbye: Some(g), ..
+            } => Some(g.1),
+            _ => None,
+        }
+    }
+
+    /// Whether the run is over.
+    pub fn is_done(&self) -> bool {
+        matches!(self.phase, Phase::Done)
+    }
+
+    /// What the client did so far; `end` is set once the run is over.
+    pub fn report(&self) -> ClientReport {
+        ClientReport {
+            rounds: self.rounds.clone(),
+            connections: self.connections,
+            end: self.end.unwrap_or(RunEnd::Shutdown),
+        }
+    }
+
+    /// Processes one event at time `now` and returns what to do, in order.
+    pub fn handle(&mut self, now: Millis, event: Event) -> Vec<Action> {
+        if self.is_done() {
+            return Vec::new();
+        }
+        match event {
+            Event::Connected => self.on_connected(),
+            Event::ConnectFailed(e) | Event::ControlFailed(e) | Event::TaskFailed(e)
+                if !self.mid_task_goodbye() =>
+            {
+                self.fail(now, e)
+            }
+            // A goodbye waits for the task's verdict: the control stream has said its last
+            // word (the server finishes it after the goodbye), and a task stream that fails
+            // will bring no verdict, so the goodbye is due.
+            Event::TaskFailed(_) => self.on_goodbye_due(now),
+            Event::ConnectFailed(_) | Event::ControlFailed(_) => Vec::new(),
+            Event::Control(message) => self.on_control(now, message),
+            Event::Task(message) => self.on_task(now, message),
+            Event::Trained(result) => self.on_trained(now, result),
+            Event::UpdateSent(bytes) => {
+                if let Phase::Joined {
+                    task: TaskState::AwaitingVerdict { record },
+                    ..
+                } = &mut self.phase
+                {
+                    record.update_bytes = bytes;
+                }
+                Vec::new()
+            }
+            Event::Verdict(message) => self.on_verdict(now, message),
+            Event::Shutdown => self.on_shutdown(),
+            Event::Tick => self.on_tick(now),
+        }
+    }
+
+    fn mid_task_goodbye(&self) -> bool {
+        matches!(
+            self.phase,
+            Phase::Joined {
+                goodbye: Some(_),
+                ..
+            }
+        )
+    }
+
+    fn connect(&mut self) -> Vec<Action> {
+        self.phase = Phase::Connecting;
+        self.welcomed = false;
+        let hello = Message::Hello(Hello {
+            protocol_version: PROTOCOL_VERSION,
+            client_id: self.identity.client_id.clone(),
+            auth: Auth::Token(self.identity.token.clone()),
+            capabilities: Capabilities {
+                f16: true,
+                int8: true,
+            },
+            n_samples: self.identity.n_samples,
+        });
+        vec![Action::Connect(Box::new(hello))]
+    }
+
+    fn on_connected(&mut self) -> Vec<Action> {
+        if matches!(self.phase, Phase::Connecting) {
+            self.phase = Phase::Hello;
+        }
+        Vec::new()
+    }
+
+    fn on_control(&mut self, now: Millis, message: Message) -> Vec<Action> {
+        match &mut self.phase {
+            Phase::Hello => match message {
+                Message::Welcome(w) => {
+                    self.welcomed = true;
+                    tracing::info!(client = %self.identity.client_id, run = w.run_id, round = w.round, "joined");
+                    self.phase = Phase::Joined {
+                        task: TaskState::Waiting,
+                        goodbye: None,
+                    };
+                    vec![Action::AcceptTask]
+                }
+                Message::Verdict(v) => match v.outcome {
+                    Outcome::Rejected(reason) => self.finish(
+                        vec![Action::Close {
+                            code: 0,
+                            reason: b"refused",
+                        }],
+                        Err(ClientError::Refused(reason)),
+                    ),
+                    Outcome::Accepted => self.fail(now, "protocol: verdict instead of welcome"),
+                },
+                other => self.fail(
+                    now,
+                    format!("protocol: expected welcome, got {}", other.kind()),
+                ),
+            },
+            Phase::Joined { task, goodbye } => {
+                if matches!(task, TaskState::Waiting) {
+                    self.on_control_message(now, message)
+                } else {
+                    // Streams are not ordered among themselves: this round's verdict, sent
+                    // before the goodbye, may still be on its way.
+                    *goodbye = Some(Box::new((
+                        message,
+                        now.plus(VERDICT_GRACE.as_millis() as u64),
+                    )));
+                    Vec::new()
+                }
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// What a message on the control stream, after the welcome, means for the run.
+    fn on_control_message(&mut self, now: Millis, message: Message) -> Vec<Action> {
+        match message {
+            // Closing is this side's job: the server waits for it, so that its goodbye is
+            // read before the connection goes.
+            Message::Goodbye(Goodbye {
+                reason: GoodbyeReason::RunFinished,
+            }) => self.finish(
+                vec![Action::Close {
+                    code: 0,
+                    reason: b"done",
+                }],
+                Ok(RunEnd::RunFinished),
+            ),
+            // The aggregator restarts or pauses: come back later.
+            Message::Goodbye(Goodbye { reason }) => {
+                let mut out = vec![Action::Close {
+                    code: 0,
+                    reason: b"bye",
+                }];
+                out.extend(self.fail_closed(now, format!("aggregator said goodbye: {reason:?}")));
+                out
+            }
+            other => self.fail(
+                now,
+                format!(
+                    "protocol: unexpected {} on the control stream",
+                    other.kind()
+                ),
+            ),
+        }
+    }
+
+    fn on_task(&mut self, now: Millis, message: Message) -> Vec<Action> {
+        let Phase::Joined { task, .. } = &mut self.phase else {
+            return Vec::new();
+        };
+        if !matches!(task, TaskState::Waiting) {
+            return Vec::new();
+        }
+        let Message::RoundTask(wire) = message else {
+            return self.fail(now, "protocol: expected a round task");
+        };
+        match TrainingTask::from_wire(&wire) {
+            Ok(training) => {
+                *task = TaskState::Training {
+                    task: Box::new(wire),
+                    started: now,
+                };
+                vec![Action::Train(Box::new(training))]
+            }
+            Err(e) => self.fail(now, format!("protocol: {e}")),
+        }
+    }
+
+    fn on_trained(&mut self, now: Millis, result: Result<ClientUpdate, String>) -> Vec<Action> {
+        let Phase::Joined {
+            task: state @ TaskState::Training { .. },
+            ..
+        } = &mut self.phase
+        else {
+            return Vec::new();
+        };
+        let TaskState::Training { task, started } = std::mem::replace(state, TaskState::Waiting)
+        else {
+            return Vec::new();
+        };
+        let trained = match result {
+            Ok(u) => u,
+            Err(e) => return self.fail(now, format!("protocol: local training: {e}")),
+        };
+        let train_ms = now.since(started);
+        match seal_update(&task, &self.identity.client_id, &trained, train_ms) {
+            Ok(update) => {
+                *state = TaskState::AwaitingVerdict {
+                    record: RoundRecord {
+                        round: task.round,
+                        outcome: String::new(),
+                        train_ms,
+                        loss: trained.metrics.loss,
+                        update_bytes: 0,
+                        n_samples: trained.metrics.n_samples,
+                        scopes: update.scopes.clone(),
+                    },
+                };
+                vec![Action::SendUpdate(Box::new(Message::Update(update)))]
+            }
+            Err(e) => self.fail(now, format!("protocol: encoding the update: {e}")),
+        }
+    }
+
+    fn on_verdict(&mut self, now: Millis, message: Message) -> Vec<Action> {
+        let Phase::Joined { task, goodbye } = &mut self.phase else {
+            return Vec::new();
+        };
+        let TaskState::AwaitingVerdict { record } = std::mem::replace(task, TaskState::Waiting)
+        else {
+            return Vec::new();
+        };
+        let mut record = record;
+        match message {
+            Message::Verdict(v)
+                if v.subject
+                    == (Subject::Update {
+                        round: record.round,
+                    }) =>
+            {
+                record.outcome = match v.outcome {
+                    Outcome::Accepted => "accepted".to_owned(),
+                    Outcome::Rejected(reason) => {
+                        tracing::warn!(client = %self.identity.client_id, round = record.round, %reason, "update rejected");
+                        format!("rejected: {reason}")
+                    }
+                };
+            }
+            other => {
+                return self.fail(
+                    now,
+                    format!("protocol: expected the verdict, got {}", other.kind()),
+                );
+            }
+        }
+        self.rounds.push(record);
+        match goodbye.take() {
+            Some(g) => self.on_control_message(now, g.0),
+            None => vec![Action::AcceptTask],
+        }
+    }
+
+    fn on_goodbye_due(&mut self, now: Millis) -> Vec<Action> {
+        let Phase::Joined { task, goodbye } = &mut self.phase else {
+            return Vec::new();
+        };
+        let Some(g) = goodbye.take() else {
+            return Vec::new();
+        };
+        // The task's record is dropped with its verdict.
+        *task = TaskState::Waiting;
+        self.on_control_message(now, g.0)
+    }
+
+    fn on_tick(&mut self, now: Millis) -> Vec<Action> {
+        match &self.phase {
+            Phase::Backoff { until } if now >= *until => self.connect(),
+            Phase::Joined {
+                goodbye: Some(g), ..
+            } if now >= g.1 => self.on_goodbye_due(now),
+            _ => Vec::new(),
+        }
+    }
+
+    fn on_shutdown(&mut self) -> Vec<Action> {
+        let mut out = Vec::new();
+        match self.phase {
+            Phase::Joined { .. } => {
+                out.push(Action::SendGoodbye(GoodbyeReason::ShuttingDown));
+                out.push(Action::Close {
+                    code: 0,
+                    reason: b"shutdown",
+                });
+            }
+            Phase::Connecting | Phase::Hello => out.push(Action::Close {
+                code: 0,
+                reason: b"shutdown",
+            }),
+            Phase::Backoff { .. } | Phase::Done => {}
+        }
+        self.finish(out, Ok(RunEnd::Shutdown))
+    }
+
+    /// The session failed with `error`: close the connection, then back off or give up.
+    fn fail(&mut self, now: Millis, error: impl Into<String>) -> Vec<Action> {
+        let mut out = Vec::new();
+        if !matches!(self.phase, Phase::Backoff { .. }) {
+            out.push(Action::Close {
+                code: 0,
+                reason: b"",
+            });
+        }
+        out.extend(self.fail_closed(now, error.into()));
+        out
+    }
+
+    /// The session is over with `error` and its connection closed: back off or give up.
+    fn fail_closed(&mut self, now: Millis, error: String) -> Vec<Action> {
+        self.count_connection();
+        self.failures += 1;
+        if self
+            .backoff
+            .max_attempts
+            .is_some_and(|max| self.failures >= max)
+        {
+            return self.finish(
+                Vec::new(),
+                Err(ClientError::GaveUp {
+                    attempts: self.failures,
+                    last: error,
+                }),
+            );
+        }
+        self.jitter = xorshift(self.jitter);
+        let delay = self.backoff.delay(
+            self.failures,
+            (self.jitter >> 11) as f64 / (1u64 << 53) as f64,
+        );
+        tracing::warn!(client = %self.identity.client_id, error = %error, ?delay, "session lost; reconnecting");
+        self.phase = Phase::Backoff {
+            until: now.plus(delay.as_millis() as u64),
+        };
+        Vec::new()
+    }
+
+    /// A connection that got its welcome counts, and ends a run of failures.
+    fn count_connection(&mut self) {
+        if std::mem::take(&mut self.welcomed) {
+            self.connections += 1;
+            self.failures = 0;
+        }
+    }
+
+    fn finish(&mut self, mut out: Vec<Action>, result: Result<RunEnd, ClientError>) -> Vec<Action> {
+        self.count_connection();
+        if let Ok(end) = result {
+            self.end = Some(end);
+        }
+        self.phase = Phase::Done;
+        out.push(Action::Finish(result));
+        out
+    }
+}
+
+/// The update for `task` from what training produced, encoded as the task asks and sealed.
+fn seal_update(
+    task: &RoundTask,
+    client_id: &str,
+    trained: &ClientUpdate,
+    train_ms: u64,
+) -> Result<Update, String> {
+    let spec = task.shape.to_spec().map_err(|e| e.to_string())?;
+    let params = EncodedParams::encode(&trained.params, &RowLayout::of_head(&spec), task.encoding)
+        .map_err(|e| e.to_string())?;
+    Ok(Update {
+        run_id: task.run_id,
+        round: task.round,
+        client_id: client_id.to_owned(),
+        n_samples: trained.metrics.n_samples,
+        params,
+        scopes: trained
+            .scopes
+            .iter()
+            .copied()
+            .map(WireScope::from)
+            .collect(),
+        metrics: UpdateMetrics {
+            loss: trained.metrics.loss,
+            accuracy: trained.metrics.accuracy,
+            kl: trained.metrics.regularizer.kl,
+            steps: trained.metrics.steps,
+            train_ms,
+        },
+        digest: [0; 32],
+    }
+    .seal())
+}
+
+impl TrainingTask {
+    /// The task a wire [`RoundTask`] describes, checked: its head's shape, its parameters
+    /// decoded against that shape, its training settings and targets.
+    pub fn from_wire(task: &RoundTask) -> Result<Self, String> {
+        let spec = task
+            .shape
+            .to_spec()
+            .map_err(|e| format!("task head: {e}"))?;
+        let global = task
+            .global
+            .decode(&RowLayout::of_head(&spec))
+            .ok()
+            .and_then(|flat| Head::from_flat(&spec, &flat).ok())
+            .ok_or_else(|| "task head parameters do not decode".to_owned())?;
+        let train = task
+            .train
+            .to_config(&task.targets)
+            .map_err(|e| format!("task training config: {e}"))?;
+        Ok(Self {
+            round: task.round,
+            global,
+            train,
+        })
+    }
+}
+
+/// A stable per-client seed (FNV-1a of the id): decorrelates client shuffles.
+fn seed_of(id: &str) -> u64 {
+    id.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+fn xorshift(mut x: u64) -> u64 {
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    x
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_its_cap_and_jitters_below_it() {
+        let b = Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(1),
+            max_attempts: None,
+        };
+        assert_eq!(b.delay(1, 1.0), Duration::from_millis(100));
+        assert_eq!(b.delay(3, 1.0), Duration::from_millis(400));
+        assert_eq!(b.delay(10, 1.0), Duration::from_secs(1));
+        assert_eq!(b.delay(100, 1.0), Duration::from_secs(1));
+        assert_eq!(b.delay(3, 0.5), Duration::from_millis(200));
+        assert_eq!(b.delay(3, 0.0), Duration::ZERO);
+    }
+}

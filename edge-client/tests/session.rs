@@ -1,0 +1,451 @@
+//! The client's session state machine on a fake clock: joining, a round, the goodbyes,
+//! refusals, the reconnect backoff and giving up, shutdowns, and a goodbye that arrives while
+//! a round is in flight.
+
+use std::time::Duration;
+
+use edge_client::session::{
+    Action, Backoff, ClientError, Event, Identity, RunEnd, Session, VERDICT_GRACE,
+};
+use edge_client::{ClientUpdate, TrainingTask};
+use protocol::{
+    EncodedParams, Encoding, Goodbye, GoodbyeReason, HeadShape, Message, Outcome, RejectReason,
+    RoundTask, RowLayout, Subject, TrainSpec, Verdict, Welcome, WireScope,
+};
+use support::Millis;
+use wsa::{DEFAULT_SCOPE_EPS, Head, HeadSpec, Init, ScopeSelection, TrainConfig, TrainMetrics};
+
+const RUN: u64 = 3;
+
+fn spec() -> HeadSpec {
+    HeadSpec::mlp(4, &[3], 2)
+}
+
+fn backoff(max_attempts: Option<u32>) -> Backoff {
+    Backoff {
+        initial: Duration::from_millis(100),
+        max: Duration::from_millis(1000),
+        max_attempts,
+    }
+}
+
+fn session(max_attempts: Option<u32>) -> Session {
+    Session::new(
+        Identity {
+            client_id: "client-0007".into(),
+            token: b"secret".to_vec(),
+            n_samples: 40,
+        },
+        backoff(max_attempts),
+    )
+}
+
+fn task(round: u64, encoding: Encoding) -> RoundTask {
+    let head = Head::<f32>::init(&spec(), Init::Standard, 1).unwrap();
+    let targets = head
+        .scopes(ScopeSelection::default(), DEFAULT_SCOPE_EPS)
+        .unwrap();
+    RoundTask {
+        run_id: RUN,
+        round,
+        shape: HeadShape::from(&spec()),
+        global: EncodedParams::encode(&head.to_flat(), &RowLayout::of_head(&spec()), Encoding::F32)
+            .unwrap(),
+        targets: targets.into_iter().map(WireScope::from).collect(),
+        train: TrainSpec::from(&TrainConfig::default()),
+        encoding,
+        deadline_ms: 60_000,
+    }
+}
+
+/// What training would return: the task's head moved a little.
+fn trained(task: &TrainingTask) -> ClientUpdate {
+    let params: Vec<f32> = task.global.to_flat().iter().map(|w| w + 0.01).collect();
+    let scopes = Head::from_flat(&spec(), &params)
+        .unwrap()
+        .scopes(ScopeSelection::default(), DEFAULT_SCOPE_EPS)
+        .unwrap();
+    ClientUpdate {
+        round: task.round,
+        params,
+        scopes,
+        metrics: TrainMetrics {
+            loss: 0.5,
+            n_samples: 40,
+            ..TrainMetrics::default()
+        },
+    }
+}
+
+fn verdict(round: u64, outcome: Outcome) -> Message {
+    Message::Verdict(Verdict {
+        run_id: RUN,
+        subject: Subject::Update { round },
+        outcome,
+    })
+}
+
+fn goodbye(reason: GoodbyeReason) -> Message {
+    Message::Goodbye(Goodbye { reason })
+}
+
+fn welcome() -> Message {
+    Message::Welcome(Welcome {
+        run_id: RUN,
+        round: 0,
+    })
+}
+
+/// A session driven at `now`, remembering the last actions.
+struct Driver {
+    session: Session,
+    now: u64,
+}
+
+impl Driver {
+    fn new(max_attempts: Option<u32>) -> (Self, Vec<Action>) {
+        let mut session = session(max_attempts);
+        let first = session.start(Millis(0));
+        (Self { session, now: 0 }, first)
+    }
+
+    fn at(&mut self, now: u64, event: Event) -> Vec<Action> {
+        self.now = now;
+        self.session.handle(Millis(now), event)
+    }
+
+    fn on(&mut self, event: Event) -> Vec<Action> {
+        self.at(self.now, event)
+    }
+
+    /// Connected and welcomed: the machine asks for a task.
+    fn join(&mut self) {
+        assert_eq!(self.on(Event::Connected), vec![]);
+        assert_eq!(self.on(Event::Control(welcome())), vec![Action::AcceptTask]);
+    }
+
+    /// A task of `round` arrives; returns what the machine asks to train.
+    fn take_task(&mut self, round: u64) -> TrainingTask {
+        match self.on(Event::Task(Message::RoundTask(task(round, Encoding::F32))))[..] {
+            [Action::Train(ref t)] => (**t).clone(),
+            ref other => panic!("expected a training request, got {other:?}"),
+        }
+    }
+
+    /// Training finishes `train_ms` later; returns the update the machine sends.
+    fn finish_training(&mut self, task: &TrainingTask, train_ms: u64) -> protocol::Update {
+        let at = self.now + train_ms;
+        match &self.at(at, Event::Trained(Ok(trained(task))))[..] {
+            [Action::SendUpdate(m)] => match m.as_ref() {
+                Message::Update(u) => u.clone(),
+                other => panic!("expected an update, got {other:?}"),
+            },
+            other => panic!("expected an update to send, got {other:?}"),
+        }
+    }
+}
+
+fn finish_of(actions: &[Action]) -> Option<&Result<RunEnd, ClientError>> {
+    actions.iter().find_map(|a| match a {
+        Action::Finish(r) => Some(r),
+        _ => None,
+    })
+}
+
+#[test]
+fn a_round_from_hello_to_the_run_finished_goodbye() {
+    let (mut d, first) = Driver::new(None);
+    match &first[..] {
+        [Action::Connect(hello)] => match hello.as_ref() {
+            Message::Hello(h) => {
+                assert_eq!(h.client_id, "client-0007");
+                assert_eq!(h.n_samples, 40);
+                assert_eq!(h.protocol_version, protocol::PROTOCOL_VERSION);
+            }
+            other => panic!("{other:?}"),
+        },
+        other => panic!("{other:?}"),
+    }
+    d.join();
+    let t = d.take_task(0);
+    assert_eq!(t.round, 0);
+    let update = d.finish_training(&t, 250);
+    assert!(update.digest_ok(), "the update is sealed");
+    assert_eq!((update.run_id, update.round), (RUN, 0));
+    assert_eq!(update.client_id, "client-0007");
+    assert_eq!(
+        update.metrics.train_ms, 250,
+        "training time on the caller's clock"
+    );
+    assert_eq!(d.on(Event::UpdateSent(1234)), vec![]);
+    assert_eq!(
+        d.on(Event::Verdict(verdict(0, Outcome::Accepted))),
+        vec![Action::AcceptTask]
+    );
+    // The next round's update is refused; the machine records why and goes on.
+    let t = d.take_task(1);
+    d.finish_training(&t, 10);
+    let refused = Outcome::Rejected(RejectReason::NormTooLarge {
+        norm: 9.0,
+        bound: 1.0,
+    });
+    assert_eq!(
+        d.on(Event::Verdict(verdict(1, refused))),
+        vec![Action::AcceptTask]
+    );
+    let end = d.on(Event::Control(goodbye(GoodbyeReason::RunFinished)));
+    assert_eq!(
+        end,
+        vec![
+            Action::Close {
+                code: 0,
+                reason: b"done"
+            },
+            Action::Finish(Ok(RunEnd::RunFinished))
+        ]
+    );
+    assert!(d.session.is_done());
+    let report = d.session.report();
+    assert_eq!(report.end, RunEnd::RunFinished);
+    assert_eq!(report.connections, 1);
+    assert_eq!(report.rounds.len(), 2);
+    assert_eq!(report.rounds[0].outcome, "accepted");
+    assert_eq!(report.rounds[0].update_bytes, 1234);
+    assert_eq!(report.rounds[0].train_ms, 250);
+    assert!(
+        report.rounds[1]
+            .outcome
+            .starts_with("rejected: update norm")
+    );
+    // Nothing happens after the end.
+    assert_eq!(d.on(Event::Tick), vec![]);
+}
+
+#[test]
+fn failures_back_off_exponentially_below_the_cap_then_reconnect() {
+    let (mut d, _) = Driver::new(None);
+    let mut now = 0;
+    for attempt in 1..=8u32 {
+        let actions = d.at(now, Event::ConnectFailed("refused by the network".into()));
+        assert!(
+            finish_of(&actions).is_none(),
+            "transient failures never end the run"
+        );
+        let deadline = d.session.next_deadline().expect("a backoff deadline").0;
+        let bound = (100u64 << (attempt - 1)).min(1000);
+        assert!(
+            deadline - now <= bound,
+            "attempt {attempt}: waits {} ms, bound {bound}",
+            deadline - now
+        );
+        // Not before the deadline.
+        if deadline > now {
+            assert_eq!(d.at(deadline - 1, Event::Tick), vec![]);
+        }
+        match &d.at(deadline, Event::Tick)[..] {
+            [Action::Connect(_)] => {}
+            other => panic!("attempt {attempt}: expected a reconnect, got {other:?}"),
+        }
+        now = deadline;
+    }
+    assert_eq!(d.session.report().connections, 0);
+}
+
+#[test]
+fn giving_up_counts_failures_in_a_row_only() {
+    fn fail(d: &mut Driver) -> Option<Result<RunEnd, ClientError>> {
+        let actions = d.on(Event::ConnectFailed("unreachable".into()));
+        if let Some(end) = finish_of(&actions) {
+            return Some(end.clone());
+        }
+        let deadline = d.session.next_deadline().unwrap().0;
+        d.at(deadline, Event::Tick);
+        None
+    }
+    let (mut d, _) = Driver::new(Some(3));
+    assert_eq!(fail(&mut d), None);
+    assert_eq!(fail(&mut d), None);
+    // A session that was welcomed resets the count.
+    d.join();
+    let lost = d.on(Event::ControlFailed("connection lost".into()));
+    assert!(finish_of(&lost).is_none());
+    let deadline = d.session.next_deadline().unwrap().0;
+    d.at(deadline, Event::Tick);
+    assert_eq!(fail(&mut d), None);
+    match fail(&mut d) {
+        Some(Err(ClientError::GaveUp { attempts, last })) => {
+            assert_eq!(attempts, 3);
+            assert_eq!(last, "unreachable");
+        }
+        other => panic!("expected to give up, got {other:?}"),
+    }
+    assert_eq!(d.session.report().connections, 1);
+}
+
+#[test]
+fn a_refused_hello_ends_the_run_without_retrying() {
+    let (mut d, _) = Driver::new(None);
+    d.on(Event::Connected);
+    let refusal = Message::Verdict(Verdict {
+        run_id: RUN,
+        subject: Subject::Hello,
+        outcome: Outcome::Rejected(RejectReason::BadCredentials),
+    });
+    let actions = d.on(Event::Control(refusal));
+    assert_eq!(
+        finish_of(&actions),
+        Some(&Err(ClientError::Refused(RejectReason::BadCredentials)))
+    );
+    assert_eq!(d.session.next_deadline(), None);
+    assert_eq!(d.session.report().connections, 0);
+}
+
+#[test]
+fn a_goodbye_for_a_restart_reconnects_and_counts_the_connection() {
+    let (mut d, _) = Driver::new(Some(2));
+    d.on(Event::ConnectFailed("not up yet".into()));
+    let deadline = d.session.next_deadline().unwrap().0;
+    d.at(deadline, Event::Tick);
+    d.join();
+    let actions = d.on(Event::Control(goodbye(GoodbyeReason::ShuttingDown)));
+    assert_eq!(
+        actions,
+        vec![Action::Close {
+            code: 0,
+            reason: b"bye"
+        }]
+    );
+    // A second failure in a row would end the run with max_attempts 2; this one came after a
+    // welcome, so it is the first of a new series, and the machine waits to reconnect.
+    assert!(d.session.next_deadline().is_some());
+    assert_eq!(d.session.report().connections, 1);
+}
+
+#[test]
+fn a_goodbye_mid_round_waits_for_the_verdict() {
+    let (mut d, _) = Driver::new(None);
+    d.join();
+    let t = d.take_task(4);
+    assert_eq!(
+        d.at(1000, Event::Control(goodbye(GoodbyeReason::RunFinished))),
+        vec![]
+    );
+    assert_eq!(
+        d.session.next_deadline(),
+        Some(Millis(1000 + VERDICT_GRACE.as_millis() as u64))
+    );
+    // The server finishes its control stream after the goodbye: not a failure.
+    assert_eq!(d.on(Event::ControlFailed("stream finished".into())), vec![]);
+    d.finish_training(&t, 300);
+    let end = d.at(1500, Event::Verdict(verdict(4, Outcome::Accepted)));
+    assert_eq!(finish_of(&end), Some(&Ok(RunEnd::RunFinished)));
+    let report = d.session.report();
+    assert_eq!(report.rounds.len(), 1, "the round's verdict was kept");
+    assert_eq!(report.rounds[0].round, 4);
+}
+
+#[test]
+fn a_goodbye_mid_round_gives_up_on_the_verdict_at_the_grace_deadline() {
+    let (mut d, _) = Driver::new(None);
+    d.join();
+    d.take_task(2);
+    d.at(1000, Event::Control(goodbye(GoodbyeReason::RunFinished)));
+    let grace = VERDICT_GRACE.as_millis() as u64;
+    assert_eq!(d.at(1000 + grace - 1, Event::Tick), vec![]);
+    let end = d.at(1000 + grace, Event::Tick);
+    assert_eq!(finish_of(&end), Some(&Ok(RunEnd::RunFinished)));
+    assert!(d.session.report().rounds.is_empty());
+}
+
+#[test]
+fn a_shutdown_mid_round_says_goodbye_and_ends() {
+    let (mut d, _) = Driver::new(None);
+    d.join();
+    d.take_task(0);
+    let actions = d.on(Event::Shutdown);
+    assert_eq!(
+        actions,
+        vec![
+            Action::SendGoodbye(GoodbyeReason::ShuttingDown),
+            Action::Close {
+                code: 0,
+                reason: b"shutdown"
+            },
+            Action::Finish(Ok(RunEnd::Shutdown)),
+        ]
+    );
+    // A shutdown while waiting to reconnect ends at once, with no goodbye to send.
+    let (mut d, _) = Driver::new(None);
+    d.on(Event::ConnectFailed("down".into()));
+    assert_eq!(
+        d.on(Event::Shutdown),
+        vec![Action::Finish(Ok(RunEnd::Shutdown))]
+    );
+}
+
+#[test]
+fn protocol_errors_end_the_session_not_the_run() {
+    for bad in [
+        // Something other than a task on a task's stream.
+        Event::Task(welcome()),
+        // A task whose parameters do not fit its shape.
+        Event::Task(Message::RoundTask(RoundTask {
+            shape: HeadShape {
+                input: 5,
+                hidden: vec![3],
+                classes: 2,
+            },
+            ..task(0, Encoding::F32)
+        })),
+        // Something other than a goodbye on the control stream.
+        Event::Control(welcome()),
+    ] {
+        let (mut d, _) = Driver::new(None);
+        d.join();
+        let actions = d.on(bad.clone());
+        assert_eq!(
+            actions,
+            vec![Action::Close {
+                code: 0,
+                reason: b""
+            }],
+            "{bad:?}"
+        );
+        assert!(d.session.next_deadline().is_some(), "{bad:?}: reconnects");
+    }
+    // A verdict for another round.
+    let (mut d, _) = Driver::new(None);
+    d.join();
+    let t = d.take_task(3);
+    d.finish_training(&t, 1);
+    d.on(Event::Verdict(verdict(2, Outcome::Accepted)));
+    assert!(d.session.next_deadline().is_some());
+    assert!(d.session.report().rounds.is_empty());
+    // Training that failed.
+    let (mut d, _) = Driver::new(None);
+    d.join();
+    d.take_task(0);
+    let actions = d.on(Event::Trained(Err("diverged".into())));
+    assert!(matches!(actions[..], [Action::Close { .. }]));
+}
+
+#[test]
+fn an_update_follows_the_encoding_the_task_asks_for() {
+    for encoding in [Encoding::F32, Encoding::F16, Encoding::Int8RowScaled] {
+        let (mut d, _) = Driver::new(None);
+        d.join();
+        let wire = task(0, encoding);
+        let Action::Train(t) = d.on(Event::Task(Message::RoundTask(wire))).remove(0) else {
+            panic!("no training request")
+        };
+        let update = d.finish_training(&t, 1);
+        assert_eq!(update.params.encoding, encoding);
+        let decoded = update.params.decode(&RowLayout::of_head(&spec())).unwrap();
+        let sent = trained(&t).params;
+        // Within int8's bound, max|row| / 254, taking the whole vector's max as the row's.
+        let bound = sent.iter().fold(0f32, |m, v| m.max(v.abs())) / 254.0 + 1e-6;
+        for (a, b) in decoded.iter().zip(&sent) {
+            assert!((a - b).abs() <= bound, "{encoding:?}: {a} vs {b}");
+        }
+    }
+}

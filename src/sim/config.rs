@@ -1,0 +1,143 @@
+//! What a fleet run does: the data, the fleet, the strategies and rules compared, the
+//! attackers; written to the run folder as `config.json`, read back by client processes.
+
+use std::path::PathBuf;
+
+use aggregator::backends::BackendChoice;
+use aggregator_core::engine::{EngineConfig, Sampling};
+use aggregator_core::strategy::{Aggregation, Strategy};
+use edge_client::Adversary;
+use protocol::Encoding;
+use serde::{Deserialize, Serialize};
+use wsa::{HeadSpec, Sgd};
+
+use crate::partition::Scheme;
+
+/// Where the features come from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum DataSource {
+    /// Fashion-MNIST through the MobileNetV2 backbone (features cached on disk).
+    FashionMnist {
+        /// Folder with the IDX files.
+        data: PathBuf,
+        /// The features ONNX.
+        model: PathBuf,
+        /// Backbone input side.
+        side: usize,
+        /// Feature caches.
+        cache_dir: PathBuf,
+        /// Use the first N training images (0: all 60k).
+        train_limit: usize,
+        /// Use the first N test images (0: all 10k).
+        test_limit: usize,
+        /// Threads for extraction.
+        threads: usize,
+    },
+    /// The built-in synthetic problem (no model needed): for tests and quick checks.
+    Synthetic {
+        /// Feature width.
+        dim: usize,
+        /// Classes.
+        classes: usize,
+        /// Training rows.
+        train: usize,
+        /// Test rows.
+        test: usize,
+    },
+}
+
+/// The attacking part of a fleet: the first `⌊fraction · clients⌋` clients (the partition is
+/// random, so which ones does not matter) corrupt every update with `attack`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Byzantine {
+    /// The share of clients that attack, in [0, 1).
+    pub fraction: f64,
+    /// What they do.
+    pub attack: Adversary,
+}
+
+impl Byzantine {
+    /// How many of `clients` attack.
+    pub fn count(&self, clients: usize) -> usize {
+        (self.fraction * clients as f64).floor() as usize
+    }
+}
+
+/// Everything a fleet run does; written to the run folder as `config.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FleetConfig {
+    /// The data.
+    pub data: DataSource,
+    /// Simulated clients.
+    pub clients: usize,
+    /// Clients asked per round.
+    pub per_round: usize,
+    /// How the training set is split.
+    pub partition: Scheme,
+    /// Rounds per strategy.
+    pub rounds: u64,
+    /// Strategies compared on the same partition and seed.
+    pub strategies: Vec<Strategy>,
+    /// Aggregation rules: every strategy runs with each (empty: the plain mean).
+    #[serde(default)]
+    pub aggregations: Vec<Aggregation>,
+    /// Where the aggregator folds updates.
+    #[serde(default)]
+    pub backend: BackendChoice,
+    /// Accepted updates a round needs (default: `per_round`, every asked client).
+    #[serde(default)]
+    pub quorum: Option<usize>,
+    /// Clients that attack (robustness experiments); none by default.
+    #[serde(default)]
+    pub byzantine: Option<Byzantine>,
+    /// Also train centrally on the union of the client data.
+    pub centralized: bool,
+    /// One full comparison per seed (partition, initial head, sampling, shuffles).
+    pub seeds: Vec<u64>,
+    /// Hidden widths of the MLP head (empty: linear).
+    pub hidden: Vec<usize>,
+    /// Local training.
+    pub train: Sgd,
+    /// How clients encode updates.
+    pub update_encoding: Encoding,
+    /// For "rounds to reach": the test accuracy a strategy must reach.
+    pub target_accuracy: f64,
+    /// Fraction of the training set held out (per seed, before partitioning) as the
+    /// validation split that choices like λ are made on; 0: none.
+    #[serde(default)]
+    pub validation_fraction: f64,
+    /// Run the clients in this many separate processes (0: in this process). The aggregator
+    /// then has this process to itself, and its memory can be measured apart.
+    #[serde(default)]
+    pub client_processes: usize,
+    /// The run folder.
+    pub out: PathBuf,
+}
+
+/// The engine configuration of one run: `strategy` under `aggregation` on `seed`'s data.
+pub(crate) fn engine_config(
+    cfg: &FleetConfig,
+    head: &HeadSpec,
+    strategy: Strategy,
+    aggregation: Aggregation,
+    seed: u64,
+) -> EngineConfig {
+    let mut c = EngineConfig::new(seed.wrapping_add(1), head.clone(), strategy);
+    c.aggregation = aggregation;
+    c.seed = seed;
+    c.rounds = cfg.rounds;
+    c.train = cfg.train.clone();
+    c.update_encoding = cfg.update_encoding;
+    c.sampling = Sampling {
+        fraction: cfg.per_round as f64 / cfg.clients as f64,
+        min_clients: cfg.per_round,
+        over_selection: 1.0,
+    };
+    // Every client is online in a simulation: wait for all, and count a round only when all
+    // asked clients answered, so strategies see the same number of updates.
+    c.min_connected = cfg.clients;
+    c.quorum = cfg.quorum.unwrap_or(cfg.per_round).clamp(1, cfg.per_round);
+    c.round_timeout_ms = 600_000;
+    c
+}

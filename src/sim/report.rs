@@ -1,0 +1,261 @@
+//! What a run reports: a row per round (`rounds.csv`, `rounds.json`), a summary per strategy
+//! over the seeds, the markdown table and the plot.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use super::config::FleetConfig;
+use crate::plot::{Series, line_plot};
+
+/// One round of one run, as written to `rounds.csv`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RoundRow {
+    /// Strategy label.
+    pub strategy: String,
+    /// Seed.
+    pub seed: u64,
+    /// Round (0-based).
+    pub round: u64,
+    /// Test accuracy of the global head after the round.
+    pub test_accuracy: f64,
+    /// Validation accuracy (NaN without a validation split).
+    pub validation_accuracy: f64,
+    /// Test loss.
+    pub test_loss: f64,
+    /// Mean local training loss of the accepted updates.
+    pub train_loss: f64,
+    /// Mean Σ KL of the client heads to their targets.
+    pub mean_kl: f64,
+    /// Accepted updates.
+    pub accepted: usize,
+    /// Wall time of the round.
+    pub wall_ms: u64,
+    /// Update bytes received.
+    pub bytes_in: u64,
+}
+
+/// A strategy's figures over the seeds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StrategySummary {
+    /// Strategy label.
+    pub strategy: String,
+    /// Test accuracy after the last round: mean, std over seeds.
+    pub final_accuracy: (f64, f64),
+    /// Best test accuracy over the rounds.
+    pub best_accuracy: (f64, f64),
+    /// Mean test accuracy of the last 10 rounds (or all, if fewer): the headline under skew.
+    pub last10_accuracy: (f64, f64),
+    /// First round (1-based count) reaching the target, per seed; `None`: never.
+    pub rounds_to_target: Vec<Option<u64>>,
+    /// Mean validation accuracy of the last 10 rounds (NaN without a validation split).
+    pub last10_validation_accuracy: (f64, f64),
+    /// Median round wall time, ms.
+    pub median_round_ms: f64,
+}
+
+/// What a fleet run produced.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FleetSummary {
+    /// The configuration.
+    pub config: FleetConfig,
+    /// Per strategy (and "centralized").
+    pub strategies: Vec<StrategySummary>,
+    /// Label skew of each seed's partition (0: IID).
+    pub partition_skew: Vec<f64>,
+    /// Training rows, test rows, feature width.
+    pub data_shape: (usize, usize, usize),
+    /// Seconds spent getting the features.
+    pub feature_seconds: f64,
+    /// Seconds of the whole run.
+    pub total_seconds: f64,
+    /// Peak resident memory of the simulator's process, MiB: the aggregator (and the shared
+    /// feature matrix), plus every client unless they ran in their own processes.
+    pub peak_rss_mib: Option<f64>,
+    /// The plot.
+    pub plot: PathBuf,
+}
+
+fn mean_std(values: &[f64]) -> (f64, f64) {
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+    (mean, var.sqrt())
+}
+
+pub(crate) fn summarize(
+    label: &str,
+    rows: &[RoundRow],
+    seeds: &[u64],
+    target: f64,
+) -> StrategySummary {
+    let per_seed: Vec<Vec<&RoundRow>> = seeds
+        .iter()
+        .map(|s| {
+            rows.iter()
+                .filter(|r| r.seed == *s && r.strategy == label)
+                .collect()
+        })
+        .collect();
+    let finals: Vec<f64> = per_seed
+        .iter()
+        .filter_map(|r| r.last().map(|r| r.test_accuracy))
+        .collect();
+    let bests: Vec<f64> = per_seed
+        .iter()
+        .map(|r| r.iter().map(|r| r.test_accuracy).fold(0.0, f64::max))
+        .collect();
+    let last10: Vec<f64> = per_seed
+        .iter()
+        .map(|r| {
+            let tail = &r[r.len().saturating_sub(10)..];
+            tail.iter().map(|r| r.test_accuracy).sum::<f64>() / tail.len().max(1) as f64
+        })
+        .collect();
+    let last10_val: Vec<f64> = per_seed
+        .iter()
+        .map(|r| {
+            let tail = &r[r.len().saturating_sub(10)..];
+            tail.iter().map(|r| r.validation_accuracy).sum::<f64>() / tail.len().max(1) as f64
+        })
+        .collect();
+    let mut walls: Vec<f64> = per_seed
+        .iter()
+        .flatten()
+        .map(|r| r.wall_ms as f64)
+        .collect();
+    walls.sort_by(f64::total_cmp);
+    StrategySummary {
+        strategy: label.to_owned(),
+        final_accuracy: mean_std(&finals),
+        best_accuracy: mean_std(&bests),
+        last10_accuracy: mean_std(&last10),
+        last10_validation_accuracy: mean_std(&last10_val),
+        rounds_to_target: per_seed
+            .iter()
+            .map(|r| {
+                r.iter()
+                    .find(|r| r.test_accuracy >= target)
+                    .map(|r| r.round + 1)
+            })
+            .collect(),
+        median_round_ms: walls.get(walls.len() / 2).copied().unwrap_or(f64::NAN),
+    }
+}
+
+/// The markdown table of a run.
+pub fn markdown_table(summary: &FleetSummary) -> String {
+    let pm = |(m, s): (f64, f64)| {
+        if summary.config.seeds.len() > 1 {
+            format!("{:.4} ± {:.4}", m, s)
+        } else {
+            format!("{m:.4}")
+        }
+    };
+    let mut t = format!(
+        "| strategy | final | best | mean of last 10 | rounds to {:.0}% | median round ms | validation, last 10 |\n|---|---|---|---|---|---|---|\n",
+        summary.config.target_accuracy * 100.0
+    );
+    for s in &summary.strategies {
+        let reach: Vec<String> = s
+            .rounds_to_target
+            .iter()
+            .map(|r| r.map_or("—".into(), |r| r.to_string()))
+            .collect();
+        t.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {:.0} | {} |\n",
+            s.strategy,
+            pm(s.final_accuracy),
+            pm(s.best_accuracy),
+            pm(s.last10_accuracy),
+            reach.join(", "),
+            s.median_round_ms,
+            if s.last10_validation_accuracy.0.is_nan() {
+                "—".to_owned()
+            } else {
+                pm(s.last10_validation_accuracy)
+            }
+        ));
+    }
+    t
+}
+
+pub(crate) fn write_csv(path: &Path, rows: &[RoundRow]) -> Result<()> {
+    let mut out = String::from(
+        "strategy,seed,round,test_accuracy,validation_accuracy,test_loss,train_loss,mean_kl,accepted,wall_ms,bytes_in\n",
+    );
+    for r in rows {
+        out.push_str(&format!(
+            "\"{}\",{},{},{},{},{},{},{},{},{},{}\n",
+            // Labels hold commas ("wsa(lambda=10,MeanStd)"): quoted, as CSV wants.
+            r.strategy.replace('"', "\"\""),
+            r.seed,
+            r.round,
+            r.test_accuracy,
+            r.validation_accuracy,
+            r.test_loss,
+            r.train_loss,
+            r.mean_kl,
+            r.accepted,
+            r.wall_ms,
+            r.bytes_in
+        ));
+    }
+    std::fs::write(path, out).with_context(|| format!("writing {}", path.display()))
+}
+
+/// This process's peak resident memory (VmHWM), in MiB; `None` off Linux.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
+/// Plots the mean test accuracy over the seeds, round by round, of every run in `labels` into
+/// the run folder's `accuracy.png`.
+pub(crate) fn write_plot(
+    cfg: &FleetConfig,
+    rows: &[RoundRow],
+    labels: &[String],
+) -> Result<PathBuf> {
+    let mut series = Vec::new();
+    for label in labels {
+        // The mean over seeds, round by round.
+        let mut by_round: BTreeMap<u64, Vec<f64>> = BTreeMap::new();
+        for r in rows.iter().filter(|r| &r.strategy == label) {
+            by_round.entry(r.round).or_default().push(r.test_accuracy);
+        }
+        series.push(Series {
+            name: label.clone(),
+            points: by_round
+                .iter()
+                .map(|(round, accs)| {
+                    (
+                        (round + 1) as f64,
+                        accs.iter().sum::<f64>() / accs.len() as f64,
+                    )
+                })
+                .collect(),
+        });
+    }
+    let plot = cfg.out.join("accuracy.png");
+    line_plot(
+        &plot,
+        &format!(
+            "{} clients, {} per round, {:?}",
+            cfg.clients, cfg.per_round, cfg.partition
+        ),
+        "round",
+        "test accuracy",
+        &series,
+    )?;
+    Ok(plot)
+}

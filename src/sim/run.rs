@@ -1,0 +1,364 @@
+//! The orchestration: per seed and strategy, a real aggregator and real clients over loopback
+//! QUIC (clients in this process or in client processes), the centralized reference, and the
+//! run folder.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aggregator::server::RoundLine;
+use aggregator_core::engine::Engine;
+use aggregator_core::strategy::{Aggregation, Strategy};
+use anyhow::{Context, Result, ensure};
+use edge_client::Adversary;
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio::sync::{mpsc, watch};
+use wsa::{Head, HeadSpec, LabelledFeatures, Sgd, TrainConfig};
+
+use super::config::{FleetConfig, engine_config};
+use super::data::{SeedData, load_data, seed_data};
+use super::report::{
+    FleetSummary, RoundRow, markdown_table, peak_rss_mib, summarize, write_csv, write_plot,
+};
+use crate::fleet::{Deployment, spawn_server};
+
+/// Runs one strategy on one seed's shards; returns one row per round.
+async fn run_strategy(
+    cfg: &FleetConfig,
+    deployment: &Deployment,
+    engine: Engine,
+    label: &str,
+    seed: u64,
+    shards: &[Arc<LabelledFeatures>],
+    progress: &ProgressBar,
+) -> Result<Vec<RoundRow>> {
+    let (observer, mut lines) = mpsc::unbounded_channel::<RoundLine>();
+    let mut options = deployment.server_options(
+        "127.0.0.1:0".parse().expect("literal"),
+        None,
+        Some(cfg.out.join("aggregator-rounds.jsonl")),
+    )?;
+    options.round_observer = Some(observer);
+    // Every simulated client stays connected, and thousands of TLS handshakes on a couple of
+    // cores take a while.
+    options.max_connections = options.max_connections.max(cfg.clients + 16);
+    options.hello_timeout = Duration::from_secs(120);
+    let server = deployment.bind(options)?;
+    let addr = server.local_addr()?;
+    let (handle, _stop_server) = spawn_server(server, engine);
+    let (_keep_clients, stop) = watch::channel(false);
+    let mut clients = Vec::new();
+    let mut children = Vec::new();
+    if cfg.client_processes == 0 {
+        let named = shards
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (protocol::client_id(i), Arc::clone(s)))
+            .collect();
+        clients = deployment.spawn_clients_with(addr, named, &stop, adversaries(cfg))?;
+    } else {
+        let exe = std::env::current_exe()?;
+        for group in 0..cfg.client_processes {
+            let child = std::process::Command::new(&exe)
+                .arg("clients")
+                .arg("--config")
+                .arg(cfg.out.join("config.json"))
+                .args(["--server", &addr.to_string()])
+                .args(["--seed", &seed.to_string()])
+                .args(["--group", &group.to_string()])
+                .args(["--groups", &cfg.client_processes.to_string()])
+                .spawn()
+                .with_context(|| format!("starting client process {group}"))?;
+            children.push(child);
+        }
+    }
+    let progress_task = {
+        let progress = progress.clone();
+        let label = label.to_owned();
+        tokio::spawn(async move {
+            while let Some(line) = lines.recv().await {
+                if let Some(eval) = line.report.test_eval {
+                    progress.set_message(format!(
+                        "{label} seed {seed} round {}: test acc {:.4}",
+                        line.report.round, eval.accuracy
+                    ));
+                }
+                progress.inc(1);
+            }
+        })
+    };
+    let summary = handle.await.context("aggregator task")??;
+    for c in clients {
+        c.await.context("client task")?.context("client")?;
+    }
+    for mut child in children {
+        let status = tokio::task::spawn_blocking(move || child.wait()).await??;
+        ensure!(status.success(), "a client process failed: {status}");
+    }
+    progress_task.await?;
+    ensure!(summary.finished, "{label}: the run did not finish");
+    Ok(summary
+        .rounds
+        .iter()
+        .filter(|l| l.report.test_eval.is_some())
+        .map(|l| {
+            let eval = l.report.test_eval.expect("filtered");
+            RoundRow {
+                strategy: label.to_owned(),
+                seed,
+                round: l.report.round,
+                test_accuracy: eval.accuracy,
+                validation_accuracy: l.report.eval.map_or(f64::NAN, |e| e.accuracy),
+                test_loss: eval.loss,
+                train_loss: l.report.train_loss.unwrap_or(f64::NAN),
+                mean_kl: l.report.mean_kl.unwrap_or(f64::NAN),
+                accepted: l.report.accepted.len(),
+                wall_ms: l.report.duration_ms,
+                bytes_in: l.report.wire_bytes_in,
+            }
+        })
+        .collect())
+}
+
+/// The centralized reference: the same head, optimizer and initial weights trained on the
+/// union of the client data, one "round" = one epoch over all of it. A federated round of the
+/// experiment passes about half as many samples (10 clients × 5 epochs × ~1% of the data), so
+/// the bound gets twice the federated budget and still converges; the local epoch count is
+/// deliberately not reused, since 5 epochs a round would be 10× the budget and the run's
+/// slowest part. With that optimizer (no decay) it is not an upper bound: averaged federated
+/// heads end above it on IID splits (docs/results.md §5).
+fn run_centralized(
+    cfg: &FleetConfig,
+    head: &HeadSpec,
+    train: &LabelledFeatures,
+    test: &LabelledFeatures,
+    validation: Option<&LabelledFeatures>,
+    seed: u64,
+    progress: &ProgressBar,
+) -> Result<Vec<RoundRow>> {
+    let init = engine_config(cfg, head, Strategy::FedAvg, Aggregation::Mean, seed);
+    let mut model: Head<f32> = Head::init(&init.head, init.init, init.seed)?;
+    let mut rows = Vec::new();
+    for round in 0..cfg.rounds {
+        let started = Instant::now();
+        let tc = TrainConfig {
+            seed: seed ^ round.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            ..TrainConfig::new(Sgd {
+                epochs: 1,
+                ..cfg.train.clone()
+            })
+        };
+        let out = wsa::train(&model, train, &tc)?;
+        model = out.head;
+        let eval = model.evaluate(test.x(), test.labels())?;
+        let validation_accuracy = match validation {
+            Some(v) => model.evaluate(v.x(), v.labels())?.accuracy,
+            None => f64::NAN,
+        };
+        rows.push(RoundRow {
+            strategy: "centralized".into(),
+            seed,
+            round,
+            test_accuracy: eval.accuracy,
+            validation_accuracy,
+            test_loss: eval.loss,
+            train_loss: out.metrics.loss,
+            mean_kl: f64::NAN,
+            accepted: 1,
+            wall_ms: started.elapsed().as_millis() as u64,
+            bytes_in: 0,
+        });
+        progress.set_message(format!(
+            "centralized seed {seed} round {round}: test acc {:.4}",
+            eval.accuracy
+        ));
+        progress.inc(1);
+    }
+    Ok(rows)
+}
+
+/// The body of a client process (`wsa-fl clients ...`): rebuilds the run's data for `seed`
+/// and runs clients `i` with `i % groups == group` against `server` until the run ends.
+pub fn run_client_group(
+    config: &Path,
+    server: std::net::SocketAddr,
+    seed: u64,
+    group: usize,
+    groups: usize,
+) -> Result<()> {
+    let cfg: FleetConfig = serde_json::from_str(
+        &std::fs::read_to_string(config)
+            .with_context(|| format!("reading {}", config.display()))?,
+    )?;
+    ensure!(groups > 0 && group < groups, "group {group} of {groups}");
+    let (train, _) = load_data(&cfg.data)?;
+    let data = seed_data(&cfg, &train, seed)?;
+    drop(train);
+    let deployment = Deployment::open(&cfg.out.join("creds"));
+    let mine = data
+        .shards
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| i % groups == group)
+        .map(|(i, s)| (protocol::client_id(i), s))
+        .collect();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let (_keep, stop) = watch::channel(false);
+        for client in deployment.spawn_clients_with(server, mine, &stop, adversaries(&cfg))? {
+            let report = client.await.context("client task")??;
+            ensure!(
+                report.end == edge_client::net::RunEnd::RunFinished,
+                "a client ended with {:?}",
+                report.end
+            );
+        }
+        Ok(())
+    })
+}
+
+/// Which clients attack: `client_id(i)` for `i` below the Byzantine count.
+fn adversaries(cfg: &FleetConfig) -> impl Fn(&str) -> Option<Adversary> + use<> {
+    let count = cfg.byzantine.map_or(0, |b| b.count(cfg.clients));
+    let attackers: Vec<String> = (0..count).map(protocol::client_id).collect();
+    let attack = cfg.byzantine.map(|b| b.attack);
+    move |id| attack.filter(|_| attackers.iter().any(|a| a == id))
+}
+
+/// Runs the whole comparison and writes the run folder.
+pub fn run_fleet(cfg: &FleetConfig) -> Result<FleetSummary> {
+    ensure!(
+        cfg.clients > 0 && cfg.per_round > 0 && cfg.per_round <= cfg.clients,
+        "need 0 < per_round ≤ clients"
+    );
+    ensure!(
+        cfg.rounds > 0 && !cfg.seeds.is_empty(),
+        "need rounds and at least one seed"
+    );
+    let started = Instant::now();
+    std::fs::create_dir_all(&cfg.out).with_context(|| format!("creating {}", cfg.out.display()))?;
+    std::fs::write(
+        cfg.out.join("config.json"),
+        serde_json::to_string_pretty(cfg)? + "\n",
+    )?;
+    let _ = std::fs::remove_file(cfg.out.join("aggregator-rounds.jsonl"));
+
+    let (train, test) = load_data(&cfg.data)?;
+    let feature_seconds = started.elapsed().as_secs_f64();
+    let head = HeadSpec::mlp(train.dim(), &cfg.hidden, train.classes());
+    let ids: Vec<String> = (0..cfg.clients).map(protocol::client_id).collect();
+    let deployment = Deployment::generate(&cfg.out.join("creds"), &ids)?;
+
+    let aggregations = if cfg.aggregations.is_empty() {
+        vec![Aggregation::Mean]
+    } else {
+        cfg.aggregations.clone()
+    };
+    let plans: Vec<(Strategy, Aggregation)> = cfg
+        .strategies
+        .iter()
+        .flat_map(|&s| aggregations.iter().map(move |&a| (s, a)))
+        .collect();
+    let backend = aggregator::backends::open_backend(cfg.backend)?;
+    tracing::info!(backend = backend.name(), "aggregator backend");
+    let runs_per_seed = plans.len() as u64 + u64::from(cfg.centralized);
+    let progress = ProgressBar::new(runs_per_seed * cfg.seeds.len() as u64 * cfg.rounds);
+    progress.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} rounds {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let mut rows = Vec::new();
+    let mut skews = Vec::new();
+    let mut labels = Vec::new();
+    ensure!(
+        (0.0..0.9).contains(&cfg.validation_fraction),
+        "validation fraction must be in [0, 0.9)"
+    );
+    for &seed in &cfg.seeds {
+        let SeedData {
+            train,
+            validation,
+            split,
+            shards,
+        } = seed_data(cfg, &train, seed)?;
+        split.write_json(
+            &cfg.out.join(format!("partition-seed{seed}.json")),
+            train.labels(),
+            train.classes(),
+        )?;
+        skews.push(split.skew(train.labels(), train.classes()));
+        for &(strategy, aggregation) in &plans {
+            let config = engine_config(cfg, &head, strategy, aggregation, seed);
+            let label = config.label();
+            if !labels.contains(&label) {
+                labels.push(label.clone());
+            }
+            let mut engine = Engine::with_backend(config, Arc::clone(&backend))?;
+            engine.set_test(test.clone())?;
+            if let Some(v) = &validation {
+                engine.set_validation(v.clone())?;
+            }
+            let r = runtime.block_on(run_strategy(
+                cfg,
+                &deployment,
+                engine,
+                &label,
+                seed,
+                &shards,
+                &progress,
+            ))?;
+            rows.extend(r);
+        }
+        if cfg.centralized {
+            if !labels.contains(&"centralized".to_owned()) {
+                labels.push("centralized".into());
+            }
+            let union: Vec<usize> = split.clients.iter().flatten().copied().collect();
+            let all = train.select(&union)?;
+            rows.extend(run_centralized(
+                cfg,
+                &head,
+                &all,
+                &test,
+                validation.as_ref(),
+                seed,
+                &progress,
+            )?);
+        }
+    }
+    progress.finish();
+    // Runtime teardown may wait for idle QUIC tasks; bound it.
+    runtime.shutdown_timeout(Duration::from_secs(2));
+
+    write_csv(&cfg.out.join("rounds.csv"), &rows)?;
+    std::fs::write(
+        cfg.out.join("rounds.json"),
+        serde_json::to_string(&rows)? + "\n",
+    )?;
+    let plot = write_plot(cfg, &rows, &labels)?;
+    let summary = FleetSummary {
+        config: cfg.clone(),
+        strategies: labels
+            .iter()
+            .map(|l| summarize(l, &rows, &cfg.seeds, cfg.target_accuracy))
+            .collect(),
+        partition_skew: skews,
+        data_shape: (train.len(), test.len(), train.dim()),
+        feature_seconds,
+        total_seconds: started.elapsed().as_secs_f64(),
+        peak_rss_mib: peak_rss_mib(),
+        plot,
+    };
+    std::fs::write(
+        cfg.out.join("summary.json"),
+        serde_json::to_string_pretty(&summary)? + "\n",
+    )?;
+    std::fs::write(cfg.out.join("table.md"), markdown_table(&summary))?;
+    Ok(summary)
+}
