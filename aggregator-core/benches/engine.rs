@@ -7,7 +7,7 @@
 //! time goes.
 //! Writes JSON to the workspace's `target/bench/engine.json`.
 //!
-//! `cargo bench -p aggregator --bench engine`
+//! `cargo bench -p aggregator-core --bench engine`
 
 use std::hint::black_box;
 use std::time::Instant;

@@ -489,14 +489,18 @@ impl Session {
     }
 
     fn on_verdict(&mut self, now: Millis, message: Message) -> Vec<Action> {
-        let Phase::Joined { task, goodbye } = &mut self.phase else {
-            return Vec::new();
-        };
-        let TaskState::AwaitingVerdict { record } = std::mem::replace(task, TaskState::Waiting)
+        let Phase::Joined {
+            task: state @ TaskState::AwaitingVerdict { .. },
+            goodbye,
+        } = &mut self.phase
         else {
             return Vec::new();
         };
-        let mut record = record;
+        let TaskState::AwaitingVerdict { mut record } =
+            std::mem::replace(state, TaskState::Waiting)
+        else {
+            return Vec::new();
+        };
         match message {
             Message::Verdict(v)
                 if v.subject

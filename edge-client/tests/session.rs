@@ -449,3 +449,23 @@ fn an_update_follows_the_encoding_the_task_asks_for() {
         }
     }
 }
+
+#[test]
+fn events_out_of_turn_change_nothing() {
+    let (mut d, _) = Driver::new(None);
+    // Before the welcome: no task, no training result, no verdict is acted on.
+    d.on(Event::Connected);
+    let t = TrainingTask::from_wire(&task(0, Encoding::F32)).unwrap();
+    assert_eq!(d.on(Event::Trained(Ok(trained(&t)))), vec![]);
+    assert_eq!(d.on(Event::Verdict(verdict(0, Outcome::Accepted))), vec![]);
+    d.on(Event::Control(welcome()));
+    let t = d.take_task(0);
+    // A verdict while training, a second task: ignored; the round goes on.
+    assert_eq!(d.on(Event::Verdict(verdict(0, Outcome::Accepted))), vec![]);
+    assert_eq!(
+        d.on(Event::Task(Message::RoundTask(task(1, Encoding::F32)))),
+        vec![]
+    );
+    let update = d.finish_training(&t, 5);
+    assert_eq!(update.round, 0);
+}
