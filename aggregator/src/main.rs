@@ -69,18 +69,44 @@ enum Command {
     PrintConfig,
 }
 
-/// The shipped default: the MLP head on MobileNetV2 features, WSA with the mean-of-σ rule.
+/// The shipped default: the MLP head on MobileNetV2 features, WSA with the mean-of-σ rule, and
+/// a round that counts only with four clients, so that no single client (one that reconnects
+/// first after a restart, say) closes rounds alone.
 fn default_config() -> EngineConfig {
-    EngineConfig::new(
+    let mut config = EngineConfig::new(
         1,
         HeadSpec::mlp(1280, &[256], 10),
         Strategy::Wsa {
             lambda: 10.0,
             rule: FusionRule::MeanStd,
         },
-    )
+    );
+    config.quorum = 4;
+    config.min_connected = 4;
+    config
 }
 
+/// What `print-config` says above the TOML: the settings that decide how far one client can
+/// sway a run.
+const CONFIG_HEADER: &str = "\
+# The aggregator's run configuration (aggregator serve --config FILE).
+#
+# Trust: the server weighs and bounds from what it measures, never from what a client claims.
+# - quorum = 4, min_connected = 4: a round opens with at least 4 clients connected and moves
+#   the head only with 4 accepted updates, so no one client closes rounds alone (after a
+#   restart, whoever reconnects first would otherwise decide the next round).
+# - max_share = 0.25: however many samples a client claims, it weighs at most a quarter of a
+#   round (at least 1/accepted), in the head, the targets and the reported metrics.
+# - [target_bounds]: a round moves each WSA target's sigma by at most max_std_ratio and its
+#   mean by at most max_mean_shift sigmas, and sigma stays above std_floor times the initial
+#   std of its layer's weights. The targets are fused from the scopes the server measures,
+#   and follow the aggregation rule (median or trimmed scopes under those rules).
+# - [bounds]: the largest sample count an update may claim, the largest step from the global
+#   head (norm_ratio), and how far reported scopes may stray from measured ones.
+# - [aggregation] kind = \"median\" or \"trimmed-mean\" (trim = 0.2) resists attackers in
+#   the parameters themselves; \"norm-clipped\" (max_norm) bounds each step.
+
+";
 fn main() -> Result<()> {
     support::logging::init("info");
     match Cli::parse().command {
@@ -102,7 +128,7 @@ fn main() -> Result<()> {
                 out.display()
             );
         }
-        Command::PrintConfig => print!("{}", toml::to_string(&default_config())?),
+        Command::PrintConfig => print!("{CONFIG_HEADER}{}", toml::to_string(&default_config())?),
         Command::Serve {
             config,
             listen,

@@ -35,6 +35,12 @@ pub struct RoundRow {
     pub wall_ms: u64,
     /// Update bytes received.
     pub bytes_in: u64,
+    /// The attempt at this round number (a failed attempt is tried again).
+    #[serde(default)]
+    pub attempt: u32,
+    /// The attempt closed below quorum: the head did not move and nothing was evaluated.
+    #[serde(default)]
+    pub failed: bool,
 }
 
 /// A strategy's figures over the seeds.
@@ -95,7 +101,7 @@ pub(crate) fn summarize(
         .iter()
         .map(|s| {
             rows.iter()
-                .filter(|r| r.seed == *s && r.strategy == label)
+                .filter(|r| r.seed == *s && r.strategy == label && !r.failed)
                 .collect()
         })
         .collect();
@@ -184,12 +190,12 @@ pub fn markdown_table(summary: &FleetSummary) -> String {
 
 pub(crate) fn write_csv(path: &Path, rows: &[RoundRow]) -> Result<()> {
     let mut out = String::from(
-        "strategy,seed,round,test_accuracy,validation_accuracy,test_loss,train_loss,mean_kl,accepted,wall_ms,bytes_in\n",
+        "strategy,seed,round,test_accuracy,validation_accuracy,test_loss,train_loss,mean_kl,accepted,wall_ms,bytes_in,attempt,failed\n",
     );
     for r in rows {
         out.push_str(&format!(
-            "\"{}\",{},{},{},{},{},{},{},{},{},{}\n",
-            // Labels hold commas ("wsa(lambda=10,MeanStd)"): quoted, as CSV wants.
+            "\"{}\",{},{},{},{},{},{},{},{},{},{},{},{}\n",
+            // Quoted, as CSV wants for a label that may hold a comma or a quote.
             r.strategy.replace('"', "\"\""),
             r.seed,
             r.round,
@@ -200,7 +206,9 @@ pub(crate) fn write_csv(path: &Path, rows: &[RoundRow]) -> Result<()> {
             r.mean_kl,
             r.accepted,
             r.wall_ms,
-            r.bytes_in
+            r.bytes_in,
+            r.attempt,
+            r.failed
         ));
     }
     std::fs::write(path, out).with_context(|| format!("writing {}", path.display()))
@@ -230,7 +238,7 @@ pub(crate) fn write_plot(
     for label in labels {
         // The mean over seeds, round by round.
         let mut by_round: BTreeMap<u64, Vec<f64>> = BTreeMap::new();
-        for r in rows.iter().filter(|r| &r.strategy == label) {
+        for r in rows.iter().filter(|r| &r.strategy == label && !r.failed) {
             by_round.entry(r.round).or_default().push(r.test_accuracy);
         }
         series.push(Series {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aggregator::server::RoundLine;
-use aggregator_core::engine::Engine;
+use aggregator_core::engine::{ClosedBy, Engine};
 use aggregator_core::strategy::{Aggregation, Strategy};
 use anyhow::{Context, Result, ensure};
 use edge_client::Adversary;
@@ -100,21 +100,24 @@ async fn run_strategy(
     Ok(summary
         .rounds
         .iter()
-        .filter(|l| l.report.test_eval.is_some())
         .map(|l| {
-            let eval = l.report.test_eval.expect("filtered");
+            // A failed attempt (below quorum) moved nothing and has no evaluation: it is kept,
+            // with NaN accuracies, so the record shows it.
+            let eval = l.report.test_eval;
             RoundRow {
                 strategy: label.to_owned(),
                 seed,
                 round: l.report.round,
-                test_accuracy: eval.accuracy,
+                test_accuracy: eval.map_or(f64::NAN, |e| e.accuracy),
                 validation_accuracy: l.report.eval.map_or(f64::NAN, |e| e.accuracy),
-                test_loss: eval.loss,
+                test_loss: eval.map_or(f64::NAN, |e| e.loss),
                 train_loss: l.report.train_loss.unwrap_or(f64::NAN),
                 mean_kl: l.report.mean_kl.unwrap_or(f64::NAN),
                 accepted: l.report.accepted.len(),
                 wall_ms: l.report.duration_ms,
                 bytes_in: l.report.wire_bytes_in,
+                attempt: l.report.attempt,
+                failed: l.report.closed_by == ClosedBy::Failed,
             }
         })
         .collect())
@@ -167,6 +170,8 @@ fn run_centralized(
             accepted: 1,
             wall_ms: started.elapsed().as_millis() as u64,
             bytes_in: 0,
+            attempt: 0,
+            failed: false,
         });
         progress.set_message(format!(
             "centralized seed {seed} round {round}: test acc {:.4}",

@@ -19,7 +19,7 @@ use protocol::{Encoding, RejectReason, RowLayout, Update};
 use tracing::error;
 use wsa::Scope;
 
-use super::{Answer, Engine, ReceivedUpdate};
+use super::{Answer, Engine, ReceivedUpdate, Reported};
 use crate::backend::{BackendError, Measurement};
 use crate::strategy::RoundFold;
 
@@ -98,15 +98,10 @@ impl Engine {
                 bound,
             });
         }
-        let p = open
-            .fold
-            .add(
-                client,
-                &self.scratch,
-                &checked.measurement,
-                &checked.reported,
-                n,
-            )
+        // Folded with the scopes measured here: the reported ones were only checked against
+        // them.
+        open.fold
+            .add(client, &self.scratch, &checked.measurement, n)
             .map_err(|e| {
                 error!(client, error = %e, "fold refused a checked update");
                 RejectReason::Malformed(format!("cannot fold: {e}"))
@@ -118,10 +113,14 @@ impl Engine {
         open.step_norms.push(checked.measurement.distance);
         open.accepted_payload_bytes += update.params.payload_bytes() as u64;
         let m = &update.metrics;
-        open.metrics.weight += p;
-        open.metrics.loss += p * m.loss;
-        open.metrics.accuracy += p * m.accuracy;
-        open.metrics.kl += p * m.kl;
+        open.metrics.insert(
+            client.to_owned(),
+            Reported {
+                loss: m.loss,
+                accuracy: m.accuracy,
+                kl: m.kl,
+            },
+        );
         Ok(())
     }
 }

@@ -6,7 +6,7 @@ use sha2::{Digest, Sha256};
 use wsa::{HeadSpec, Init, ScopeSelection, Sgd, Weighting};
 
 use crate::backend::BackendError;
-use crate::strategy::{Aggregation, Strategy};
+use crate::strategy::{Aggregation, Strategy, TargetBounds};
 use protocol::Encoding;
 
 /// Which connected clients a round asks.
@@ -96,9 +96,17 @@ pub struct EngineConfig {
     /// inside the WSA term, so other strategies' clients scope the weights alone.
     #[serde(default)]
     pub scope_selection: ScopeSelection,
-    /// How clients are weighted in the average and the fusion.
+    /// How clients are weighted in the average and the fusion: by the sample counts they
+    /// claim, or equally. Either way capped by `max_share`.
     #[serde(default)]
     pub weighting: Weighting,
+    /// The largest share of a round's weight one accepted client may have (it is at least
+    /// `1/accepted`): a client claiming millions of samples counts for no more.
+    #[serde(default = "default_max_share")]
+    pub max_share: f64,
+    /// How far one round may move the WSA targets, and their floors.
+    #[serde(default)]
+    pub target_bounds: TargetBounds,
     /// The encoding clients are asked to send updates in (f32 for a client that cannot).
     #[serde(default)]
     pub update_encoding: Encoding,
@@ -131,6 +139,8 @@ impl EngineConfig {
             train: Sgd::default(),
             scope_selection: ScopeSelection::default(),
             weighting: Weighting::default(),
+            max_share: default_max_share(),
+            target_bounds: TargetBounds::default(),
             update_encoding: Encoding::F32,
             sampling: Sampling::default(),
             quorum: 1,
@@ -178,6 +188,15 @@ impl EngineConfig {
         if let Err(e) = self.aggregation.validate() {
             return bad(format!("aggregation: {e}"));
         }
+        if !(self.max_share > 0.0 && self.max_share <= 1.0) {
+            return bad(format!(
+                "max_share must be in (0, 1], got {}",
+                self.max_share
+            ));
+        }
+        if let Err(e) = self.target_bounds.validate() {
+            return bad(e);
+        }
         let s = &self.sampling;
         if !(s.fraction > 0.0 && s.fraction <= 1.0) {
             return bad(format!(
@@ -218,6 +237,11 @@ impl EngineConfig {
         }
         Ok(())
     }
+}
+
+/// A quarter: with four or more clients accepted, no one of them decides a round.
+fn default_max_share() -> f64 {
+    0.25
 }
 
 /// What the engine can refuse at construction or resumption; `handle` itself never fails.

@@ -45,7 +45,7 @@ pub use events::{
 
 use crate::backend::{Backend, BackendError, CpuBackend, FoldShape};
 use crate::checkpoint::{Checkpoint, History};
-use crate::strategy::RoundFold;
+use crate::strategy::{FoldPolicy, Folded, RoundFold};
 
 #[derive(Debug, Clone, Copy)]
 struct ClientInfo {
@@ -67,10 +67,9 @@ struct Selected {
     answer: Answer,
 }
 
-/// Weighted sums of the accepted updates' metrics.
-#[derive(Debug, Default)]
-struct MetricSums {
-    weight: f64,
+/// What an accepted client reported of its training (telemetry, weighted at the close).
+#[derive(Debug, Clone, Copy)]
+struct Reported {
     loss: f64,
     accuracy: f64,
     kl: f64,
@@ -91,7 +90,9 @@ struct OpenRound {
     fold: RoundFold,
     accepted: Vec<String>,
     accepted_payload_bytes: u64,
-    metrics: MetricSums,
+    /// Accepted clients' reported metrics, averaged at the close with their capped weights
+    /// in client order.
+    metrics: BTreeMap<String, Reported>,
     step_norms: Vec<f64>,
 }
 
@@ -116,6 +117,8 @@ pub struct Engine {
     shape: HeadShape,
     layout: RowLayout,
     fold_shape: FoldShape,
+    /// The σ̃ floor of each scoped tensor.
+    floors: Vec<f64>,
     /// The scopes' ε: the WSA term's, which non-WSA clients also use (the core's default).
     eps: f64,
     global: Vec<f32>,
@@ -148,7 +151,12 @@ impl Engine {
     ) -> Result<Self, EngineError> {
         config.validate()?;
         let head = Head::<f32>::init(&config.head, config.init, config.seed)?;
-        let targets = head.scopes(config.scope_selection, DEFAULT_SCOPE_EPS)?;
+        let mut targets = head.scopes(config.scope_selection, DEFAULT_SCOPE_EPS)?;
+        let floors =
+            config
+                .target_bounds
+                .floors(&head, config.scope_selection, DEFAULT_SCOPE_EPS)?;
+        config.target_bounds.initial(&mut targets, &floors);
         Self::build(
             config,
             backend,
@@ -236,6 +244,12 @@ impl Engine {
         let layout = RowLayout::of_head(&config.head);
         let eps = DEFAULT_SCOPE_EPS;
         let fold_shape = FoldShape::of_head(&config.head, config.scope_selection, eps);
+        // The floors come from the initial head, which the seed redraws on a resume.
+        let floors = config.target_bounds.floors(
+            &Head::init(&config.head, config.init, config.seed)?,
+            config.scope_selection,
+            eps,
+        )?;
         let global_norm = l2_norm(&global);
         let scratch = vec![0.0; fold_shape.len];
         Ok(Self {
@@ -245,6 +259,7 @@ impl Engine {
             shape,
             layout,
             fold_shape,
+            floors,
             eps,
             global,
             global_norm,
@@ -607,7 +622,14 @@ impl Engine {
         } else {
             None
         };
-        if let Some((params, targets)) = fold {
+        let weights = match &fold {
+            Some(folded) => folded.weights.clone(),
+            None => open.fold.weights(),
+        };
+        if let Some(Folded {
+            params, targets, ..
+        }) = fold
+        {
             self.global_norm = l2_norm(&params);
             self.global = params;
             self.targets = targets;
@@ -629,8 +651,16 @@ impl Engine {
             self.history.rounds_failed += 1;
         }
         let tally = std::mem::take(&mut self.tally);
-        let m = &open.metrics;
-        let mean = |sum: f64| (m.weight > 0.0).then(|| sum / m.weight);
+        // Weighted as in the fold, summed in client order.
+        let total: f64 = weights.values().sum();
+        let mean = |metric: fn(&Reported) -> f64| {
+            let sum: f64 = open
+                .metrics
+                .iter()
+                .map(|(client, r)| weights.get(client).copied().unwrap_or(0.0) * metric(r))
+                .sum();
+            (total > 0.0).then(|| sum / total)
+        };
         let report = RoundReport {
             run_id: self.config.run_id,
             strategy: self.config.label(),
@@ -657,9 +687,9 @@ impl Engine {
             rejected_count: tally.by_reason.values().sum(),
             rejected: tally.rejected,
             rejected_by_reason: tally.by_reason,
-            train_loss: mean(m.loss),
-            train_accuracy: mean(m.accuracy),
-            mean_kl: mean(m.kl),
+            train_loss: mean(|r| r.loss),
+            train_accuracy: mean(|r| r.accuracy),
+            mean_kl: mean(|r| r.kl),
             step_norms: {
                 let mut norms = open.step_norms.clone();
                 norms.sort_by(f64::total_cmp);
@@ -715,13 +745,20 @@ impl Engine {
                 return;
             }
         };
+        let policy = FoldPolicy {
+            weighting: self.config.weighting,
+            max_share: self.config.max_share,
+            bounds: self.config.target_bounds,
+            floors: self.floors.clone(),
+        };
         let fold = match RoundFold::open(
             self.backend.as_ref(),
             &self.fold_shape,
             &self.global,
+            &self.targets,
             self.config.strategy,
             self.config.aggregation,
-            self.config.weighting,
+            policy,
             order.len(),
         ) {
             Ok(fold) => fold,
@@ -798,7 +835,7 @@ impl Engine {
             fold,
             accepted: Vec::new(),
             accepted_payload_bytes: 0,
-            metrics: MetricSums::default(),
+            metrics: BTreeMap::new(),
             step_norms: Vec::new(),
         });
     }

@@ -11,6 +11,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
+use wsa::Real;
 
 /// How the accepted updates of a round become the next global parameters.
 ///
@@ -87,8 +88,10 @@ pub enum ColumnRule {
 
 impl ColumnRule {
     /// The reduced value of one coordinate from its `values` in the round's updates (finite,
-    /// at least one; reordered) and its value `global` in the round's global head.
-    pub fn reduce(&self, values: &mut [f32], global: f32) -> f32 {
+    /// at least one; reordered) and its value `global` in the round's global head. The same
+    /// rule reduces parameters (f32) and, per tensor, the clients' scopes (f64) when a run
+    /// fuses targets by its aggregation rule.
+    pub fn reduce<T: Real>(&self, values: &mut [T], global: T) -> T {
         let _ = global;
         match *self {
             ColumnRule::Median => column_median(values),
@@ -188,26 +191,30 @@ impl FromStr for Aggregation {
     }
 }
 
-fn by_value(a: &f32, b: &f32) -> Ordering {
-    a.total_cmp(b)
+/// IEEE total order, through f64 (widening keeps an f32's order).
+fn by_value<T: Real>(a: &T, b: &T) -> Ordering {
+    a.as_f64().total_cmp(&b.as_f64())
 }
 
 /// The median of `values` (finite, at least one), reordering them: the middle value, or the
 /// mean of the two middle values (in f64, then rounded) for an even count.
-pub fn column_median(values: &mut [f32]) -> f32 {
+pub fn column_median<T: Real>(values: &mut [T]) -> T {
     let n = values.len();
     let (below, &mut upper, _) = values.select_nth_unstable_by(n / 2, by_value);
     if n % 2 == 1 {
         return upper;
     }
-    let lower = below.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    ((f64::from(lower) + f64::from(upper)) / 2.0) as f32
+    let lower = below
+        .iter()
+        .map(|x| x.as_f64())
+        .fold(f64::NEG_INFINITY, f64::max);
+    T::of_f64((lower + upper.as_f64()) / 2.0)
 }
 
 /// The mean of `values` (finite, at least one) without the
 /// [`Aggregation::trimmed_per_end`] smallest and largest, reordering them. The kept values
 /// are summed in f64 in ascending order.
-pub fn column_trimmed_mean(values: &mut [f32], trim: f64) -> f32 {
+pub fn column_trimmed_mean<T: Real>(values: &mut [T], trim: f64) -> T {
     let n = values.len();
     let k = Aggregation::trimmed_per_end(trim, n);
     let kept = if k == 0 {
@@ -220,8 +227,8 @@ pub fn column_trimmed_mean(values: &mut [f32], trim: f64) -> f32 {
         &mut rest[..n - 2 * k]
     };
     kept.sort_unstable_by(by_value);
-    let sum: f64 = kept.iter().map(|&x| f64::from(x)).sum();
-    (sum / kept.len() as f64) as f32
+    let sum: f64 = kept.iter().map(|x| x.as_f64()).sum();
+    T::of_f64(sum / kept.len() as f64)
 }
 
 #[cfg(test)]

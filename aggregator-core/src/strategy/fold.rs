@@ -1,48 +1,123 @@
 //! One round's fold: the accepted updates' parameters through a compute backend's accumulator
-//! under the run's aggregation rule, and their scopes through scope fusion under the
-//! strategy's rule, finished together into the next global head and targets.
+//! under the run's aggregation rule, and their scopes — as the aggregator measured them, never
+//! as a client reported them — fused into the next targets, finished together.
+//!
+//! What a client claims only ever sets its weight, and the weight is capped: no accepted client
+//! counts for more than `max(max_share, 1/accepted)` of a round, whatever it claims
+//! ([`capped_weights`]). The cap applies to the parameters under the weighted-sum rules
+//! (clipping included), to the scope fusion and to the round's reported metrics. Under a
+//! column rule (median, trimmed mean) weights do not count at all, and the targets follow the
+//! same rule over the clients' scopes. The fused targets then stay within the run's
+//! [`TargetBounds`] of the last round's.
 
 use std::collections::BTreeMap;
 
 use wsa::{FusionRule, Scope, ScopeFusion, Weighting};
 
-use super::{Aggregation, Strategy};
+use super::targets::TargetBounds;
+use super::{Aggregation, Plan, Strategy};
 use crate::backend::{Accumulator, Backend, BackendError, FoldShape, Measurement};
+
+/// How a round's fold weighs and bounds what it is given (from the run configuration).
+#[derive(Debug, Clone)]
+pub struct FoldPolicy {
+    /// Clients' weights from their sample counts, or equal.
+    pub weighting: Weighting,
+    /// The largest share of a round one client may have (above `1/accepted`).
+    pub max_share: f64,
+    /// How far the targets may move in a round, and their floors.
+    pub bounds: TargetBounds,
+    /// The σ̃ floor of each scoped tensor ([`TargetBounds::floors`]).
+    pub floors: Vec<f64>,
+}
+
+/// An accepted client: its measured scopes and its weight before the cap.
+#[derive(Debug, Clone)]
+struct Accepted {
+    scopes: Vec<Scope>,
+    weight: f64,
+}
+
+/// An update held back from the sum because its weight may still be cut by the cap.
+#[derive(Debug)]
+struct Held {
+    client: String,
+    params: Vec<f32>,
+    measured: Measurement,
+    weight: f64,
+}
 
 /// The accepted updates of one round, folded as they arrive.
 #[derive(Debug)]
 pub struct RoundFold {
     acc: Box<dyn Accumulator>,
-    weighting: Weighting,
+    plan: Plan,
+    policy: FoldPolicy,
     fusion: FusionRule,
-    tensors: usize,
+    previous: Vec<Scope>,
     len: usize,
-    /// Accepted scopes with their weights, by client: fused at the finish in client order, so
-    /// the targets do not depend on the order updates arrived in (f64 sums are not
-    /// associative, and a resumed run must reproduce an uninterrupted one bit for bit).
-    scopes: BTreeMap<String, (Vec<Scope>, f64)>,
+    /// Accepted clients by id: fused at the finish in client order, so the targets do not
+    /// depend on the order updates arrived in (f64 sums are not associative, and a resumed
+    /// run must reproduce an uninterrupted one bit for bit).
+    clients: BTreeMap<String, Accepted>,
+    /// The updates with the largest weights, held out of the sum until the cap is known. Only
+    /// they can be cut: more than `⌊1/max_share⌋` clients cannot all exceed the cap.
+    held: Vec<Held>,
+    hold: usize,
+}
+
+/// What a finished round gives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Folded {
+    /// The next global parameters.
+    pub params: Vec<f32>,
+    /// The next target scopes.
+    pub targets: Vec<Scope>,
+    /// Each accepted client's weight after the cap.
+    pub weights: BTreeMap<String, f64>,
 }
 
 impl RoundFold {
     /// An empty fold on `backend` for vectors of `shape`: parameters under `aggregation`,
-    /// measured against (and clipped toward) `global`, scopes fused by `strategy`'s rule,
-    /// clients weighted by `weighting`; room for `capacity` updates (the round's selection).
+    /// measured against (and clipped toward) `global`, scopes fused by `strategy`'s rule from
+    /// the last round's `previous` targets, clients weighted by `policy`; room for `capacity`
+    /// updates (the round's selection).
+    #[allow(clippy::too_many_arguments)]
     pub fn open(
         backend: &dyn Backend,
         shape: &FoldShape,
         global: &[f32],
+        previous: &[Scope],
         strategy: Strategy,
         aggregation: Aggregation,
-        weighting: Weighting,
+        policy: FoldPolicy,
         capacity: usize,
     ) -> Result<Self, BackendError> {
+        let plan = aggregation.plan();
+        if previous.len() != shape.tensors.len() || policy.floors.len() != shape.tensors.len() {
+            return Err(wsa::Error::ShapeMismatch {
+                what: "previous targets and floors",
+                expected: shape.tensors.len(),
+                found: previous.len().min(policy.floors.len()),
+            }
+            .into());
+        }
+        let hold = match plan {
+            Plan::WeightedSum { .. } if policy.max_share < 1.0 => {
+                (1.0 / policy.max_share).floor() as usize
+            }
+            _ => 0,
+        };
         Ok(Self {
             acc: backend.accumulator(shape, global, aggregation, capacity)?,
-            weighting,
+            plan,
+            policy,
             fusion: strategy.fusion_rule(),
-            tensors: shape.tensors.len(),
+            previous: previous.to_vec(),
             len: shape.len,
-            scopes: BTreeMap::new(),
+            clients: BTreeMap::new(),
+            held: Vec::new(),
+            hold,
         })
     }
 
@@ -52,41 +127,91 @@ impl RoundFold {
         self.acc.measure(params)
     }
 
-    /// Folds `client`'s update: `params` as `measured`, its reported `scopes`, its weight from
-    /// `n_samples` under the run's weighting (returned). Checked in full before anything is
-    /// added, so a refused update leaves the fold as it was. One update per client.
+    /// Folds `client`'s update: `params` as `measured` (whose scopes are the ones fused), its
+    /// weight from `n_samples` under the run's weighting before the cap (returned). Checked
+    /// in full before anything is added, so a refused update leaves the fold as it was. One
+    /// update per client.
     pub fn add(
         &mut self,
         client: &str,
         params: &[f32],
         measured: &Measurement,
-        scopes: &[Scope],
         n_samples: u64,
     ) -> Result<f64, BackendError> {
-        if self.scopes.contains_key(client) {
+        if self.clients.contains_key(client) {
             return Err(wsa::Error::InvalidConfig(format!("{client} was folded already")).into());
         }
-        let p = self.weighting.weight(n_samples);
-        // The scopes' checks (count, weight, values) on a scratch fusion first: a failure of
-        // either part leaves both untouched.
-        ScopeFusion::new(self.tensors).add(scopes, p)?;
-        self.acc.add(params, p, Some(measured))?;
-        self.scopes.insert(client.to_owned(), (scopes.to_vec(), p));
-        Ok(p)
+        let weight = self.policy.weighting.weight(n_samples);
+        // The scopes' checks (count, weight, values) on a scratch fusion first.
+        ScopeFusion::new(self.previous.len()).add(&measured.scopes, weight)?;
+        if self.held.len() < self.hold {
+            crate::backend::contract::check_len(self.len, params)?;
+            self.hold_back(client, params, measured, weight);
+        } else if let Some(lightest) = self
+            .lightest_held()
+            .filter(|&i| self.held[i].weight < weight)
+        {
+            // The new update outweighs a held one, which can no longer be cut: it goes into
+            // the sum with its weight, and the new one is held in its place.
+            crate::backend::contract::check_len(self.len, params)?;
+            let out = &self.held[lightest];
+            self.acc.add(&out.params, out.weight, Some(&out.measured))?;
+            self.held.swap_remove(lightest);
+            self.hold_back(client, params, measured, weight);
+        } else {
+            self.acc.add(params, weight, Some(measured))?;
+        }
+        self.clients.insert(
+            client.to_owned(),
+            Accepted {
+                scopes: measured.scopes.clone(),
+                weight,
+            },
+        );
+        Ok(weight)
+    }
+
+    fn hold_back(&mut self, client: &str, params: &[f32], measured: &Measurement, weight: f64) {
+        self.held.push(Held {
+            client: client.to_owned(),
+            params: params.to_vec(),
+            measured: measured.clone(),
+            weight,
+        });
+    }
+
+    fn lightest_held(&self) -> Option<usize> {
+        self.held
+            .iter()
+            .enumerate()
+            .min_by(|a, b| a.1.weight.total_cmp(&b.1.weight))
+            .map(|(i, _)| i)
     }
 
     /// Updates folded so far.
     pub fn accepted(&self) -> usize {
-        self.scopes.len()
+        self.clients.len()
     }
 
-    /// The next global parameters and the fused target scopes.
-    pub fn finish(&mut self) -> Result<(Vec<f32>, Vec<Scope>), FoldError> {
-        let mut fusion = ScopeFusion::new(self.tensors);
-        for (scopes, p) in self.scopes.values() {
-            fusion.add(scopes, *p).map_err(FoldError::Scopes)?;
+    /// Each accepted client's weight after the cap, as of now.
+    pub fn weights(&self) -> BTreeMap<String, f64> {
+        let raw: Vec<f64> = self.clients.values().map(|a| a.weight).collect();
+        let capped = capped_weights(&raw, self.policy.max_share);
+        self.clients.keys().cloned().zip(capped).collect()
+    }
+
+    /// The next global parameters, the fused target scopes within their bounds, and the
+    /// weights they were formed with.
+    pub fn finish(&mut self) -> Result<Folded, FoldError> {
+        let weights = self.weights();
+        // The held updates go in last, in client order, with their capped weights.
+        let mut held = std::mem::take(&mut self.held);
+        held.sort_by(|a, b| a.client.cmp(&b.client));
+        for h in &held {
+            self.acc
+                .add(&h.params, weights[&h.client], Some(&h.measured))
+                .map_err(FoldError::Params)?;
         }
-        let targets = fusion.finish(self.fusion).map_err(FoldError::Scopes)?;
         let params = self.acc.finish().map_err(FoldError::Params)?;
         if params.len() != self.len || !params.iter().all(|v| v.is_finite()) {
             return Err(FoldError::Params(
@@ -96,8 +221,87 @@ impl RoundFold {
                 .into(),
             ));
         }
-        Ok((params, targets))
+        let mut targets = self.fuse(&weights).map_err(FoldError::Scopes)?;
+        self.policy
+            .bounds
+            .apply(&self.previous, &mut targets, &self.policy.floors);
+        Ok(Folded {
+            params,
+            targets,
+            weights,
+        })
     }
+
+    /// The clients' scopes fused: weighted under the weighted-sum rules, by the column rule
+    /// otherwise.
+    fn fuse(&self, weights: &BTreeMap<String, f64>) -> wsa::Result<Vec<Scope>> {
+        match self.plan {
+            Plan::WeightedSum { .. } => {
+                let mut fusion = ScopeFusion::new(self.previous.len());
+                for (client, a) in &self.clients {
+                    fusion.add(&a.scopes, weights[client])?;
+                }
+                fusion.finish(self.fusion)
+            }
+            Plan::Columns(rule) => {
+                if self.clients.is_empty() {
+                    return Err(wsa::Error::Empty {
+                        what: "scope fusion",
+                    });
+                }
+                self.previous
+                    .iter()
+                    .enumerate()
+                    .map(|(t, prev)| {
+                        let mut means: Vec<f64> =
+                            self.clients.values().map(|a| a.scopes[t].mean).collect();
+                        let mut stds: Vec<f64> =
+                            self.clients.values().map(|a| a.scopes[t].std).collect();
+                        Scope::new(
+                            rule.reduce(&mut means, prev.mean),
+                            rule.reduce(&mut stds, prev.std),
+                        )
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+/// The weights `raw` after the share cap: the largest are cut to a common `C` so that none
+/// exceeds `max(max_share, 1/n)` of the new total (water-filling), the rest kept as they are.
+/// With `max_share ≥ 1`, or when no weight exceeds the share, `raw` unchanged.
+pub fn capped_weights(raw: &[f64], max_share: f64) -> Vec<f64> {
+    let n = raw.len();
+    if n == 0 {
+        return Vec::new();
+    }
+    let share = max_share.max(1.0 / n as f64);
+    if share >= 1.0 {
+        return raw.to_vec();
+    }
+    let mut sorted = raw.to_vec();
+    sorted.sort_by(|a, b| b.total_cmp(a));
+    // k: how many of the largest are cut; the rest sum to `rest`.
+    let mut rest: f64 = sorted.iter().sum();
+    for k in 0..n {
+        if k > 0 {
+            rest -= sorted[k - 1];
+        }
+        let room = 1.0 - k as f64 * share;
+        if room <= 0.0 {
+            break;
+        }
+        let cap = share * rest / room;
+        let above_ok = k == 0 || sorted[k - 1] >= cap;
+        if above_ok && sorted[k] <= cap {
+            return raw.iter().map(|&w| w.min(cap)).collect();
+        }
+    }
+    // Only rounding can get here (the share is at least 1/n, so all cut to the smallest
+    // weight always qualifies): equal weights are within any share.
+    let smallest = sorted[n - 1];
+    vec![smallest; n]
 }
 
 /// Why a round's fold did not finish.
@@ -110,4 +314,56 @@ pub enum FoldError {
     /// The scopes did not fuse.
     #[error("scopes: {0}")]
     Scopes(wsa::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn share_of(w: &[f64], i: usize) -> f64 {
+        w[i] / w.iter().sum::<f64>()
+    }
+
+    #[test]
+    fn one_claim_of_ten_million_is_cut_to_the_share() {
+        let mut raw = vec![500.0; 9];
+        raw.push(10_000_000.0);
+        let w = capped_weights(&raw, 0.25);
+        assert!((share_of(&w, 9) - 0.25).abs() < 1e-12, "{w:?}");
+        assert_eq!(&w[..9], &raw[..9], "honest weights are kept");
+        // Two liars: each at most a quarter.
+        raw[0] = 1e7;
+        let w = capped_weights(&raw, 0.25);
+        assert!(share_of(&w, 0) <= 0.25 + 1e-12 && share_of(&w, 9) <= 0.25 + 1e-12);
+    }
+
+    #[test]
+    fn weights_within_the_share_are_untouched_and_few_clients_get_equal_weights() {
+        let raw = [5.0, 5.0, 6.0, 6.0, 7.0, 7.0];
+        assert_eq!(capped_weights(&raw, 0.25), raw);
+        assert_eq!(capped_weights(&raw, 1.0), raw);
+        // Two clients cannot both stay under a quarter: the cap is then 1/2 each.
+        let w = capped_weights(&[1.0, 1e9], 0.25);
+        assert_eq!(w, vec![1.0, 1.0]);
+        assert_eq!(capped_weights(&[], 0.25), Vec::<f64>::new());
+    }
+
+    #[test]
+    fn capped_shares_never_exceed_the_bound_on_random_weights() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        for _ in 0..2000 {
+            let n = rng.random_range(1..30);
+            let raw: Vec<f64> = (0..n)
+                .map(|_| 10f64.powf(rng.random_range(0.0..7.0)))
+                .collect();
+            let s = rng.random_range(0.05..0.6);
+            let w = capped_weights(&raw, s);
+            let bound = s.max(1.0 / n as f64);
+            for i in 0..n {
+                assert!(w[i] <= raw[i] * (1.0 + 1e-12));
+                assert!(share_of(&w, i) <= bound * (1.0 + 1e-9), "{raw:?} {s} {w:?}");
+            }
+        }
+    }
 }

@@ -4,13 +4,16 @@
 //! ([`Strategy::client_config`]) and how the clients' scopes fuse into the next targets
 //! ([`Strategy::fusion_rule`]). An [`Aggregation`] rule decides how their parameters become the
 //! next global head. A [`RoundFold`] carries out both for one round: parameters through a
-//! compute backend's accumulator, scopes through [`wsa::ScopeFusion`], finished together.
+//! compute backend's accumulator, the scopes the aggregator measured through scope fusion (or
+//! the aggregation's column rule), finished together; each client's weight capped at a share
+//! of the round ([`capped_weights`]) and the targets kept within [`TargetBounds`].
 //!
 //! Every type here parses from and prints as the one spelling the run config, the simulator's
 //! flags and the reports share (`wsa:10:mean-std`, `fedprox:0.1`, `trimmed:0.2`).
 
 mod aggregation;
 mod fold;
+mod targets;
 
 use std::fmt;
 use std::str::FromStr;
@@ -19,7 +22,8 @@ use serde::{Deserialize, Serialize};
 use wsa::{FusionRule, Scope, ScopeSelection, Sgd, TrainConfig, WsaTerm};
 
 pub use aggregation::{Aggregation, ColumnRule, Plan, column_median, column_trimmed_mean};
-pub use fold::{FoldError, RoundFold};
+pub use fold::{FoldError, FoldPolicy, Folded, RoundFold, capped_weights};
+pub use targets::TargetBounds;
 
 /// How a round trains: the term a client adds to its cross-entropy, and how scopes fuse.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

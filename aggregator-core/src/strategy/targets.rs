@@ -1,0 +1,150 @@
+//! How far a round may move the WSA targets, and how low σ̃ may go.
+//!
+//! The targets are what every client's local training is pulled toward, so a bad target hurts
+//! every honest client of the next round: a σ̃ near zero makes the KL term's curvature
+//! (`1/σ̃²`) explode and local training diverge. The fused targets are therefore kept within a
+//! factor of the last round's σ̃, within a few σ̃ of its μ̃, and above a floor tied to each
+//! tensor's initial scale — which also gives zero-initialised biases (σ = √ε ≈ 1e-4) a target
+//! their training can follow.
+
+use serde::{Deserialize, Serialize};
+use wsa::{Head, Scope, ScopeSelection, TensorKind};
+
+/// Limits on the targets a round's fusion sets.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TargetBounds {
+    /// σ̃ changes by at most this factor in a round (≥ 1).
+    pub max_std_ratio: f64,
+    /// μ̃ moves by at most this many of the last round's σ̃ in a round (≥ 0).
+    pub max_mean_shift: f64,
+    /// σ̃ never falls below this fraction of the initial std of its layer's weights (≥ 0).
+    pub std_floor: f64,
+}
+
+impl Default for TargetBounds {
+    fn default() -> Self {
+        Self {
+            max_std_ratio: 2.0,
+            max_mean_shift: 1.0,
+            std_floor: 0.1,
+        }
+    }
+}
+
+impl TargetBounds {
+    /// Checks each value against its domain.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.max_std_ratio.is_finite() && self.max_std_ratio >= 1.0) {
+            return Err(format!(
+                "target_bounds.max_std_ratio must be finite and >= 1, got {}",
+                self.max_std_ratio
+            ));
+        }
+        if !(self.max_mean_shift.is_finite() && self.max_mean_shift >= 0.0) {
+            return Err(format!(
+                "target_bounds.max_mean_shift must be finite and >= 0, got {}",
+                self.max_mean_shift
+            ));
+        }
+        if !(self.std_floor.is_finite() && self.std_floor >= 0.0) {
+            return Err(format!(
+                "target_bounds.std_floor must be finite and >= 0, got {}",
+                self.std_floor
+            ));
+        }
+        Ok(())
+    }
+
+    /// The σ̃ floor of each tensor `selection` scopes: `std_floor` times the std of its
+    /// layer's weights in the initial head `initial` (ε as in the scopes).
+    pub fn floors(
+        &self,
+        initial: &Head<f32>,
+        selection: ScopeSelection,
+        eps: f64,
+    ) -> wsa::Result<Vec<f64>> {
+        let weights = initial.scopes(ScopeSelection::default(), eps)?;
+        Ok(initial
+            .spec()
+            .scoped_tensors(selection)
+            .iter()
+            .map(|t| {
+                debug_assert!(t.kind == TensorKind::Weight || selection.include_biases);
+                self.std_floor * weights[t.layer].std
+            })
+            .collect())
+    }
+
+    /// Keeps each of `fused` within the bounds around `previous` and above its floor.
+    pub fn apply(&self, previous: &[Scope], fused: &mut [Scope], floors: &[f64]) {
+        for ((f, p), &floor) in fused.iter_mut().zip(previous).zip(floors) {
+            let shift = self.max_mean_shift * p.std;
+            f.mean = f.mean.clamp(p.mean - shift, p.mean + shift);
+            f.std = f
+                .std
+                .clamp(p.std / self.max_std_ratio, p.std * self.max_std_ratio)
+                .max(floor);
+        }
+    }
+
+    /// The first round's targets: the initial head's scopes, raised to their floors.
+    pub fn initial(&self, scopes: &mut [Scope], floors: &[f64]) {
+        for (s, &floor) in scopes.iter_mut().zip(floors) {
+            s.std = s.std.max(floor);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wsa::{DEFAULT_SCOPE_EPS, HeadSpec, Init};
+
+    #[test]
+    fn a_collapsed_or_inflated_fusion_moves_the_targets_by_the_bounds_only() {
+        let b = TargetBounds::default();
+        let previous = [Scope::new(0.0, 0.04).unwrap()];
+        let mut fused = [Scope::new(0.5, 1e-6).unwrap()];
+        b.apply(&previous, &mut fused, &[0.004]);
+        assert_eq!(fused[0].std, 0.02, "halved at most");
+        assert_eq!(fused[0].mean, 0.04, "one σ̃ at most");
+        let mut fused = [Scope::new(-0.01, 9.0).unwrap()];
+        b.apply(&previous, &mut fused, &[0.004]);
+        assert_eq!((fused[0].mean, fused[0].std), (-0.01, 0.08));
+        // Repeated collapse stops at the floor.
+        let mut prev = previous;
+        for _ in 0..20 {
+            let mut f = [Scope::new(0.0, 1e-9).unwrap()];
+            b.apply(&prev, &mut f, &[0.004]);
+            prev = f;
+        }
+        assert_eq!(prev[0].std, 0.004);
+    }
+
+    #[test]
+    fn biases_get_their_layers_weight_scale_as_floor() {
+        let spec = HeadSpec::mlp(64, &[32], 10);
+        let head = Head::<f32>::init(&spec, Init::Standard, 1).unwrap();
+        let with_biases = ScopeSelection {
+            include_biases: true,
+        };
+        let b = TargetBounds::default();
+        let floors = b.floors(&head, with_biases, DEFAULT_SCOPE_EPS).unwrap();
+        let weights = head
+            .scopes(ScopeSelection::default(), DEFAULT_SCOPE_EPS)
+            .unwrap();
+        assert_eq!(floors.len(), 4);
+        assert_eq!(floors[0], 0.1 * weights[0].std);
+        assert_eq!(floors[1], 0.1 * weights[0].std, "layer 0's bias");
+        assert_eq!(floors[3], 0.1 * weights[1].std, "layer 1's bias");
+        let mut initial = head.scopes(with_biases, DEFAULT_SCOPE_EPS).unwrap();
+        assert!(initial[1].std < 1e-3, "a zero bias has σ = √ε");
+        b.initial(&mut initial, &floors);
+        assert_eq!(initial[1].std, floors[1]);
+        assert_eq!(
+            initial[0].std, weights[0].std,
+            "weights are above their floor"
+        );
+    }
+}
