@@ -9,6 +9,12 @@
 #   scripts/experiment.sh byzantine [PART]  FedAvg under each aggregation rule, clean and with
 #                                          20% of clients attacking (sign flip ×4, scaling ×10);
 #                                          50 rounds, quorum 6 of 10 (default PART: iid)
+#   scripts/experiment.sh trust [PART] [ATTACKS]  lying clients (docs/reliability.md): FedAvg
+#                                          and WSA λ = 100 under each rule, clean and with 1 or
+#                                          4 of 20 clients claiming 10 M samples while they
+#                                          flip, scale, collapse or inflate; 20 clients, 10 a
+#                                          round, quorum 6, 15 rounds, seeds 0,1,2, 6k/2k images
+#                                          (default PART: iid; a0.5 for Dirichlet 0.5)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -59,5 +65,27 @@ case "${1:-}" in
         --out "runs/exp-byz-$part-${attack%%:*}"
     done
     ;;
-  *) echo "usage: $0 sweep | grid LAMBDA [PART] | bound [PART] | byzantine [PART]" >&2; exit 2 ;;
+  trust)
+    part="${2:-iid}"
+    attacks="${3:-clean claim:10000000+sign-flip:1 claim:10000000+scale:10 claim:10000000+scope-collapse claim:10000000+scope-inflate:10}"
+    trust=(--clients 20 --per-round 10 --rounds 15 --seeds 0,1,2 --quorum 6 --hidden 256
+      --strategies fedavg,wsa:100 --aggregations mean,clip:3,trimmed:0.2,median
+      --no-centralized --validation-fraction 0.1)
+    for attack in $attacks; do
+      for fraction in 0.05 0.2; do
+        if [ "$attack" = clean ]; then
+          [ "$fraction" = 0.05 ] || continue
+          flags=()
+          name=clean
+        else
+          flags=(--byzantine "$fraction" --attack "$attack")
+          name="$(echo "$attack" | tr ':+' '-_')-$fraction"
+        fi
+        # shellcheck disable=SC2046
+        target/release/wsa-fl $(partition_args "$part") "${trust[@]}" "${flags[@]}" \
+          --out "runs/exp-trust-$part/$name"
+      done
+    done
+    ;;
+  *) echo "usage: $0 sweep | grid LAMBDA [PART] | bound [PART] | byzantine [PART] | trust [PART] [ATTACKS]" >&2; exit 2 ;;
 esac

@@ -75,8 +75,11 @@ struct Args {
     /// The share of clients that attack (robustness experiments), with `--attack`.
     #[arg(long, default_value_t = 0.0)]
     byzantine: f64,
-    /// What attacking clients send: `sign-flip:SCALE` (`g − SCALE·(w − g)`) or
-    /// `scale:FACTOR` (`g + FACTOR·(w − g)`), where `w` is their honestly trained head.
+    /// What attacking clients do, attacks joined by `+` (`claim:10000000+sign-flip:1`):
+    /// `sign-flip:SCALE` (send `g − SCALE·(w − g)`), `scale:FACTOR` (`g + FACTOR·(w − g)`),
+    /// where `w` is their honestly trained head; `claim:N` (claim N samples);
+    /// `scope-collapse` (last weight tensor flattened to its mean); `scope-inflate:FACTOR`
+    /// (last weight tensor stretched around its mean).
     #[arg(long, default_value = "sign-flip:1")]
     attack: Adversary,
     /// Skip the centralized reference run.

@@ -4,7 +4,9 @@
 //! against direct computations.
 
 use aggregator_core::backend::{CpuBackend, FoldShape};
-use aggregator_core::strategy::{Aggregation, FoldPolicy, RoundFold, Strategy, TargetBounds};
+use aggregator_core::strategy::{
+    Aggregation, FoldPolicy, RoundFold, Strategy, TargetFusion, TargetPolicy,
+};
 use edge_client::{TrainingTask, local_round};
 use wsa::synthetic::{SyntheticProblem, SyntheticSpec};
 use wsa::{
@@ -40,11 +42,13 @@ fn a_wsa_round_averages_heads_and_fuses_scopes() {
     assert!(task.train.wsa.is_some());
 
     let shape = FoldShape::of_head(&spec, selection, DEFAULT_SCOPE_EPS);
-    // The plain definition: no share cap, and target bounds wide enough not to bind.
+    // The plain definition: no share cap, the paper's weighted fusion, and bounds wide enough
+    // not to bind.
     let policy = FoldPolicy {
         weighting: Weighting::SampleCount,
         max_share: 1.0,
-        bounds: TargetBounds {
+        targets: TargetPolicy {
+            fusion: TargetFusion::FollowRule,
             max_std_ratio: 1e6,
             max_mean_shift: 1e6,
             std_floor: 0.0,

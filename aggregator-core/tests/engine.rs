@@ -10,7 +10,7 @@ use aggregator_core::engine::{
     Action, ClosedBy, Engine, EngineConfig, EngineError, Event, Millis, RoundReport, Sampling,
     sample_sizes,
 };
-use aggregator_core::strategy::{Aggregation, Strategy, capped_weights};
+use aggregator_core::strategy::{Aggregation, Strategy, TargetFusion, capped_weights};
 use protocol::{
     Capabilities, EncodedParams, Encoding, Outcome, RejectReason, RoundTask, RowLayout, Update,
     UpdateMetrics, WireScope,
@@ -852,8 +852,10 @@ fn f16_and_int8_updates_of_trained_heads_pass_the_scope_check() {
 fn fedavg_equals_a_weighted_average_computed_by_hand() {
     let clients = [("a", 10u64), ("b", 25), ("c", 65)];
     let mut c = config(Strategy::FedAvg);
-    // Uncapped here: the plain definition (the cap has its own test).
+    // Uncapped here, and the paper's weighted fusion: the plain definition (the cap and the
+    // default median fusion have their own tests).
     c.max_share = 1.0;
+    c.targets.fusion = TargetFusion::FollowRule;
     let mut sim = Sim::start(c, &clients);
     let mut sent = Vec::new();
     for (i, &(c, n)) in clients.iter().enumerate() {
@@ -1034,6 +1036,7 @@ fn wsa_targets_are_the_scope_fusion_of_the_client_scopes() {
         for weighting in [Weighting::Uniform, Weighting::SampleCount] {
             let mut c = config(Strategy::Wsa { lambda: 0.5, rule });
             c.weighting = weighting;
+            c.targets.fusion = TargetFusion::FollowRule;
             c.min_connected = 3;
             let mut sim = Sim::new(c);
             let data = shards(3, 40);
@@ -1431,16 +1434,27 @@ fn a_scope_collapsing_liar_cannot_drive_the_targets_to_zero() {
     assert_eq!(sim.engine.history().rounds_failed, 0);
 }
 
-/// Under the median the targets are the median of the clients' measured scopes, so one
-/// inflated tensor (a scaled copy of an honest step) moves them as little as it moves the head.
+/// The targets are the median of the clients' measured scopes (by default, and under the
+/// median rule when they follow the rule), so one inflated tensor (a stretched copy of an
+/// honest step) moves them as little as it moves a median head.
 #[test]
-fn under_the_median_the_targets_are_the_median_of_the_measured_scopes() {
+fn targets_are_the_median_of_the_measured_scopes() {
+    for (aggregation, fusion) in [
+        (Aggregation::Mean, TargetFusion::Median),
+        (Aggregation::Median, TargetFusion::FollowRule),
+    ] {
+        targets_are_the_median_under(aggregation, fusion);
+    }
+}
+
+fn targets_are_the_median_under(aggregation: Aggregation, fusion: TargetFusion) {
     let clients = [("a", 10u64), ("b", 10), ("c", 10), ("d", 10), ("e", 10)];
     let mut c = config(Strategy::Wsa {
         lambda: 1.0,
         rule: FusionRule::MeanStd,
     });
-    c.aggregation = Aggregation::Median;
+    c.aggregation = aggregation;
+    c.targets.fusion = fusion;
     let mut sim = Sim::start(c, &clients);
     let previous = sim.engine.targets().to_vec();
     let mut scopes = Vec::new();

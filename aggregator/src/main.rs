@@ -1,4 +1,5 @@
 //! `aggregator`: makes credentials (`gen-certs`) and runs federated rounds over QUIC (`serve`).
+#![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -88,8 +89,7 @@ fn default_config() -> EngineConfig {
 
 /// What `print-config` says above the TOML: the settings that decide how far one client can
 /// sway a run.
-const CONFIG_HEADER: &str = "\
-# The aggregator's run configuration (aggregator serve --config FILE).
+const CONFIG_HEADER: &str = r#"# The aggregator's run configuration (aggregator serve --config FILE).
 #
 # Trust: the server weighs and bounds from what it measures, never from what a client claims.
 # - quorum = 4, min_connected = 4: a round opens with at least 4 clients connected and moves
@@ -97,16 +97,18 @@ const CONFIG_HEADER: &str = "\
 #   restart, whoever reconnects first would otherwise decide the next round).
 # - max_share = 0.25: however many samples a client claims, it weighs at most a quarter of a
 #   round (at least 1/accepted), in the head, the targets and the reported metrics.
-# - [target_bounds]: a round moves each WSA target's sigma by at most max_std_ratio and its
-#   mean by at most max_mean_shift sigmas, and sigma stays above std_floor times the initial
-#   std of its layer's weights. The targets are fused from the scopes the server measures,
-#   and follow the aggregation rule (median or trimmed scopes under those rules).
+# - [targets]: the WSA targets are fused from the scopes the server measures, by default as
+#   the per-tensor median of the clients' (fusion kind "median"; "trimmed-mean" with trim;
+#   "follow-rule" for the weighted fusion, or the aggregation's rule under median/trimmed).
+#   A round moves each target's sigma by at most max_std_ratio and its mean by at most
+#   max_mean_shift sigmas, and sigma stays above std_floor times the initial std of its
+#   layer's weights.
 # - [bounds]: the largest sample count an update may claim, the largest step from the global
 #   head (norm_ratio), and how far reported scopes may stray from measured ones.
-# - [aggregation] kind = \"median\" or \"trimmed-mean\" (trim = 0.2) resists attackers in
-#   the parameters themselves; \"norm-clipped\" (max_norm) bounds each step.
+# - [aggregation] kind = "median" or "trimmed-mean" (trim = 0.2) resists attackers in
+#   the parameters themselves; "norm-clipped" (max_norm) bounds each step.
 
-";
+"#;
 fn main() -> Result<()> {
     support::logging::init("info");
     match Cli::parse().command {

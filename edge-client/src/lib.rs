@@ -9,6 +9,7 @@
 //! [`net`] is its thin QUIC glue.
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod attack;
 mod backbone;
 pub mod cache;
 mod error;
@@ -18,9 +19,10 @@ pub mod preprocess;
 mod round;
 pub mod session;
 
+pub use attack::{Adversary, Attack};
 #[cfg(feature = "onnx")]
 pub use backbone::convert_onnx_to_nnef;
 pub use backbone::{Backbone, INPUT_SIDES};
 pub use error::{BackboneError, FeatureError};
 pub use features::cached_features;
-pub use round::{Adversary, ClientUpdate, TrainingTask, local_round};
+pub use round::{ClientUpdate, TrainingTask, local_round};

@@ -20,7 +20,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use wsa::LabelledFeatures;
 
-use crate::round::{Adversary, local_round};
+use crate::attack::Adversary;
+use crate::round::local_round;
 use crate::session::{Action, Event, Identity, Session};
 pub use crate::session::{Backoff, ClientError, ClientReport, RoundRecord, RunEnd};
 
@@ -102,7 +103,11 @@ pub async fn run(
         Identity {
             client_id: opts.client_id.clone(),
             token: opts.token.clone(),
-            n_samples: data.len() as u64,
+            n_samples: opts
+                .adversary
+                .as_ref()
+                .and_then(Adversary::claim)
+                .unwrap_or(data.len() as u64),
         },
         opts.backoff,
     );
@@ -134,10 +139,10 @@ pub async fn run(
                 }
                 Action::Train(task) => {
                     let (data, tx) = (Arc::clone(&data), tx.clone());
-                    let adversary = opts.adversary;
+                    let adversary = opts.adversary.clone();
                     let training = tokio::task::spawn_blocking(move || {
                         let mut update = local_round(&task, &data, client_seed)?;
-                        if let Some(a) = adversary {
+                        if let Some(a) = &adversary {
                             a.corrupt(&task, &mut update)?;
                         }
                         Ok::<_, wsa::Error>(update)

@@ -49,7 +49,7 @@ pub enum DataSource {
 
 /// The attacking part of a fleet: the first `⌊fraction · clients⌋` clients (the partition is
 /// random, so which ones does not matter) corrupt every update with `attack`.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Byzantine {
     /// The share of clients that attack, in [0, 1).
     pub fraction: f64,

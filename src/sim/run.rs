@@ -226,10 +226,10 @@ pub fn run_client_group(
 
 /// Which clients attack: `client_id(i)` for `i` below the Byzantine count.
 fn adversaries(cfg: &FleetConfig) -> impl Fn(&str) -> Option<Adversary> + use<> {
-    let count = cfg.byzantine.map_or(0, |b| b.count(cfg.clients));
+    let count = cfg.byzantine.as_ref().map_or(0, |b| b.count(cfg.clients));
     let attackers: Vec<String> = (0..count).map(protocol::client_id).collect();
-    let attack = cfg.byzantine.map(|b| b.attack);
-    move |id| attack.filter(|_| attackers.iter().any(|a| a == id))
+    let attack = cfg.byzantine.as_ref().map(|b| b.attack.clone());
+    move |id| attack.clone().filter(|_| attackers.iter().any(|a| a == id))
 }
 
 /// Runs the whole comparison and writes the run folder.

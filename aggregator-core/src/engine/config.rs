@@ -6,7 +6,7 @@ use sha2::{Digest, Sha256};
 use wsa::{HeadSpec, Init, ScopeSelection, Sgd, Weighting};
 
 use crate::backend::BackendError;
-use crate::strategy::{Aggregation, Strategy, TargetBounds};
+use crate::strategy::{Aggregation, Strategy, TargetPolicy};
 use protocol::Encoding;
 
 /// Which connected clients a round asks.
@@ -106,7 +106,7 @@ pub struct EngineConfig {
     pub max_share: f64,
     /// How far one round may move the WSA targets, and their floors.
     #[serde(default)]
-    pub target_bounds: TargetBounds,
+    pub targets: TargetPolicy,
     /// The encoding clients are asked to send updates in (f32 for a client that cannot).
     #[serde(default)]
     pub update_encoding: Encoding,
@@ -140,7 +140,7 @@ impl EngineConfig {
             scope_selection: ScopeSelection::default(),
             weighting: Weighting::default(),
             max_share: default_max_share(),
-            target_bounds: TargetBounds::default(),
+            targets: TargetPolicy::default(),
             update_encoding: Encoding::F32,
             sampling: Sampling::default(),
             quorum: 1,
@@ -194,7 +194,7 @@ impl EngineConfig {
                 self.max_share
             ));
         }
-        if let Err(e) = self.target_bounds.validate() {
+        if let Err(e) = self.targets.validate() {
             return bad(e);
         }
         let s = &self.sampling;

@@ -152,11 +152,10 @@ impl Engine {
         config.validate()?;
         let head = Head::<f32>::init(&config.head, config.init, config.seed)?;
         let mut targets = head.scopes(config.scope_selection, DEFAULT_SCOPE_EPS)?;
-        let floors =
-            config
-                .target_bounds
-                .floors(&head, config.scope_selection, DEFAULT_SCOPE_EPS)?;
-        config.target_bounds.initial(&mut targets, &floors);
+        let floors = config
+            .targets
+            .floors(&head, config.scope_selection, DEFAULT_SCOPE_EPS)?;
+        config.targets.initial(&mut targets, &floors);
         Self::build(
             config,
             backend,
@@ -245,7 +244,7 @@ impl Engine {
         let eps = DEFAULT_SCOPE_EPS;
         let fold_shape = FoldShape::of_head(&config.head, config.scope_selection, eps);
         // The floors come from the initial head, which the seed redraws on a resume.
-        let floors = config.target_bounds.floors(
+        let floors = config.targets.floors(
             &Head::init(&config.head, config.init, config.seed)?,
             config.scope_selection,
             eps,
@@ -748,7 +747,7 @@ impl Engine {
         let policy = FoldPolicy {
             weighting: self.config.weighting,
             max_share: self.config.max_share,
-            bounds: self.config.target_bounds,
+            targets: self.config.targets,
             floors: self.floors.clone(),
         };
         let fold = match RoundFold::open(

@@ -5,17 +5,17 @@
 //! What a client claims only ever sets its weight, and the weight is capped: no accepted client
 //! counts for more than `max(max_share, 1/accepted)` of a round, whatever it claims
 //! ([`capped_weights`]). The cap applies to the parameters under the weighted-sum rules
-//! (clipping included), to the scope fusion and to the round's reported metrics. Under a
-//! column rule (median, trimmed mean) weights do not count at all, and the targets follow the
-//! same rule over the clients' scopes. The fused targets then stay within the run's
-//! [`TargetBounds`] of the last round's.
+//! (clipping included), to a weighted scope fusion and to the round's reported metrics; under
+//! a column rule (median, trimmed mean) weights do not count at all. The targets are fused as
+//! the run's [`TargetPolicy`] says (by default the median of the clients' scopes) and stay
+//! within its bounds of the last round's.
 
 use std::collections::BTreeMap;
 
 use wsa::{FusionRule, Scope, ScopeFusion, Weighting};
 
-use super::targets::TargetBounds;
-use super::{Aggregation, Plan, Strategy};
+use super::targets::{TargetFusion, TargetPolicy};
+use super::{Aggregation, ColumnRule, Plan, Strategy};
 use crate::backend::{Accumulator, Backend, BackendError, FoldShape, Measurement};
 
 /// How a round's fold weighs and bounds what it is given (from the run configuration).
@@ -25,9 +25,9 @@ pub struct FoldPolicy {
     pub weighting: Weighting,
     /// The largest share of a round one client may have (above `1/accepted`).
     pub max_share: f64,
-    /// How far the targets may move in a round, and their floors.
-    pub bounds: TargetBounds,
-    /// The σ̃ floor of each scoped tensor ([`TargetBounds::floors`]).
+    /// How the targets are fused, how far they may move in a round, and their floors.
+    pub targets: TargetPolicy,
+    /// The σ̃ floor of each scoped tensor ([`TargetPolicy::floors`]).
     pub floors: Vec<f64>,
 }
 
@@ -223,7 +223,7 @@ impl RoundFold {
         }
         let mut targets = self.fuse(&weights).map_err(FoldError::Scopes)?;
         self.policy
-            .bounds
+            .targets
             .apply(&self.previous, &mut targets, &self.policy.floors);
         Ok(Folded {
             params,
@@ -232,18 +232,23 @@ impl RoundFold {
         })
     }
 
-    /// The clients' scopes fused: weighted under the weighted-sum rules, by the column rule
-    /// otherwise.
+    /// The clients' scopes fused as the policy says.
     fn fuse(&self, weights: &BTreeMap<String, f64>) -> wsa::Result<Vec<Scope>> {
-        match self.plan {
-            Plan::WeightedSum { .. } => {
+        let column = match (self.policy.targets.fusion, self.plan) {
+            (TargetFusion::Median, _) => Some(ColumnRule::Median),
+            (TargetFusion::TrimmedMean { trim }, _) => Some(ColumnRule::TrimmedMean { trim }),
+            (TargetFusion::FollowRule, Plan::Columns(rule)) => Some(rule),
+            (TargetFusion::FollowRule, Plan::WeightedSum { .. }) => None,
+        };
+        match column {
+            None => {
                 let mut fusion = ScopeFusion::new(self.previous.len());
                 for (client, a) in &self.clients {
                     fusion.add(&a.scopes, weights[client])?;
                 }
                 fusion.finish(self.fusion)
             }
-            Plan::Columns(rule) => {
+            Some(rule) => {
                 if self.clients.is_empty() {
                     return Err(wsa::Error::Empty {
                         what: "scope fusion",

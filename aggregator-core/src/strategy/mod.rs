@@ -6,7 +6,7 @@
 //! next global head. A [`RoundFold`] carries out both for one round: parameters through a
 //! compute backend's accumulator, the scopes the aggregator measured through scope fusion (or
 //! the aggregation's column rule), finished together; each client's weight capped at a share
-//! of the round ([`capped_weights`]) and the targets kept within [`TargetBounds`].
+//! of the round ([`capped_weights`]) and the targets fused and kept within bounds as the [`TargetPolicy`] says.
 //!
 //! Every type here parses from and prints as the one spelling the run config, the simulator's
 //! flags and the reports share (`wsa:10:mean-std`, `fedprox:0.1`, `trimmed:0.2`).
@@ -23,7 +23,7 @@ use wsa::{FusionRule, Scope, ScopeSelection, Sgd, TrainConfig, WsaTerm};
 
 pub use aggregation::{Aggregation, ColumnRule, Plan, column_median, column_trimmed_mean};
 pub use fold::{FoldError, FoldPolicy, Folded, RoundFold, capped_weights};
-pub use targets::TargetBounds;
+pub use targets::{TargetFusion, TargetPolicy};
 
 /// How a round trains: the term a client adds to its cross-entropy, and how scopes fuse.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

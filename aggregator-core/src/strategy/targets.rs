@@ -1,4 +1,10 @@
-//! How far a round may move the WSA targets, and how low σ̃ may go.
+//! How a round's targets are formed from the clients' scopes, how far a round may move them,
+//! and how low σ̃ may go.
+//!
+//! By default the targets are the per-tensor median of the clients' measured μ and σ: a few
+//! clients sending collapsed or inflated tensors do not move the median, whereas any weighted
+//! mean would drift under a persistent liar, and the drift compounds, since honest clients
+//! align to the targets they are given and report the drifted scale back.
 //!
 //! The targets are what every client's local training is pulled toward, so a bad target hurts
 //! every honest client of the next round: a σ̃ near zero makes the KL term's curvature
@@ -10,10 +16,29 @@
 use serde::{Deserialize, Serialize};
 use wsa::{Head, Scope, ScopeSelection, TensorKind};
 
-/// Limits on the targets a round's fusion sets.
+/// How the clients' scopes become the next targets.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum TargetFusion {
+    /// Per tensor, the median of the clients' μ and of their σ (weights ignored).
+    #[default]
+    Median,
+    /// Per tensor, the trimmed mean of the clients' μ and of their σ (weights ignored).
+    TrimmedMean {
+        /// The fraction cut from each end, in `[0, 0.5)`.
+        trim: f64,
+    },
+    /// The strategy's σ̃ rule over the clients' capped weights (the paper's fusion), or the
+    /// aggregation's column rule when the parameters use one.
+    FollowRule,
+}
+
+/// How a round's targets are formed and bounded.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
-pub struct TargetBounds {
+pub struct TargetPolicy {
+    /// How the clients' scopes are fused.
+    pub fusion: TargetFusion,
     /// σ̃ changes by at most this factor in a round (≥ 1).
     pub max_std_ratio: f64,
     /// μ̃ moves by at most this many of the last round's σ̃ in a round (≥ 0).
@@ -22,9 +47,10 @@ pub struct TargetBounds {
     pub std_floor: f64,
 }
 
-impl Default for TargetBounds {
+impl Default for TargetPolicy {
     fn default() -> Self {
         Self {
+            fusion: TargetFusion::default(),
             max_std_ratio: 2.0,
             max_mean_shift: 1.0,
             std_floor: 0.1,
@@ -32,24 +58,31 @@ impl Default for TargetBounds {
     }
 }
 
-impl TargetBounds {
+impl TargetPolicy {
     /// Checks each value against its domain.
     pub fn validate(&self) -> Result<(), String> {
+        if let TargetFusion::TrimmedMean { trim } = self.fusion
+            && !(0.0..0.5).contains(&trim)
+        {
+            return Err(format!(
+                "targets.fusion: a trimmed mean needs trim in [0, 0.5), got {trim}"
+            ));
+        }
         if !(self.max_std_ratio.is_finite() && self.max_std_ratio >= 1.0) {
             return Err(format!(
-                "target_bounds.max_std_ratio must be finite and >= 1, got {}",
+                "targets.max_std_ratio must be finite and >= 1, got {}",
                 self.max_std_ratio
             ));
         }
         if !(self.max_mean_shift.is_finite() && self.max_mean_shift >= 0.0) {
             return Err(format!(
-                "target_bounds.max_mean_shift must be finite and >= 0, got {}",
+                "targets.max_mean_shift must be finite and >= 0, got {}",
                 self.max_mean_shift
             ));
         }
         if !(self.std_floor.is_finite() && self.std_floor >= 0.0) {
             return Err(format!(
-                "target_bounds.std_floor must be finite and >= 0, got {}",
+                "targets.std_floor must be finite and >= 0, got {}",
                 self.std_floor
             ));
         }
@@ -103,7 +136,7 @@ mod tests {
 
     #[test]
     fn a_collapsed_or_inflated_fusion_moves_the_targets_by_the_bounds_only() {
-        let b = TargetBounds::default();
+        let b = TargetPolicy::default();
         let previous = [Scope::new(0.0, 0.04).unwrap()];
         let mut fused = [Scope::new(0.5, 1e-6).unwrap()];
         b.apply(&previous, &mut fused, &[0.004]);
@@ -129,7 +162,7 @@ mod tests {
         let with_biases = ScopeSelection {
             include_biases: true,
         };
-        let b = TargetBounds::default();
+        let b = TargetPolicy::default();
         let floors = b.floors(&head, with_biases, DEFAULT_SCOPE_EPS).unwrap();
         let weights = head
             .scopes(ScopeSelection::default(), DEFAULT_SCOPE_EPS)
