@@ -51,8 +51,9 @@ impl Deployment {
     }
 
     /// Server options listening on `listen`, with the given checkpoint and round log. A
-    /// whole fleet on one machine connects at once and its TLS handshakes share a few cores:
-    /// room for 4,096 connections and 30 s to say hello.
+    /// whole fleet on one machine connects at once, from one address, and its TLS handshakes
+    /// share a few cores: room for 4,096 connections, all of them from loopback and at once
+    /// unauthenticated, and 30 s to say hello.
     pub fn server_options(
         &self,
         listen: SocketAddr,
@@ -61,6 +62,8 @@ impl Deployment {
     ) -> Result<ServerOptions> {
         Ok(ServerOptions {
             max_connections: 4096,
+            max_unauthenticated: 4096,
+            max_per_address: usize::MAX,
             hello_timeout: Duration::from_secs(30),
             checkpoint,
             rounds_log,

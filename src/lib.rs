@@ -3,6 +3,7 @@
 //! loopback QUIC), partitioners for non-IID splits, the simulation of a run per strategy, and
 //! the plots of its results.
 #![warn(missing_docs, unreachable_pub)]
+#![forbid(unsafe_code)]
 
 pub mod fleet;
 pub mod partition;

@@ -3,6 +3,7 @@
 //! comparing FedAvg, FedProx and WSA on the same non-IID partition, with a centralized
 //! reference run. The defaults are the main job's demo: 20 clients, Dirichlet α = 0.1, FedAvg vs WSA,
 //! 20 rounds on a subset, a few minutes on 2 cores.
+#![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 

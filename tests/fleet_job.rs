@@ -202,7 +202,7 @@ fn sign_flipping_clients_break_the_mean_and_not_the_median() {
     );
     let config: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.path().join("config.json")).unwrap()).unwrap();
-    assert_eq!(config["byzantine"]["attack"]["kind"], "sign-flip");
+    assert_eq!(config["byzantine"]["attack"][0]["kind"], "sign-flip");
 
     let bad = Command::new(env!("CARGO_BIN_EXE_wsa-fl"))
         .args(["--synthetic", "--byzantine", "0.2", "--attack", "flip:2"])

@@ -58,6 +58,12 @@ enum Command {
         /// Most simultaneous connections [default: 2048].
         #[arg(long)]
         max_connections: Option<usize>,
+        /// Most connections not yet past their hello [default: 256].
+        #[arg(long)]
+        max_unauthenticated: Option<usize>,
+        /// Most connections from one IP address [default: 64].
+        #[arg(long)]
+        max_per_address: Option<usize>,
         /// Stop after this many rounds of the run have closed (resume later).
         #[arg(long)]
         stop_after: Option<u64>,
@@ -138,6 +144,8 @@ fn main() -> Result<()> {
             checkpoint,
             rounds_log,
             max_connections,
+            max_unauthenticated,
+            max_per_address,
             stop_after,
             backend,
         } => {
@@ -166,6 +174,8 @@ fn main() -> Result<()> {
             let defaults = ServerOptions::new(listen, &creds)?;
             let opts = ServerOptions {
                 max_connections: max_connections.unwrap_or(defaults.max_connections),
+                max_unauthenticated: max_unauthenticated.unwrap_or(defaults.max_unauthenticated),
+                max_per_address: max_per_address.unwrap_or(defaults.max_per_address),
                 checkpoint: Some(checkpoint),
                 rounds_log: Some(rounds_log),
                 stop_after_rounds: stop_after,

@@ -16,6 +16,7 @@
 //! [`CIFAR100_COARSE_CLASSES`].
 
 #![warn(missing_docs, unreachable_pub)]
+#![forbid(unsafe_code)]
 
 mod cifar;
 mod classes;

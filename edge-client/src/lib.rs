@@ -8,6 +8,7 @@
 //! aggregator is a sans-IO state machine (reconnects, goodbyes, verdicts, the report);
 //! [`net`] is its thin QUIC glue.
 #![warn(missing_docs, unreachable_pub)]
+#![forbid(unsafe_code)]
 
 pub mod attack;
 mod backbone;

@@ -1,6 +1,7 @@
 //! `edge-client`: the edge device's command line. `join` takes part in a federated run over
 //! QUIC; `features` extracts and caches backbone features; `probe` trains heads centrally on
 //! them to check what the frozen features are worth.
+#![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;

@@ -12,6 +12,7 @@
 //! messages, [`RejectReason`] with its names beside [`Message::kind`]) under `error` (bad
 //! frames), `limits` and `frame`; `convert` and `digest` add to the messages.
 #![warn(missing_docs, unreachable_pub)]
+#![forbid(unsafe_code)]
 
 mod convert;
 mod digest;

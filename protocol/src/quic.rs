@@ -113,7 +113,9 @@ pub fn server_config(
         .max_idle_timeout(Some(idle_timeout(limits)?))
         .keep_alive_interval(Some(limits.keep_alive))
         .max_concurrent_bidi_streams(limits.client_streams.into())
-        .max_concurrent_uni_streams(0u32.into());
+        .max_concurrent_uni_streams(0u32.into())
+        // The protocol has no datagrams: no buffer for a peer to fill.
+        .datagram_receive_buffer_size(None);
     config.transport_config(Arc::new(transport));
     Ok(config)
 }
@@ -143,7 +145,8 @@ pub fn client_config(
     transport
         .max_idle_timeout(Some(idle_timeout(limits)?))
         .keep_alive_interval(Some(limits.keep_alive))
-        .max_concurrent_uni_streams(0u32.into());
+        .max_concurrent_uni_streams(0u32.into())
+        .datagram_receive_buffer_size(None);
     config.transport_config(Arc::new(transport));
     Ok(config)
 }

@@ -42,6 +42,7 @@ async fn run_strategy(
     // Every simulated client stays connected, and thousands of TLS handshakes on a couple of
     // cores take a while.
     options.max_connections = options.max_connections.max(cfg.clients + 16);
+    options.max_unauthenticated = options.max_connections;
     options.hello_timeout = Duration::from_secs(120);
     let server = deployment.bind(options)?;
     let addr = server.local_addr()?;

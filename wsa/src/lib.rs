@@ -15,6 +15,7 @@
 //! FedProx and WSA terms ([`TrainConfig`]). Everything is deterministic from its seed and generic
 //! over [`Real`] so the f32 code is checked against finite differences in f64.
 #![warn(missing_docs, unreachable_pub)]
+#![deny(unsafe_code)] // not forbid: ndarray's s! macro allows unsafe in its expansion
 
 mod average;
 mod data;

@@ -216,8 +216,11 @@ impl EngineConfig {
         if self.quorum == 0 || self.min_connected == 0 {
             return bad("quorum and min_connected must be at least 1".into());
         }
-        if self.round_timeout_ms == 0 {
-            return bad("round_timeout_ms must be at least 1".into());
+        if self.round_timeout_ms == 0 || self.round_timeout_ms > MAX_ROUND_TIMEOUT_MS {
+            return bad(format!(
+                "round_timeout_ms must be between 1 and {MAX_ROUND_TIMEOUT_MS} (a week), got {}",
+                self.round_timeout_ms
+            ));
         }
         let b = &self.bounds;
         if b.max_n_samples == 0 {
@@ -238,6 +241,9 @@ impl EngineConfig {
         Ok(())
     }
 }
+
+/// The longest a round may stay open: a week.
+pub const MAX_ROUND_TIMEOUT_MS: u64 = 7 * 24 * 3600 * 1000;
 
 /// A quarter: with four or more clients accepted, no one of them decides a round.
 fn default_max_share() -> f64 {

@@ -37,7 +37,9 @@ use sha2::{Digest, Sha256};
 use tracing::{error, info, warn};
 use wsa::{DEFAULT_SCOPE_EPS, Head, LabelledFeatures, Scope};
 
-pub use config::{EngineConfig, EngineError, Sampling, UpdateBounds, sample_sizes};
+pub use config::{
+    EngineConfig, EngineError, MAX_ROUND_TIMEOUT_MS, Sampling, UpdateBounds, sample_sizes,
+};
 pub use events::{
     Action, ClosedBy, Event, MAX_LISTED_REJECTIONS, Millis, ReceivedUpdate, Rejection, RoundReport,
     RoundStatus,
@@ -308,6 +310,27 @@ impl Engine {
             )));
         }
         Ok(())
+    }
+
+    /// Whether the backend can hold the largest round `clients` connected clients give (the
+    /// storing rules keep every selected update): checked when a run starts, since a round
+    /// that does not fit would otherwise leave the run stuck at its opening.
+    pub fn check_round_capacity(&self, clients: usize) -> Result<(), EngineError> {
+        let needed = self.config.min_connected.max(self.config.quorum);
+        let (_, select) = sample_sizes(
+            &self.config.sampling,
+            self.config.quorum,
+            clients.max(needed),
+        );
+        self.backend
+            .accumulator(
+                &self.fold_shape,
+                &self.global,
+                self.config.aggregation,
+                select,
+            )
+            .map(drop)
+            .map_err(EngineError::from)
     }
 
     /// The configuration.

@@ -4,8 +4,9 @@
 //! hear goes to the run loop as a [`FromConnection`].
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use aggregator_core::engine::{Event, ReceivedUpdate};
@@ -24,12 +25,18 @@ use crate::auth::Registry;
 /// client that does not is closed on.
 pub(super) const GOODBYE_GRACE: Duration = Duration::from_secs(5);
 
+/// Largest hello frame read from a peer not yet authenticated: a hello is a client id, a
+/// token and a few numbers.
+pub(super) const HELLO_MAX_BYTES: u32 = 4096;
+
 /// What the run loop sends a session.
 pub(super) enum Outbound {
-    /// An encoded round task: encoded once, shared by every recipient.
+    /// An encoded round task: encoded once, shared by every recipient; its answer is read for
+    /// at most `answer_within`.
     Task {
         round: u64,
         frame: Arc<Vec<u8>>,
+        answer_within: Duration,
     },
     Verdict(Verdict),
     Goodbye(GoodbyeReason),
@@ -58,6 +65,7 @@ pub(super) enum FromConnection {
 
 /// What every connection task reads.
 pub(super) struct Shared {
+    /// Limits on an authenticated session's frames (derived from the run's head).
     pub(super) limits: Limits,
     pub(super) registry: Registry,
     pub(super) hello_timeout: Duration,
@@ -65,30 +73,120 @@ pub(super) struct Shared {
     /// The round a `Welcome` announces.
     pub(super) round: AtomicU64,
     pub(super) sessions: AtomicU64,
-    pub(super) live: AtomicUsize,
+}
+
+/// Who gets a connection, decided before the server keeps any state for it.
+pub(super) struct Gate {
+    pub(super) max_connections: usize,
+    pub(super) max_unauthenticated: usize,
+    pub(super) max_per_address: usize,
+    pub(super) validate_addresses: bool,
+    live: AtomicUsize,
+    unauthenticated: AtomicUsize,
+    per_address: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl Gate {
+    pub(super) fn new(
+        max_connections: usize,
+        max_unauthenticated: usize,
+        max_per_address: usize,
+        validate_addresses: bool,
+    ) -> Self {
+        Self {
+            max_connections,
+            max_unauthenticated,
+            max_per_address,
+            validate_addresses,
+            live: AtomicUsize::new(0),
+            unauthenticated: AtomicUsize::new(0),
+            per_address: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A place for a connection from `ip`, or `None` over any of the limits. The accept loop
+    /// is the only caller, so the checks and the increments do not race.
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Admitted> {
+        let mut per_address = self.per_address.lock().unwrap_or_else(|e| e.into_inner());
+        let from_ip = per_address.get(&ip).copied().unwrap_or(0);
+        if self.live.load(Ordering::Relaxed) >= self.max_connections
+            || self.unauthenticated.load(Ordering::Relaxed) >= self.max_unauthenticated
+            || from_ip >= self.max_per_address
+        {
+            return None;
+        }
+        per_address.insert(ip, from_ip + 1);
+        self.live.fetch_add(1, Ordering::Relaxed);
+        self.unauthenticated.fetch_add(1, Ordering::Relaxed);
+        Some(Admitted {
+            gate: Arc::clone(self),
+            ip,
+            authenticated: false,
+        })
+    }
+}
+
+/// A connection's place at the gate, given back when it ends.
+pub(super) struct Admitted {
+    gate: Arc<Gate>,
+    ip: IpAddr,
+    authenticated: bool,
+}
+
+impl Admitted {
+    /// The hello checked out: the connection leaves the unauthenticated budget.
+    fn authenticate(&mut self) {
+        if !std::mem::replace(&mut self.authenticated, true) {
+            self.gate.unauthenticated.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        if !self.authenticated {
+            self.gate.unauthenticated.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.gate.live.fetch_sub(1, Ordering::Relaxed);
+        let mut per_address = self
+            .gate
+            .per_address
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = per_address.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                per_address.remove(&self.ip);
+            }
+        }
+    }
 }
 
 pub(super) async fn accept_loop(
     endpoint: quinn::Endpoint,
     shared: Arc<Shared>,
-    events: mpsc::UnboundedSender<FromConnection>,
-    max_connections: usize,
+    gate: Arc<Gate>,
+    events: mpsc::Sender<FromConnection>,
 ) {
     while let Some(incoming) = endpoint.accept().await {
-        if shared.live.load(Ordering::Relaxed) >= max_connections {
-            incoming.refuse();
-            let _ = events.send(FromConnection::OverLimit);
+        // A peer that has not shown it receives at its address gets a stateless retry: the
+        // server keeps nothing for it, and a spoofed flood costs one packet each.
+        if gate.validate_addresses && !incoming.remote_address_validated() && incoming.may_retry() {
+            let _ = incoming.retry();
             continue;
         }
-        shared.live.fetch_add(1, Ordering::Relaxed);
+        let Some(admitted) = gate.admit(incoming.remote_address().ip()) else {
+            incoming.refuse();
+            let _ = events.try_send(FromConnection::OverLimit);
+            continue;
+        };
         let shared = Arc::clone(&shared);
         let events = events.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
-            if let Err(e) = connection(incoming, &shared, &events).await {
+            if let Err(e) = connection(incoming, admitted, &shared, &events).await {
                 tracing::debug!(%remote, error = %e, "connection ended");
             }
-            shared.live.fetch_sub(1, Ordering::Relaxed);
         });
     }
 }
@@ -96,22 +194,25 @@ pub(super) async fn accept_loop(
 /// One client's connection, from handshake to close.
 async fn connection(
     incoming: quinn::Incoming,
+    mut admitted: Admitted,
     shared: &Shared,
-    events: &mpsc::UnboundedSender<FromConnection>,
+    events: &mpsc::Sender<FromConnection>,
 ) -> Result<()> {
-    let conn = tokio::time::timeout(shared.hello_timeout, incoming)
+    // One deadline for the handshake, the control stream and the hello together, and a
+    // hello read under a few KiB: an unauthenticated peer holds little for little time.
+    let hello_limits = Limits {
+        max_message_bytes: HELLO_MAX_BYTES,
+        ..shared.limits
+    };
+    let (conn, mut control_send, mut control_recv, hello) =
+        tokio::time::timeout(shared.hello_timeout, async {
+            let conn = incoming.await?;
+            let (send, mut recv) = conn.accept_bi().await?;
+            let hello = read_message(&mut recv, &hello_limits).await;
+            Ok::<_, anyhow::Error>((conn, send, recv, hello))
+        })
         .await
-        .context("handshake timed out")??;
-    let (mut control_send, mut control_recv) =
-        tokio::time::timeout(shared.hello_timeout, conn.accept_bi())
-            .await
-            .context("no control stream")??;
-    let hello = tokio::time::timeout(
-        shared.hello_timeout,
-        read_message(&mut control_recv, &shared.limits),
-    )
-    .await
-    .context("no hello")?;
+        .context("no hello in time")??;
     let refuse = |reason: RejectReason| Verdict {
         run_id: shared.run_id,
         subject: Subject::Hello,
@@ -138,9 +239,11 @@ async fn connection(
                 unreachable!()
             };
             tracing::warn!(remote = %conn.remote_address(), %reason, "hello refused");
-            let _ = events.send(FromConnection::Refused {
-                reason: reason.to_string(),
-            });
+            let _ = events
+                .send(FromConnection::Refused {
+                    reason: reason.to_string(),
+                })
+                .await;
             write_message(&mut control_send, &Message::Verdict(v)).await?;
             let _ = control_send.finish();
             // Give the verdict time to arrive before the close discards it.
@@ -149,6 +252,7 @@ async fn connection(
             return Ok(());
         }
     };
+    admitted.authenticate();
     let client = hello.client_id;
     let session = shared.sessions.fetch_add(1, Ordering::Relaxed);
     let (out_tx, mut out) = mpsc::unbounded_channel();
@@ -160,15 +264,17 @@ async fn connection(
         }),
     )
     .await?;
-    let _ = events.send(FromConnection::Joined {
-        session,
-        out: out_tx,
-        event: Event::Connected {
-            client: client.clone(),
-            n_samples: hello.n_samples,
-            capabilities: hello.capabilities,
-        },
-    });
+    let _ = events
+        .send(FromConnection::Joined {
+            session,
+            out: out_tx,
+            event: Event::Connected {
+                client: client.clone(),
+                n_samples: hello.n_samples,
+                capabilities: hello.capabilities,
+            },
+        })
+        .await;
     let result = serve_session(
         &conn,
         shared,
@@ -180,12 +286,15 @@ async fn connection(
         &mut control_recv,
     )
     .await;
-    let _ = events.send(FromConnection::Session {
-        session,
-        event: Event::Disconnected {
-            client: client.clone(),
-        },
-    });
+    let _ = events
+        .send(FromConnection::Session {
+            session,
+            event: Event::Disconnected {
+                client: client.clone(),
+            },
+        })
+        .await;
+    drop(admitted);
     result
 }
 
@@ -193,7 +302,7 @@ async fn connection(
 async fn serve_session(
     conn: &quinn::Connection,
     shared: &Shared,
-    events: &mpsc::UnboundedSender<FromConnection>,
+    events: &mpsc::Sender<FromConnection>,
     client: &str,
     session: u64,
     out: &mut mpsc::UnboundedReceiver<Outbound>,
@@ -208,20 +317,24 @@ async fn serve_session(
     loop {
         tokio::select! {
             outbound = out.recv() => match outbound {
-                Some(Outbound::Task { round, frame }) => {
+                Some(Outbound::Task { round, frame, answer_within }) => {
                     let (mut send, mut recv) = conn.open_bi().await?;
                     send.write_all(&frame).await?;
-                    let _ = events.send(FromConnection::BytesOut(frame.len() as u64));
+                    let _ = events.send(FromConnection::BytesOut(frame.len() as u64)).await;
                     open.insert(round, send);
                     let limits = shared.limits;
-                    reads.spawn(async move { (round, read_message(&mut recv, &limits).await) });
+                    // The answer is read until the round is over, not longer.
+                    reads.spawn(async move {
+                        let read = tokio::time::timeout(answer_within, read_message(&mut recv, &limits)).await;
+                        (round, read)
+                    });
                 }
                 Some(Outbound::Verdict(verdict)) => {
                     if let Subject::Update { round } = verdict.subject
                         && let Some(mut send) = open.remove(&round)
                     {
                         let n = write_message(&mut send, &Message::Verdict(verdict)).await?;
-                        let _ = events.send(FromConnection::BytesOut(n));
+                        let _ = events.send(FromConnection::BytesOut(n)).await;
                         let _ = send.finish();
                     }
                 }
@@ -244,6 +357,11 @@ async fn serve_session(
             },
             Some(done) = reads.join_next(), if !reads.is_empty() => {
                 let Ok((round, read)) = done else { continue };
+                // The round is over without an answer: nothing to read or answer any more.
+                let Ok(read) = read else {
+                    open.remove(&round);
+                    continue;
+                };
                 match read {
                     Ok(r) => match r.message {
                         Message::Update(update) => {
@@ -259,7 +377,7 @@ async fn serve_session(
                                     update: Box::new(ReceivedUpdate::new(update)),
                                     wire_bytes: r.wire_bytes,
                                 },
-                            });
+                            }).await;
                         }
                         other => {
                             reject_on_stream(&mut open, round, shared, events, client, session, RejectReason::UnexpectedMessage(other.kind().into())).await;
@@ -296,20 +414,22 @@ async fn reject_on_stream(
     open: &mut HashMap<u64, quinn::SendStream>,
     round: u64,
     shared: &Shared,
-    events: &mpsc::UnboundedSender<FromConnection>,
+    events: &mpsc::Sender<FromConnection>,
     client: &str,
     session: u64,
     reason: RejectReason,
 ) {
-    let _ = events.send(FromConnection::Session {
-        session,
-        event: Event::Unreadable {
-            client: client.to_owned(),
-            round,
-            reason: reason.clone(),
-            wire_bytes: 0,
-        },
-    });
+    let _ = events
+        .send(FromConnection::Session {
+            session,
+            event: Event::Unreadable {
+                client: client.to_owned(),
+                round,
+                reason: reason.clone(),
+                wire_bytes: 0,
+            },
+        })
+        .await;
     if let Some(mut send) = open.remove(&round) {
         let verdict = Message::Verdict(Verdict {
             run_id: shared.run_id,
@@ -317,7 +437,7 @@ async fn reject_on_stream(
             outcome: Outcome::Rejected(reason),
         });
         if let Ok(n) = write_message(&mut send, &verdict).await {
-            let _ = events.send(FromConnection::BytesOut(n));
+            let _ = events.send(FromConnection::BytesOut(n)).await;
         }
         let _ = send.finish();
     }

@@ -13,15 +13,15 @@ mod options;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use aggregator_core::engine::{Action, ClosedBy, Engine, Event, Millis};
+use aggregator_core::engine::{Action, ClosedBy, Engine, EngineConfig, Event, Millis};
 use anyhow::{Context, Result};
 use protocol::{GoodbyeReason, Message, encode_frame};
 use tokio::sync::{mpsc, watch};
 
-use connection::{FromConnection, GOODBYE_GRACE, Outbound, Shared, accept_loop};
+use connection::{FromConnection, GOODBYE_GRACE, Gate, Outbound, Shared, accept_loop};
 pub use options::{RoundLine, RunSummary, ServerOptions, TransportStats};
 
 /// A bound, not yet running, aggregator.
@@ -72,21 +72,33 @@ impl Server {
         mut engine: Engine,
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<RunSummary> {
+        // A round the backend could not hold would leave the run stuck at its first opening:
+        // refuse to start instead.
+        engine
+            .check_round_capacity(self.opts.registry.len())
+            .context("the run's rounds do not fit the compute backend")?;
         let shared = Arc::new(Shared {
-            limits: self.opts.limits,
+            limits: session_limits(self.opts.limits, engine.config()),
             registry: self.opts.registry.clone(),
             hello_timeout: self.opts.hello_timeout,
             run_id: engine.config().run_id,
             round: AtomicU64::new(engine.round()),
             sessions: AtomicU64::new(0),
-            live: AtomicUsize::new(0),
         });
-        let (events_tx, mut events) = mpsc::unbounded_channel();
+        let gate = Arc::new(Gate::new(
+            self.opts.max_connections,
+            self.opts.max_unauthenticated,
+            self.opts.max_per_address,
+            self.opts.validate_addresses,
+        ));
+        // Bounded: a flood of connection events waits for the engine instead of growing a
+        // queue without end.
+        let (events_tx, mut events) = mpsc::channel(EVENT_QUEUE);
         let acceptor = tokio::spawn(accept_loop(
             self.endpoint.clone(),
             Arc::clone(&shared),
+            gate,
             events_tx.clone(),
-            self.opts.max_connections,
         ));
 
         let clock = Instant::now();
@@ -130,6 +142,8 @@ impl Server {
                             let _ = out.send(Outbound::Task {
                                 round: task.round,
                                 frame,
+                                answer_within: Duration::from_millis(task.deadline_ms)
+                                    .saturating_add(ANSWER_GRACE),
                             });
                         }
                     }
@@ -191,8 +205,11 @@ impl Server {
                     }
                 }
             }
-            let deadline = engine.next_deadline().map(|Millis(ms)| {
-                tokio::time::Instant::from_std(clock + Duration::from_millis(ms))
+            // A deadline past what the clock can hold is no deadline.
+            let deadline = engine.next_deadline().and_then(|Millis(ms)| {
+                clock
+                    .checked_add(Duration::from_millis(ms))
+                    .map(tokio::time::Instant::from_std)
             });
             tokio::select! {
                 _ = shutdown.changed() => break 'run,
@@ -244,7 +261,10 @@ impl Server {
                             Vec::new()
                         }
                         FromConnection::Refused { reason } => {
-                            stats.refused_hellos.push(reason);
+                            stats.refused_hello_count += 1;
+                            if stats.refused_hellos.len() < MAX_LISTED_REFUSALS {
+                                stats.refused_hellos.push(reason);
+                            }
                             Vec::new()
                         }
                         FromConnection::BytesOut(n) => {
@@ -283,6 +303,35 @@ impl Server {
         // Release the UDP port before returning, so a restart can bind it again.
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
         Ok(summary)
+    }
+}
+
+/// Connection events the run loop may have waiting; connections wait beyond it.
+const EVENT_QUEUE: usize = 4096;
+/// Refused hellos listed by reason in one round's line (the count is complete).
+const MAX_LISTED_REFUSALS: usize = 32;
+/// How long past a task's deadline its stream is still read (a late update is answered).
+const ANSWER_GRACE: Duration = Duration::from_secs(10);
+
+/// A session's frame limits: the server's, cut down to what the run's head needs (an update in
+/// f32 with its scales, scopes, ids and metrics, and room to spare), so an authenticated client
+/// cannot make the server read 64 MiB to refuse it.
+fn session_limits(base: protocol::Limits, config: &EngineConfig) -> protocol::Limits {
+    let params = config.head.param_count();
+    let rows = protocol::RowLayout::of_head(&config.head).rows();
+    let scopes = config.head.scoped_tensor_count(config.scope_selection);
+    let frame = 4 * params + 4 * rows + 16 * scopes + 64 * 1024;
+    protocol::Limits {
+        max_message_bytes: base
+            .max_message_bytes
+            .min(u32::try_from(frame).unwrap_or(u32::MAX)),
+        max_params: base
+            .max_params
+            .min(u32::try_from(params).unwrap_or(u32::MAX)),
+        max_scopes: base
+            .max_scopes
+            .min(u32::try_from(scopes).unwrap_or(u32::MAX)),
+        ..base
     }
 }
 

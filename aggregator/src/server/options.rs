@@ -31,7 +31,16 @@ pub struct ServerOptions {
     pub quic: QuicLimits,
     /// Connections beyond this are refused at the QUIC handshake.
     pub max_connections: usize,
-    /// A connection that has not said hello by then is closed.
+    /// Connections that have not yet passed their hello, beyond which new ones are refused:
+    /// a budget of its own, so a flood of strangers cannot take the authenticated clients'
+    /// places.
+    pub max_unauthenticated: usize,
+    /// Connections from one IP address at once.
+    pub max_per_address: usize,
+    /// Answer a peer's first packet with a stateless QUIC retry, so no state is kept for an
+    /// address that has not shown it receives there.
+    pub validate_addresses: bool,
+    /// The handshake, the control stream and the hello must all be done by then.
     pub hello_timeout: Duration,
     /// Checkpoint file written after every round (atomically).
     pub checkpoint: Option<PathBuf>,
@@ -47,7 +56,8 @@ pub struct ServerOptions {
 impl ServerOptions {
     /// Options for a server on `listen` with the credentials `gen-certs` wrote to `creds`
     /// (certificate, key, client registry) and the defaults: the protocol's limits, 2,048
-    /// connections, 10 s to say hello, no checkpoint, no round log, no stop.
+    /// connections, of them 256 not yet authenticated and 64 from one address, address
+    /// validation, 5 s to handshake and say hello, no checkpoint, no round log, no stop.
     pub fn new(listen: SocketAddr, creds: &Path) -> Result<Self> {
         Ok(Self {
             listen,
@@ -57,7 +67,10 @@ impl ServerOptions {
             limits: Limits::default(),
             quic: QuicLimits::default(),
             max_connections: 2048,
-            hello_timeout: Duration::from_secs(10),
+            max_unauthenticated: 256,
+            max_per_address: 64,
+            validate_addresses: true,
+            hello_timeout: Duration::from_secs(5),
             checkpoint: None,
             rounds_log: None,
             stop_after_rounds: None,
@@ -75,7 +88,9 @@ pub struct TransportStats {
     pub bytes_in: u64,
     /// Hellos refused (bad credentials, unknown client, bad version).
     pub refused_hellos: Vec<String>,
-    /// Connections refused over the connection limit.
+    /// Hellos refused, all of them (the list above holds the first few).
+    pub refused_hello_count: u64,
+    /// Connections refused over the connection limits.
     pub refused_connections: u64,
     /// Engine CPU time spent handling updates, µs.
     pub engine_update_us: u64,
