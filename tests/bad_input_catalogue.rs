@@ -127,6 +127,11 @@ fn catalogue() -> Vec<Case> {
             answer: |_| header(PROTOCOL_VERSION, u32::MAX),
         },
         Case {
+            name: "a length prefix under the protocol's 64 MiB but over what the run's head needs",
+            expect: "malformed",
+            answer: |_| header(PROTOCOL_VERSION, 1 << 20),
+        },
+        Case {
             name: "unknown protocol version",
             expect: "unsupported-version",
             answer: |cx| {
@@ -460,6 +465,22 @@ async fn every_bad_input_gets_its_reason_while_honest_clients_are_accepted() {
         "hello with an unknown protocol version".into(),
         old.to_string(),
     ));
+    // A stranger's hello is read under a few KiB, whatever the limits of a session.
+    let big = refusal(
+        hello(
+            &deployment,
+            addr,
+            &"x".repeat(5000),
+            vec![1],
+            PROTOCOL_VERSION,
+        )
+        .await,
+    );
+    assert!(
+        matches!(&big, RejectReason::Malformed(m) if m.contains("exceeds the limit of 4096")),
+        "{big}"
+    );
+    table.push(("a hello of 5 KB".into(), big.to_string()));
     // A flood of streams: the server grants a client one stream (its control stream), so the
     // second open waits on QUIC stream credit; silent past the hello timeout, it is closed.
     let (endpoint, flood) = connect(&deployment, addr).await;

@@ -1516,3 +1516,31 @@ fn bias_targets_start_at_their_layers_floor() {
     assert_eq!(targets[1].std, 0.1 * weights[0].std, "layer 0's bias");
     assert_eq!(targets[3].std, 0.1 * weights[1].std, "layer 1's bias");
 }
+
+/// A run whose rounds a backend cannot hold is refused when it starts, not stuck at its first
+/// opening; and a round deadline beyond a week (which would overflow a runtime's clock) is a
+/// configuration error.
+#[test]
+fn rounds_that_cannot_be_held_or_timed_are_refused_up_front() {
+    let mut c = config(Strategy::FedAvg);
+    c.aggregation = Aggregation::Median;
+    let tiny = aggregator_core::backend::CpuBackend::new(1).with_max_stored_bytes(1000);
+    let engine = Engine::with_backend(c.clone(), Arc::new(tiny)).unwrap();
+    match engine.check_round_capacity(10) {
+        Err(EngineError::Backend(aggregator_core::backend::BackendError::Capacity(m))) => {
+            assert!(m.contains("10 updates"), "{m}")
+        }
+        other => panic!("expected a capacity error, got {other:?}"),
+    }
+    assert!(
+        Engine::new(c.clone())
+            .unwrap()
+            .check_round_capacity(10)
+            .is_ok()
+    );
+    c.round_timeout_ms = u64::MAX;
+    assert!(matches!(
+        Engine::new(c),
+        Err(EngineError::InvalidConfig(m)) if m.contains("round_timeout_ms")
+    ));
+}
