@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aggregator::server::{RunSummary, Server, ServerOptions};
-use aggregator::tls::{generate_credentials, layout, token_path};
+use aggregator::tls::{Lifetimes, default_ca_dir, generate_credentials, layout, token_path};
 use aggregator_core::engine::Engine;
 use anyhow::{Context, Result};
 use edge_client::Adversary;
@@ -26,12 +26,17 @@ pub struct Deployment {
 }
 
 impl Deployment {
-    /// Makes a CA, a server certificate for `localhost` and a token per client under `creds`.
+    /// Makes a CA, a server certificate for `localhost` and a token per client under `creds`
+    /// (the CA key beside it, in `<creds>-ca`), replacing any there: a simulated fleet's
+    /// credentials live as long as its run.
     pub fn generate(creds: &Path, client_ids: &[String]) -> Result<Self> {
         generate_credentials(
             creds,
+            &default_ca_dir(creds),
             &["localhost".to_owned(), "127.0.0.1".to_owned()],
             client_ids,
+            Lifetimes::default(),
+            true,
         )?;
         Ok(Self {
             creds: creds.to_owned(),

@@ -481,6 +481,26 @@ async fn every_bad_input_gets_its_reason_while_honest_clients_are_accepted() {
         "{big}"
     );
     table.push(("a hello of 5 KB".into(), big.to_string()));
+    // Credentials change under a running aggregator: a client added now is admitted, and
+    // once revoked it is refused, without a restart.
+    let late_token =
+        std::fs::read(aggregator::tls::add_client(deployment.creds(), "late").unwrap()).unwrap();
+    let welcome = hello(
+        &deployment,
+        addr,
+        "late",
+        late_token.clone(),
+        PROTOCOL_VERSION,
+    )
+    .await;
+    assert!(matches!(welcome, Message::Welcome(_)), "{}", welcome.kind());
+    aggregator::tls::revoke_client(deployment.creds(), "late").unwrap();
+    let revoked = refusal(hello(&deployment, addr, "late", late_token, PROTOCOL_VERSION).await);
+    assert_eq!(revoked, RejectReason::UnknownClient);
+    table.push((
+        "hello from a client revoked while the aggregator runs".into(),
+        revoked.to_string(),
+    ));
     // A flood of streams: the server grants a client one stream (its control stream), so the
     // second open waits on QUIC stream credit; silent past the hello timeout, it is closed.
     let (endpoint, flood) = connect(&deployment, addr).await;

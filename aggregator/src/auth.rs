@@ -2,7 +2,9 @@
 //! the tokens only, so a leaked registry file does not let anyone in.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::SystemTime;
 
 use protocol::RejectReason;
 use serde::{Deserialize, Serialize};
@@ -91,8 +93,38 @@ impl Registry {
                 })
                 .collect(),
         };
-        std::fs::write(path, serde_json::to_string_pretty(&file)? + "\n")
-            .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
+        // Atomic: a crash mid-write must not leave a registry that locks everyone out.
+        support::fs::write_atomic(
+            path,
+            (serde_json::to_string_pretty(&file)? + "\n").as_bytes(),
+        )
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
+    }
+
+    /// True when `client_id` is registered.
+    pub fn contains(&self, client_id: &str) -> bool {
+        self.token_hashes.contains_key(client_id)
+    }
+
+    /// Registers one more client; refuses an id already registered.
+    pub fn insert(&mut self, entry: ClientEntry) -> anyhow::Result<()> {
+        let mut one = Self::new(vec![entry])?.token_hashes;
+        let (id, hash) = one.pop_first().expect("one entry");
+        if self.token_hashes.contains_key(&id) {
+            anyhow::bail!("client {id} registered twice");
+        }
+        self.token_hashes.insert(id, hash);
+        Ok(())
+    }
+
+    /// Unregisters `client_id`; false when it was not registered.
+    pub fn remove(&mut self, client_id: &str) -> bool {
+        self.token_hashes.remove(client_id).is_some()
+    }
+
+    /// The registered ids, sorted.
+    pub fn ids(&self) -> impl Iterator<Item = &str> {
+        self.token_hashes.keys().map(String::as_str)
     }
 
     /// Number of clients.
@@ -126,10 +158,102 @@ impl Registry {
     }
 }
 
+/// The registry a running server checks: reloaded from its file whenever the file changes
+/// (`add-client` and `revoke-client` rewrite it atomically), so a client is admitted or
+/// refused without a restart. A file that fails to load keeps the previous registry, with a
+/// warning: a botched hand edit must not lock everyone out.
+#[derive(Debug)]
+pub struct LiveRegistry {
+    path: Option<PathBuf>,
+    loaded: Mutex<Loaded>,
+}
+
+#[derive(Debug)]
+struct Loaded {
+    registry: Registry,
+    /// The file's identity when `registry` was read.
+    stamp: Option<Stamp>,
+}
+
+impl LiveRegistry {
+    /// Starts from `registry`, watching `path` (None: fixed).
+    pub fn new(registry: Registry, path: Option<PathBuf>) -> Self {
+        let stamp = path.as_deref().and_then(stamp_of);
+        Self {
+            path,
+            loaded: Mutex::new(Loaded { registry, stamp }),
+        }
+    }
+
+    /// Checks a hello's credentials against the current file.
+    pub fn verify(&self, client_id: &str, auth: &protocol::Auth) -> Result<(), RejectReason> {
+        self.with_current(|r| r.verify(client_id, auth))
+    }
+
+    /// True while `client_id` is registered in the current file.
+    pub fn contains(&self, client_id: &str) -> bool {
+        self.with_current(|r| r.contains(client_id))
+    }
+
+    fn with_current<T>(&self, f: impl FnOnce(&Registry) -> T) -> T {
+        let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(path) = &self.path {
+            let stamp = stamp_of(path);
+            if stamp.is_some() && stamp != loaded.stamp {
+                match Registry::load(path) {
+                    Ok(registry) => {
+                        tracing::info!(path = %path.display(), clients = registry.len(), "client registry reloaded");
+                        loaded.registry = registry;
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "client registry unreadable; keeping the previous one");
+                    }
+                }
+                loaded.stamp = stamp;
+            }
+        }
+        f(&loaded.registry)
+    }
+}
+
+/// What tells one registry file from the next: file times tick coarsely (a jiffy), so two
+/// writes of equal length can share them; an atomic rewrite is also a new inode.
+type Stamp = (SystemTime, u64, u64);
+
+fn stamp_of(path: &Path) -> Option<Stamp> {
+    let meta = std::fs::metadata(path).ok()?;
+    #[cfg(unix)]
+    let inode = std::os::unix::fs::MetadataExt::ino(&meta);
+    #[cfg(not(unix))]
+    let inode = 0;
+    Some((meta.modified().ok()?, meta.len(), inode))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use protocol::Auth;
+
+    #[test]
+    fn a_live_registry_follows_its_file_and_survives_a_bad_edit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("clients.json");
+        let first = Registry::new(vec![ClientEntry::new("a", b"ta")]).unwrap();
+        first.save(&path).unwrap();
+        let live = LiveRegistry::new(first.clone(), Some(path.clone()));
+        assert!(live.contains("a") && !live.contains("b"));
+        let mut second = first.clone();
+        second.insert(ClientEntry::new("b", b"tb")).unwrap();
+        assert!(second.remove("a"));
+        second.save(&path).unwrap();
+        assert_eq!(live.verify("b", &Auth::Token(b"tb".to_vec())), Ok(()));
+        assert_eq!(
+            live.verify("a", &Auth::Token(b"ta".to_vec())),
+            Err(RejectReason::UnknownClient)
+        );
+        std::fs::write(&path, "{ not json").unwrap();
+        assert!(live.contains("b"), "the last good registry stays");
+    }
 
     #[test]
     fn only_the_right_token_for_a_registered_id_passes() {

@@ -1,12 +1,14 @@
-//! `aggregator`: makes credentials (`gen-certs`) and runs federated rounds over QUIC (`serve`).
+//! `aggregator`: makes and maintains credentials (`gen-certs`, `add-client`, `revoke-client`,
+//! `renew-server-cert`) and runs federated rounds over QUIC (`serve`).
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use aggregator::auth::Registry;
 use aggregator::backends::{BackendChoice, open_backend};
 use aggregator::server::{Server, ServerOptions};
-use aggregator::tls::generate_credentials;
+use aggregator::tls::{self, Lifetimes, layout};
 use aggregator_core::checkpoint::Checkpoint;
 use aggregator_core::engine::{Engine, EngineConfig};
 use aggregator_core::strategy::Strategy;
@@ -23,11 +25,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Make a private CA, a server certificate and a token per client.
+    /// Make a private CA, a server certificate and a token per client. Refuses to replace
+    /// existing credentials (that would lock out every deployed device) unless --force.
     GenCerts {
-        /// Output folder.
+        /// Credentials folder `serve` reads.
         #[arg(long, default_value = "creds")]
         out: PathBuf,
+        /// Folder for the CA key, needed only to renew the server certificate: keep it off
+        /// the aggregator host [default: the sibling `<out>-ca`].
+        #[arg(long)]
+        ca_dir: Option<PathBuf>,
         /// Names (DNS or IP) the server certificate is valid for.
         #[arg(long, value_delimiter = ',', default_value = "localhost,127.0.0.1")]
         server_names: Vec<String>,
@@ -37,6 +44,55 @@ enum Command {
         /// Explicit client ids.
         #[arg(long, value_delimiter = ',')]
         client_ids: Vec<String>,
+        /// Days the server certificate is valid (renew with renew-server-cert).
+        #[arg(long, default_value_t = Lifetimes::default().server_days)]
+        server_days: u32,
+        /// Days the CA certificate is valid.
+        #[arg(long, default_value_t = Lifetimes::default().ca_days)]
+        ca_days: u32,
+        /// Replace existing credentials: every deployed client needs its new token.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Register one client: writes its token to `<creds>/clients/<ID>.token` and its hash to
+    /// the registry; a running aggregator admits it from its next hello.
+    AddClient {
+        /// The new client's id.
+        id: String,
+        /// Credentials folder.
+        #[arg(long, default_value = "creds")]
+        creds: PathBuf,
+    },
+    /// Unregister one client and delete its token; a running aggregator refuses its next
+    /// hello.
+    RevokeClient {
+        /// The client's id.
+        id: String,
+        /// Credentials folder.
+        #[arg(long, default_value = "creds")]
+        creds: PathBuf,
+    },
+    /// List the registered client ids.
+    ListClients {
+        /// Credentials folder.
+        #[arg(long, default_value = "creds")]
+        creds: PathBuf,
+    },
+    /// Issue a new server certificate with the CA key; clients keep their tokens and the CA
+    /// they pin. Restart `serve` to use it.
+    RenewServerCert {
+        /// Credentials folder.
+        #[arg(long, default_value = "creds")]
+        creds: PathBuf,
+        /// Folder with the CA key [default: the sibling `<creds>-ca`].
+        #[arg(long)]
+        ca_dir: Option<PathBuf>,
+        /// Names (DNS or IP) the certificate is valid for.
+        #[arg(long, value_delimiter = ',', default_value = "localhost,127.0.0.1")]
+        server_names: Vec<String>,
+        /// Days it is valid.
+        #[arg(long, default_value_t = Lifetimes::default().server_days)]
+        days: u32,
     },
     /// Run rounds until the configured number is done (Ctrl-C stops after a checkpoint).
     Serve {
@@ -120,20 +176,58 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::GenCerts {
             out,
+            ca_dir,
             server_names,
             clients,
             client_ids,
+            server_days,
+            ca_days,
+            force,
         } => {
             let ids = if client_ids.is_empty() {
                 (0..clients).map(protocol::client_id).collect()
             } else {
                 client_ids
             };
-            generate_credentials(&out, &server_names, &ids)?;
+            let ca_dir = ca_dir.unwrap_or_else(|| tls::default_ca_dir(&out));
+            let lifetimes = Lifetimes {
+                ca_days,
+                server_days,
+            };
+            tls::generate_credentials(&out, &ca_dir, &server_names, &ids, lifetimes, force)?;
             println!(
-                "wrote a private CA, a server certificate for {server_names:?} and {} client tokens to {}",
+                "wrote a server certificate for {server_names:?} (valid {server_days} days) and \
+                 {} client tokens to {}, the CA key to {} (keep it off the aggregator host)",
                 ids.len(),
-                out.display()
+                out.display(),
+                ca_dir.display()
+            );
+        }
+        Command::AddClient { id, creds } => {
+            let token = tls::add_client(&creds, &id)?;
+            println!("registered {id}; its token is {}", token.display());
+        }
+        Command::RevokeClient { id, creds } => {
+            tls::revoke_client(&creds, &id)?;
+            println!("revoked {id}");
+        }
+        Command::ListClients { creds } => {
+            for id in Registry::load(&creds.join(layout::REGISTRY))?.ids() {
+                println!("{id}");
+            }
+        }
+        Command::RenewServerCert {
+            creds,
+            ca_dir,
+            server_names,
+            days,
+        } => {
+            let ca_dir = ca_dir.unwrap_or_else(|| tls::default_ca_dir(&creds));
+            tls::renew_server_certificate(&creds, &ca_dir, &server_names, days)?;
+            println!(
+                "renewed the server certificate in {} for {server_names:?}, valid {days} days; \
+                 restart serve to use it",
+                creds.display()
             );
         }
         Command::PrintConfig => print!("{CONFIG_HEADER}{}", toml::to_string(&default_config())?),

@@ -28,6 +28,23 @@ impl AtomicFile {
         Ok(this)
     }
 
+    /// As [`AtomicFile::create`], for secrets: on Unix the temporary is created mode 0600, so
+    /// the bytes are never readable by others, not even between the write and a chmod.
+    pub fn create_private(path: &Path) -> io::Result<Self> {
+        let mut this = Self::reserve(path)?;
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        // A temporary left by a crashed writer of the same pid may carry another mode.
+        match std::fs::remove_file(&this.temporary) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        this.file = Some(options.open(&this.temporary)?);
+        Ok(this)
+    }
+
     /// Names the temporary without creating it, for writers that open the path themselves
     /// (they write [`AtomicFile::temporary`], then the caller commits).
     pub fn reserve(path: &Path) -> io::Result<Self> {
@@ -118,6 +135,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     file.commit()
 }
 
+/// Writes a secret to `path` atomically, readable by its owner only
+/// ([`AtomicFile::create_private`]), whatever mode an earlier file had.
+pub fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut file = AtomicFile::create_private(path)?;
+    file.write_all(bytes)?;
+    file.commit()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,5 +165,19 @@ mod tests {
         let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(names.len(), 1, "no temporary left behind");
         assert!(write_atomic(Path::new("/"), b"x").is_err());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_private_file_is_owner_only_even_over_a_public_one() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.token");
+        write_atomic(&path, b"public").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        write_private(&path, b"secret").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"secret");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
     }
 }

@@ -19,7 +19,7 @@ use protocol::{
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use crate::auth::Registry;
+use crate::auth::LiveRegistry;
 
 /// How long a connection waits, after the goodbye, for its client to read it and close; a
 /// client that does not is closed on.
@@ -67,7 +67,7 @@ pub(super) enum FromConnection {
 pub(super) struct Shared {
     /// Limits on an authenticated session's frames (derived from the run's head).
     pub(super) limits: Limits,
-    pub(super) registry: Registry,
+    pub(super) registry: LiveRegistry,
     pub(super) hello_timeout: Duration,
     pub(super) run_id: u64,
     /// The round a `Welcome` announces.
@@ -318,6 +318,12 @@ async fn serve_session(
         tokio::select! {
             outbound = out.recv() => match outbound {
                 Some(Outbound::Task { round, frame, answer_within }) => {
+                    // Revoked while connected: no more tasks, and no update it might send.
+                    if !shared.registry.contains(client) {
+                        tracing::warn!(client, "client revoked; closing its session");
+                        conn.close(2u32.into(), b"revoked");
+                        return Ok(());
+                    }
                     let (mut send, mut recv) = conn.open_bi().await?;
                     send.write_all(&frame).await?;
                     let _ = events.send(FromConnection::BytesOut(frame.len() as u64)).await;
@@ -364,6 +370,11 @@ async fn serve_session(
                 };
                 match read {
                     Ok(r) => match r.message {
+                        Message::Update(_) if !shared.registry.contains(client) => {
+                            tracing::warn!(client, "client revoked; dropping its update and session");
+                            conn.close(2u32.into(), b"revoked");
+                            return Ok(());
+                        }
                         Message::Update(update) => {
                             // The digest is O(payload): checked here, in parallel across
                             // connections, not on the engine's thread. The engine judges the

@@ -21,6 +21,8 @@ use anyhow::{Context, Result};
 use protocol::{GoodbyeReason, Message, encode_frame};
 use tokio::sync::{mpsc, watch};
 
+use crate::auth::LiveRegistry;
+
 use connection::{FromConnection, GOODBYE_GRACE, Gate, Outbound, Shared, accept_loop};
 pub use options::{RoundLine, RunSummary, ServerOptions, TransportStats};
 
@@ -79,7 +81,10 @@ impl Server {
             .context("the run's rounds do not fit the compute backend")?;
         let shared = Arc::new(Shared {
             limits: session_limits(self.opts.limits, engine.config()),
-            registry: self.opts.registry.clone(),
+            registry: LiveRegistry::new(
+                self.opts.registry.clone(),
+                self.opts.registry_file.clone(),
+            ),
             hello_timeout: self.opts.hello_timeout,
             run_id: engine.config().run_id,
             round: AtomicU64::new(engine.round()),

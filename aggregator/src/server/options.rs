@@ -25,6 +25,8 @@ pub struct ServerOptions {
     pub key: PathBuf,
     /// Who may join.
     pub registry: Registry,
+    /// The file `registry` came from, reloaded when it changes (add-client, revoke-client).
+    pub registry_file: Option<PathBuf>,
     /// Message size and count limits.
     pub limits: Limits,
     /// QUIC timeouts and stream limits.
@@ -55,15 +57,17 @@ pub struct ServerOptions {
 
 impl ServerOptions {
     /// Options for a server on `listen` with the credentials `gen-certs` wrote to `creds`
-    /// (certificate, key, client registry) and the defaults: the protocol's limits, 2,048
+    /// (certificate, key, client registry, watched for changes) and the defaults: the protocol's limits, 2,048
     /// connections, of them 256 not yet authenticated and 64 from one address, address
     /// validation, 5 s to handshake and say hello, no checkpoint, no round log, no stop.
     pub fn new(listen: SocketAddr, creds: &Path) -> Result<Self> {
+        let registry_file = creds.join(layout::REGISTRY);
         Ok(Self {
             listen,
             cert: creds.join(layout::SERVER_CERT),
             key: creds.join(layout::SERVER_KEY),
-            registry: Registry::load(&creds.join(layout::REGISTRY))?,
+            registry: Registry::load(&registry_file)?,
+            registry_file: Some(registry_file),
             limits: Limits::default(),
             quic: QuicLimits::default(),
             max_connections: 2048,
