@@ -47,6 +47,7 @@ fn a_wsa_round_averages_heads_and_fuses_scopes() {
     let policy = FoldPolicy {
         weighting: Weighting::SampleCount,
         max_share: 1.0,
+        max_weight: f64::INFINITY,
         targets: TargetPolicy {
             fusion: TargetFusion::FollowRule,
             max_std_ratio: 1e6,

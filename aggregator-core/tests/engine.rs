@@ -766,11 +766,85 @@ fn scopes_must_be_positive_and_match_the_parameters() {
 fn an_update_a_million_times_the_global_head_is_refused() {
     let mut sim = two_clients();
     let task = sim.task("a");
-    let huge: Vec<f32> = global_of(&task).iter().map(|w| w * 1e6).collect();
+    // Shifted, not scaled: the scopes' σ stay as they were, only the distance is huge.
+    let huge: Vec<f32> = global_of(&task).iter().map(|w| w + 1e4).collect();
     let u = update_with(&task, "a", 10, &huge);
     match sim.rejection("a", u) {
-        RejectReason::NormTooLarge { norm, bound } => assert!(norm > 1e4 * bound),
+        RejectReason::NormTooLarge { norm, bound } => assert!(norm > 1e2 * bound),
         other => panic!("{other:?}"),
+    }
+}
+
+/// A tensor collapsed to its mean or stretched tenfold is refused by its measured σ, whatever
+/// it reports and however small its step; σ within the factor passes.
+#[test]
+fn a_collapsed_or_inflated_tensor_is_refused_by_its_measured_scope() {
+    let mut sim = two_clients();
+    let task = sim.task("a");
+    let spec = task.shape.to_spec().unwrap();
+    let last = spec.scoped_tensors(ScopeSelection::default())[1].range();
+    let global = global_of(&task);
+    let mean = global[last.clone()]
+        .iter()
+        .map(|&x| f64::from(x))
+        .sum::<f64>()
+        / last.len() as f64;
+    let reshaped = |f: &dyn Fn(f32) -> f32| {
+        let mut w = global.clone();
+        for x in &mut w[last.clone()] {
+            *x = f(*x);
+        }
+        w
+    };
+    let collapsed = reshaped(&|_| mean as f32);
+    match sim.rejection("a", update_with(&task, "a", 10, &collapsed)) {
+        RejectReason::BadScope(m) => assert!(m.contains("tensor 1"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    let inflated = reshaped(&|x| mean as f32 + 10.0 * (x - mean as f32));
+    assert!(matches!(
+        sim.rejection("a", update_with(&task, "a", 10, &inflated)),
+        RejectReason::BadScope(_)
+    ));
+    let stretched = reshaped(&|x| mean as f32 + 1.5 * (x - mean as f32));
+    assert_eq!(
+        sim.verdict("a", update_with(&task, "a", 10, &stretched)),
+        Outcome::Accepted
+    );
+}
+
+/// Four liars claiming ten million samples each, among six honest clients: the share cap alone
+/// would give them the whole round; capped at twice the median claim of the selection, they
+/// weigh what eight honest clients would.
+#[test]
+fn colluding_claims_weigh_at_most_twice_the_median_claim() {
+    let mut clients: Vec<(String, u64)> = (0..6).map(|i| (format!("h{i}"), 100)).collect();
+    clients.extend((0..4).map(|i| (format!("liar{i}"), 10_000_000)));
+    let ids: Vec<(&str, u64)> = clients.iter().map(|(c, n)| (c.as_str(), *n)).collect();
+    let mut c = config(Strategy::FedAvg);
+    c.bounds.max_n_samples = 10_000_000;
+    let mut sim = Sim::start(c, &ids);
+    for (i, &(c, n)) in ids.iter().enumerate() {
+        let task = sim.task(c);
+        let u = perturbed(&task, c, n, 200 + i as u64);
+        assert_eq!(sim.verdict(c, u), Outcome::Accepted);
+    }
+    let report = sim
+        .log
+        .iter()
+        .find_map(|a| match a {
+            Action::RoundClosed(r) => Some(r.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(report.accepted.len(), 10);
+    for (client, w) in &report.weights {
+        let want = if client.starts_with("liar") {
+            200.0
+        } else {
+            100.0
+        };
+        assert_eq!(*w, want, "{client}");
     }
 }
 
@@ -855,6 +929,7 @@ fn fedavg_equals_a_weighted_average_computed_by_hand() {
     // Uncapped here, and the paper's weighted fusion: the plain definition (the cap and the
     // default median fusion have their own tests).
     c.max_share = 1.0;
+    c.max_claim_ratio = 1e9;
     c.targets.fusion = TargetFusion::FollowRule;
     let mut sim = Sim::start(c, &clients);
     let mut sent = Vec::new();
@@ -974,6 +1049,7 @@ fn robust_aggregation_rules_give_their_definition() {
         let mut c = config(Strategy::FedAvg);
         c.aggregation = rule;
         c.max_share = 1.0;
+        c.max_claim_ratio = 1e9;
         assert!(c.label().ends_with(&format!("+{}", rule.label())));
         let mut sim = Sim::start(c, &clients);
         let before = global_of(&sim.task("a"));
@@ -1381,10 +1457,11 @@ fn the_config_hash_changes_with_any_field_and_round_trips_through_json() {
 // Clients that lie about their weight and their scopes
 
 /// A client claiming ten million samples and sending an honest step with its last weight
-/// tensor collapsed to its mean (σ = √ε) passes every check. Its scopes are the aggregator's
-/// to measure and its weight is capped, and the targets move by at most the bounds: under WSA
-/// λ = 100 the honest clients' training keeps working round after round, and σ̃ never drops
-/// below its floor.
+/// tensor collapsed to its mean (σ = √ε), with the measured-σ bound turned off so that it
+/// passes every check: the second line of defence. Its scopes are the aggregator's to measure
+/// and its weight is capped, and the targets move by at most the bounds: under WSA λ = 100 the
+/// honest clients' training keeps working round after round, and σ̃ never drops below its
+/// floor.
 #[test]
 fn a_scope_collapsing_liar_cannot_drive_the_targets_to_zero() {
     let data = shards(5, 60);
@@ -1393,6 +1470,7 @@ fn a_scope_collapsing_liar_cannot_drive_the_targets_to_zero() {
         rule: FusionRule::MeanStd,
     });
     c.rounds = 6;
+    c.bounds.max_scope_ratio = 1e9;
     let mut ids: Vec<(String, u64)> = (0..4)
         .map(|i| (format!("honest-{i}"), data[i].len() as u64))
         .collect();

@@ -157,7 +157,8 @@ const CONFIG_HEADER: &str = r#"# The aggregator's run configuration (aggregator 
 # - quorum = 4, min_connected = 4: a round opens with at least 4 clients connected and moves
 #   the head only with 4 accepted updates, so no one client closes rounds alone (after a
 #   restart, whoever reconnects first would otherwise decide the next round).
-# - max_share = 0.25: however many samples a client claims, it weighs at most a quarter of a
+# - max_claim_ratio = 2, max_share = 0.25: however many samples a client claims, it counts
+#   for at most twice the median claim of the round's selection, and at most a quarter of a
 #   round (at least 1/accepted), in the head, the targets and the reported metrics.
 # - [targets]: the WSA targets are fused from the scopes the server measures, by default as
 #   the per-tensor median of the clients' (fusion kind "median"; "trimmed-mean" with trim;
@@ -166,7 +167,9 @@ const CONFIG_HEADER: &str = r#"# The aggregator's run configuration (aggregator 
 #   max_mean_shift sigmas, and sigma stays above std_floor times the initial std of its
 #   layer's weights.
 # - [bounds]: the largest sample count an update may claim, the largest step from the global
-#   head (norm_ratio), and how far reported scopes may stray from measured ones.
+#   head (norm_ratio), how far reported scopes may stray from measured ones, and the factor
+#   (max_scope_ratio = 4) within which each tensor's measured sigma must stay of the global
+#   head's: a tensor collapsed to its mean or blown up is refused.
 # - [aggregation] kind = "median" or "trimmed-mean" (trim = 0.2) resists attackers in
 #   the parameters themselves; "norm-clipped" (max_norm) bounds each step.
 

@@ -12,8 +12,9 @@
 //!    counts (`WrongShape`); decoding (`WrongShape`, `Malformed`); every parameter, scope and
 //!    metric finite (`NonFinite`);
 //! 5. sample count in `1..=min(hello's, max)` (`BadSampleCount`); every reported σ > 0 and
-//!    the reported scopes within tolerance of the measured ones (`BadScope`); distance from
-//!    the global head (`NormTooLarge`).
+//!    the reported scopes within tolerance of the measured ones (`BadScope`); each measured
+//!    σ within a factor of the global head's (`BadScope`); distance from the global head
+//!    (`NormTooLarge`).
 
 use protocol::{Encoding, RejectReason, RowLayout, Update};
 use tracing::error;
@@ -90,6 +91,12 @@ impl Engine {
             &checked.reported,
             &checked.measurement.scopes,
             bounds.scope_tolerance,
+        )?;
+        check_scope_change(
+            &checked.measurement.scopes,
+            &self.global_scopes,
+            &self.scales,
+            bounds.max_scope_ratio,
         )?;
         let bound = bounds.norm_ratio * self.global_norm.max(1.0);
         if checked.measurement.distance > bound {
@@ -201,6 +208,27 @@ fn check_scopes(reported: &[Scope], measured: &[Scope], tol: f64) -> Result<(), 
             return Err(RejectReason::BadScope(format!(
                 "tensor {i}: reported (μ {:.6e}, σ {:.6e}), parameters give (μ {:.6e}, σ {:.6e})",
                 r.mean, r.std, m.mean, m.std
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Each measured σ within `ratio` of the global head's, around the tensor's scale `s` where the
+/// global σ is far from it: `min(σ_g, s)/ratio ≤ σ ≤ ratio·max(σ_g, s)`.
+fn check_scope_change(
+    measured: &[Scope],
+    global: &[Scope],
+    scales: &[f64],
+    ratio: f64,
+) -> Result<(), RejectReason> {
+    for (i, ((m, g), &s)) in measured.iter().zip(global).zip(scales).enumerate() {
+        let (low, high) = (g.std.min(s) / ratio, g.std.max(s) * ratio);
+        if !(low..=high).contains(&m.std) {
+            return Err(RejectReason::BadScope(format!(
+                "tensor {i}: σ {:.6e} is outside [{low:.6e}, {high:.6e}], a factor {ratio} \
+                 around the global head's {:.6e}",
+                m.std, g.std
             )));
         }
     }

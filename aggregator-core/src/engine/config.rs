@@ -56,6 +56,12 @@ pub struct UpdateBounds {
     /// Reported and recomputed scopes must agree within `tolerance · σ_recomputed` in both μ
     /// and σ (f16 and int8 make them differ slightly; f32 makes them equal).
     pub scope_tolerance: f64,
+    /// Each scoped tensor's measured σ must lie within this factor of the global head's
+    /// (≥ 1): `σ ≤ r · max(σ_global, s)` and `σ ≥ min(σ_global, s) / r`, with `s` the initial
+    /// std of the tensor's layer's weights (zero-initialised biases start far below it). A
+    /// round of honest training moves σ by a few percent; a tensor collapsed to its mean or
+    /// blown up is refused however small its step.
+    pub max_scope_ratio: f64,
 }
 
 impl Default for UpdateBounds {
@@ -64,6 +70,7 @@ impl Default for UpdateBounds {
             max_n_samples: 10_000_000,
             norm_ratio: 10.0,
             scope_tolerance: 0.05,
+            max_scope_ratio: 4.0,
         }
     }
 }
@@ -104,6 +111,12 @@ pub struct EngineConfig {
     /// `1/accepted`): a client claiming millions of samples counts for no more.
     #[serde(default = "default_max_share")]
     pub max_share: f64,
+    /// A claim counts for at most this many times the median claim (in the clients' hellos)
+    /// of the round's selection: a group of liars below half the round weighs no more than
+    /// that many honest clients each, where the share cap alone would let four of them take
+    /// the whole round.
+    #[serde(default = "default_max_claim_ratio")]
+    pub max_claim_ratio: f64,
     /// How far one round may move the WSA targets, and their floors.
     #[serde(default)]
     pub targets: TargetPolicy,
@@ -140,6 +153,7 @@ impl EngineConfig {
             scope_selection: ScopeSelection::default(),
             weighting: Weighting::default(),
             max_share: default_max_share(),
+            max_claim_ratio: default_max_claim_ratio(),
             targets: TargetPolicy::default(),
             update_encoding: Encoding::F32,
             sampling: Sampling::default(),
@@ -194,6 +208,12 @@ impl EngineConfig {
                 self.max_share
             ));
         }
+        if !(self.max_claim_ratio.is_finite() && self.max_claim_ratio >= 1.0) {
+            return bad(format!(
+                "max_claim_ratio must be finite and >= 1, got {}",
+                self.max_claim_ratio
+            ));
+        }
         if let Err(e) = self.targets.validate() {
             return bad(e);
         }
@@ -238,6 +258,12 @@ impl EngineConfig {
                 b.scope_tolerance
             ));
         }
+        if !(b.max_scope_ratio.is_finite() && b.max_scope_ratio >= 1.0) {
+            return bad(format!(
+                "bounds.max_scope_ratio must be finite and >= 1, got {}",
+                b.max_scope_ratio
+            ));
+        }
         Ok(())
     }
 }
@@ -248,6 +274,12 @@ pub const MAX_ROUND_TIMEOUT_MS: u64 = 7 * 24 * 3600 * 1000;
 /// A quarter: with four or more clients accepted, no one of them decides a round.
 fn default_max_share() -> f64 {
     0.25
+}
+
+/// Twice the median claim: honest clients with up to twice the typical data keep their
+/// weight.
+fn default_max_claim_ratio() -> f64 {
+    2.0
 }
 
 /// What the engine can refuse at construction or resumption; `handle` itself never fails.

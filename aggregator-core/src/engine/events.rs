@@ -194,6 +194,9 @@ pub struct RoundReport {
     pub accepted_count: usize,
     /// Clients whose update was folded, in arrival order.
     pub accepted: Vec<String>,
+    /// Each accepted client's weight in the fold, after the claim and share caps (what its
+    /// claim bought it).
+    pub weights: BTreeMap<String, f64>,
     /// Selected clients that left before answering.
     pub disconnected: Vec<String>,
     /// How many updates were refused.

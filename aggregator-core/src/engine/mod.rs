@@ -47,7 +47,7 @@ pub use events::{
 
 use crate::backend::{Backend, BackendError, CpuBackend, FoldShape};
 use crate::checkpoint::{Checkpoint, History};
-use crate::strategy::{FoldPolicy, Folded, RoundFold};
+use crate::strategy::{FoldPolicy, Folded, RoundFold, layer_scales};
 
 #[derive(Debug, Clone, Copy)]
 struct ClientInfo {
@@ -121,10 +121,14 @@ pub struct Engine {
     fold_shape: FoldShape,
     /// The σ̃ floor of each scoped tensor.
     floors: Vec<f64>,
+    /// The initial std of each scoped tensor's layer's weights ([`layer_scales`]).
+    scales: Vec<f64>,
     /// The scopes' ε: the WSA term's, which non-WSA clients also use (the core's default).
     eps: f64,
     global: Vec<f32>,
     global_norm: f64,
+    /// The global head's scopes, which an update's may differ from by a bounded factor.
+    global_scopes: Vec<Scope>,
     targets: Vec<Scope>,
     next_round: u64,
     attempt: u32,
@@ -245,13 +249,19 @@ impl Engine {
         let layout = RowLayout::of_head(&config.head);
         let eps = DEFAULT_SCOPE_EPS;
         let fold_shape = FoldShape::of_head(&config.head, config.scope_selection, eps);
-        // The floors come from the initial head, which the seed redraws on a resume.
-        let floors = config.targets.floors(
+        // The scales come from the initial head, which the seed redraws on a resume.
+        let scales = layer_scales(
             &Head::init(&config.head, config.init, config.seed)?,
             config.scope_selection,
             eps,
         )?;
+        let floors = scales
+            .iter()
+            .map(|s| config.targets.std_floor * s)
+            .collect();
         let global_norm = l2_norm(&global);
+        let global_scopes =
+            Head::from_flat(&config.head, &global)?.scopes(config.scope_selection, eps)?;
         let scratch = vec![0.0; fold_shape.len];
         Ok(Self {
             config,
@@ -261,9 +271,11 @@ impl Engine {
             layout,
             fold_shape,
             floors,
+            scales,
             eps,
             global,
             global_norm,
+            global_scopes,
             targets,
             next_round,
             attempt,
@@ -654,6 +666,14 @@ impl Engine {
         {
             self.global_norm = l2_norm(&params);
             self.global = params;
+            match self
+                .global_head()
+                .scopes(self.config.scope_selection, self.eps)
+            {
+                Ok(scopes) => self.global_scopes = scopes,
+                // Finite parameters always have scopes; keep the last ones if not.
+                Err(e) => error!(error = %e, "cannot measure the new global head's scopes"),
+            }
             self.targets = targets;
             self.next_round += 1;
             self.attempt = 0;
@@ -696,6 +716,7 @@ impl Engine {
             quorum,
             accepted_count: open.accepted.len(),
             accepted: open.accepted.clone(),
+            weights: weights.clone(),
             disconnected: open
                 .order
                 .iter()
@@ -739,6 +760,22 @@ impl Engine {
         out.push(Action::Checkpoint(Box::new(self.checkpoint())));
     }
 
+    /// The most one update of a round selecting `selected` may weigh before the share cap:
+    /// `max_claim_ratio` times the median of their hello claims.
+    fn max_weight(&self, selected: &[String]) -> f64 {
+        let mut claims: Vec<u64> = selected
+            .iter()
+            .filter_map(|c| self.clients.get(c).map(|i| i.n_samples))
+            .collect();
+        if claims.is_empty() {
+            return f64::INFINITY;
+        }
+        claims.sort_unstable();
+        let median = claims[(claims.len() - 1) / 2] as f64;
+        let cap = (self.config.max_claim_ratio * median).min(u64::MAX as f64) as u64;
+        self.config.weighting.weight(cap.max(1))
+    }
+
     fn try_open(&mut self, now: Millis, out: &mut Vec<Action>) {
         // Fewer clients than the quorum could only fail: wait for more.
         let needed = self.config.min_connected.max(self.config.quorum);
@@ -770,6 +807,7 @@ impl Engine {
         let policy = FoldPolicy {
             weighting: self.config.weighting,
             max_share: self.config.max_share,
+            max_weight: self.max_weight(&order),
             targets: self.config.targets,
             floors: self.floors.clone(),
         };

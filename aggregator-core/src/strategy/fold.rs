@@ -2,8 +2,9 @@
 //! under the run's aggregation rule, and their scopes — as the aggregator measured them, never
 //! as a client reported them — fused into the next targets, finished together.
 //!
-//! What a client claims only ever sets its weight, and the weight is capped: no accepted client
-//! counts for more than `max(max_share, 1/accepted)` of a round, whatever it claims
+//! What a client claims only ever sets its weight, and the weight is capped twice: at a multiple
+//! of the median claim of the round's selection (`max_weight`), and at a share — no accepted
+//! client counts for more than `max(max_share, 1/accepted)` of a round, whatever it claims
 //! ([`capped_weights`]). The cap applies to the parameters under the weighted-sum rules
 //! (clipping included), to a weighted scope fusion and to the round's reported metrics; under
 //! a column rule (median, trimmed mean) weights do not count at all. The targets are fused as
@@ -25,6 +26,9 @@ pub struct FoldPolicy {
     pub weighting: Weighting,
     /// The largest share of a round one client may have (above `1/accepted`).
     pub max_share: f64,
+    /// The largest weight one update may have before the share cap (from the claims of the
+    /// round's selection; infinite for none).
+    pub max_weight: f64,
     /// How the targets are fused, how far they may move in a round, and their floors.
     pub targets: TargetPolicy,
     /// The σ̃ floor of each scoped tensor ([`TargetPolicy::floors`]).
@@ -128,7 +132,8 @@ impl RoundFold {
     }
 
     /// Folds `client`'s update: `params` as `measured` (whose scopes are the ones fused), its
-    /// weight from `n_samples` under the run's weighting before the cap (returned). Checked
+    /// weight from `n_samples` under the run's weighting, at most `max_weight`, before the
+    /// share cap (returned). Checked
     /// in full before anything is added, so a refused update leaves the fold as it was. One
     /// update per client.
     pub fn add(
@@ -141,7 +146,11 @@ impl RoundFold {
         if self.clients.contains_key(client) {
             return Err(wsa::Error::InvalidConfig(format!("{client} was folded already")).into());
         }
-        let weight = self.policy.weighting.weight(n_samples);
+        let weight = self
+            .policy
+            .weighting
+            .weight(n_samples)
+            .min(self.policy.max_weight);
         // The scopes' checks (count, weight, values) on a scratch fusion first.
         ScopeFusion::new(self.previous.len()).add(&measured.scopes, weight)?;
         if self.held.len() < self.hold {

@@ -23,7 +23,7 @@ use wsa::{FusionRule, Scope, ScopeSelection, Sgd, TrainConfig, WsaTerm};
 
 pub use aggregation::{Aggregation, ColumnRule, Plan, column_median, column_trimmed_mean};
 pub use fold::{FoldError, FoldPolicy, Folded, RoundFold, capped_weights};
-pub use targets::{TargetFusion, TargetPolicy};
+pub use targets::{TargetFusion, TargetPolicy, layer_scales};
 
 /// How a round trains: the term a client adds to its cross-entropy, and how scopes fuse.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

@@ -89,23 +89,17 @@ impl TargetPolicy {
         Ok(())
     }
 
-    /// The σ̃ floor of each tensor `selection` scopes: `std_floor` times the std of its
-    /// layer's weights in the initial head `initial` (ε as in the scopes).
+    /// The σ̃ floor of each tensor `selection` scopes: `std_floor` times its
+    /// [`layer_scales`].
     pub fn floors(
         &self,
         initial: &Head<f32>,
         selection: ScopeSelection,
         eps: f64,
     ) -> wsa::Result<Vec<f64>> {
-        let weights = initial.scopes(ScopeSelection::default(), eps)?;
-        Ok(initial
-            .spec()
-            .scoped_tensors(selection)
-            .iter()
-            .map(|t| {
-                debug_assert!(t.kind == TensorKind::Weight || selection.include_biases);
-                self.std_floor * weights[t.layer].std
-            })
+        Ok(layer_scales(initial, selection, eps)?
+            .into_iter()
+            .map(|s| self.std_floor * s)
             .collect())
     }
 
@@ -127,6 +121,25 @@ impl TargetPolicy {
             s.std = s.std.max(floor);
         }
     }
+}
+
+/// The scale of each tensor `selection` scopes: the std of its layer's weights in the initial
+/// head `initial` (ε as in the scopes), which a zero-initialised bias lacks of its own.
+pub fn layer_scales(
+    initial: &Head<f32>,
+    selection: ScopeSelection,
+    eps: f64,
+) -> wsa::Result<Vec<f64>> {
+    let weights = initial.scopes(ScopeSelection::default(), eps)?;
+    Ok(initial
+        .spec()
+        .scoped_tensors(selection)
+        .iter()
+        .map(|t| {
+            debug_assert!(t.kind == TensorKind::Weight || selection.include_biases);
+            weights[t.layer].std
+        })
+        .collect())
 }
 
 #[cfg(test)]
