@@ -251,9 +251,18 @@ fn catalogue() -> Vec<Case> {
         },
         Case {
             name: "an update 10⁶× the global head",
-            expect: "norm-too-large",
+            expect: "bad-scope",
             answer: |cx| {
                 let w: Vec<f32> = plausible(cx.task).iter().map(|x| x * 1e6).collect();
+                frame(update_with(cx.task, MALLORY, &w))
+            },
+        },
+        Case {
+            // Every σ as the global head's, so only the distance can refuse it.
+            name: "an update shifted 10³ from the global head",
+            expect: "norm-too-large",
+            answer: |cx| {
+                let w: Vec<f32> = plausible(cx.task).iter().map(|x| x + 1e3).collect();
                 frame(update_with(cx.task, MALLORY, &w))
             },
         },
