@@ -1622,3 +1622,43 @@ fn rounds_that_cannot_be_held_or_timed_are_refused_up_front() {
         Err(EngineError::InvalidConfig(m)) if m.contains("round_timeout_ms")
     ));
 }
+
+/// WSA λ = 100 with biases scoped: honest local training from zero biases does not diverge,
+/// round after round, and every update is accepted.
+#[test]
+fn wsa_with_biases_trains_from_zero_biases() {
+    let data = shards(4, 60);
+    for lambda in [10.0, 100.0] {
+        let mut c = config(Strategy::Wsa {
+            lambda,
+            rule: FusionRule::MeanStd,
+        });
+        c.scope_selection = ScopeSelection {
+            include_biases: true,
+        };
+        c.rounds = 5;
+        let ids: Vec<(String, u64)> = (0..4)
+            .map(|i| (format!("h{i}"), data[i].len() as u64))
+            .collect();
+        let clients: Vec<(&str, u64)> = ids.iter().map(|(c, n)| (c.as_str(), *n)).collect();
+        let mut sim = Sim::start(c, &clients);
+        for round in 0..5u64 {
+            for (i, (id, _)) in ids.iter().enumerate() {
+                let task = sim.task(id);
+                assert_eq!(task.round, round);
+                let u = trained(&task, id, &data[i]);
+                assert!(
+                    u.metrics.loss.is_finite() && u.metrics.loss < 10.0,
+                    "λ {lambda} round {round} {id}: loss {}",
+                    u.metrics.loss
+                );
+                assert_eq!(
+                    sim.verdict(id, u),
+                    Outcome::Accepted,
+                    "λ {lambda} round {round} {id}"
+                );
+            }
+        }
+        assert!(sim.engine.is_finished());
+    }
+}

@@ -34,7 +34,7 @@ pub use error::{Error, Result};
 pub use fusion::{FusionRule, ScopeFusion, ScopeSums, Weighting};
 pub use head::{Dense, Evaluation, FlatTensor, Head, HeadSpec, Init, TensorKind, Workspace};
 pub use real::Real;
-pub use regularizer::{add_kl_grad, kl};
+pub use regularizer::{add_kl_grad, add_kl_grad_for_step, kl};
 pub use scope::{DEFAULT_SCOPE_EPS, Scope, ScopeSelection};
 pub use train::{
     RegularizerValue, Regularizers, Sgd, TrainConfig, TrainMetrics, TrainOutcome, WsaTerm, train,

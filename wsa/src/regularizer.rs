@@ -23,6 +23,45 @@ pub fn add_kl_grad<F: Real>(
     scale: f64,
     grad: &mut [F],
 ) -> Result<f64> {
+    add_kl_grad_limited(w, target, eps, scale, None, grad)
+}
+
+/// How far past the target a limited step may land, as a fraction of the distance before it.
+const OVERSHOOT: f64 = 0.5;
+
+/// [`add_kl_grad`] for an SGD step of size `lr`, limited so that a step on the term alone
+/// lands μ and σ at most half as far past the target as they were before it.
+///
+/// The term's curvature is `λ/(n·σ̃²)` above the target and `λ/(n·σ²)` below it: for a small
+/// tensor (a bias, a narrow last layer) or a σ near zero (a zero-initialised bias starts at
+/// `√ε`) a plain step overshoots further each time — training diverges in its first steps.
+/// The limit makes every step on the term a contraction (by at least half), and leaves the
+/// exact gradient wherever a plain step already contracts that much (`lr` times the curvature
+/// up to 1.5, as for the weight tensors of the shipped heads).
+pub fn add_kl_grad_for_step<F: Real>(
+    w: &[F],
+    target: Scope,
+    eps: f64,
+    scale: f64,
+    lr: f64,
+    grad: &mut [F],
+) -> Result<f64> {
+    if !(lr.is_finite() && lr > 0.0) {
+        return Err(Error::InvalidConfig(format!(
+            "the step size must be finite and > 0, got {lr}"
+        )));
+    }
+    add_kl_grad_limited(w, target, eps, scale, Some(lr), grad)
+}
+
+fn add_kl_grad_limited<F: Real>(
+    w: &[F],
+    target: Scope,
+    eps: f64,
+    scale: f64,
+    lr: Option<f64>,
+    grad: &mut [F],
+) -> Result<f64> {
     if w.is_empty() {
         return Err(Error::Empty { what: "tensor" });
     }
@@ -45,8 +84,26 @@ pub fn add_kl_grad<F: Real>(
     };
     let n = w.len() as f64;
     let inv_t2 = 1.0 / (target.std * target.std);
-    let shift = scale * (mean - target.mean) * inv_t2 / n;
-    let stretch = scale * (inv_t2 - 1.0 / (scope.std * scope.std)) / n;
+    let mut shift = scale * (mean - target.mean) * inv_t2 / n;
+    let mut stretch = scale * (inv_t2 - 1.0 / (scope.std * scope.std)) / n;
+    if let Some(lr) = lr {
+        // A step moves μ by −lr·shift: at most OVERSHOOT of the way past μ̃.
+        let room = (1.0 + OVERSHOOT) * (mean - target.mean).abs() / lr;
+        if shift.abs() > room {
+            shift = room.copysign(shift);
+        }
+        // A step scales the deviations w_i − μ by f = 1 − lr·stretch, their std d to |f|·d:
+        // at most OVERSHOOT of the way past the target's d̃ (σ̃² = d̃² + ε).
+        let d = var.sqrt();
+        if d > 0.0 {
+            let d_target = (target.std * target.std - eps).max(0.0).sqrt();
+            let limit = ((1.0 + OVERSHOOT) * d_target - OVERSHOOT * d) / d;
+            let f = 1.0 - lr * stretch;
+            if f < limit.min(1.0) || f > limit.max(1.0) {
+                stretch = (1.0 - f.clamp(limit.min(1.0), limit.max(1.0))) / lr;
+            }
+        }
+    }
     // g_i = shift + stretch·(w_i − μ) = (shift − stretch·μ) + stretch·w_i: one fused pass.
     let offset = F::of_f64(shift - stretch * mean);
     let stretch = F::of_f64(stretch);

@@ -11,7 +11,7 @@ use crate::Real;
 use crate::data::LabelledFeatures;
 use crate::error::{Error, Result, ensure_len};
 use crate::head::{Head, Workspace};
-use crate::regularizer::add_kl_grad;
+use crate::regularizer::{add_kl_grad, add_kl_grad_for_step};
 use crate::scope::{DEFAULT_SCOPE_EPS, Scope, ScopeSelection};
 
 /// The WSA term: `λ · Σ_l KL(N(μ_l,σ_l²) ‖ N(μ̃_l,σ̃_l²))` over the selected tensors.
@@ -49,6 +49,10 @@ pub struct Regularizers<'a, F> {
     pub prox: Option<(f64, &'a Head<F>)>,
     /// The WSA term.
     pub wsa: Option<&'a WsaTerm>,
+    /// The learning rate of the SGD step the gradient is for: the WSA term's gradient is then
+    /// limited so that its step does not overshoot ([`add_kl_grad_for_step`]); `None` for the
+    /// exact gradient.
+    pub step: Option<f64>,
 }
 
 /// The parts of a regularizer's value, for metrics.
@@ -176,7 +180,10 @@ impl<F: Real> Regularizers<'_, F> {
                 .zip(grad.tensors_mut(wsa.selection))
                 .zip(&wsa.targets)
             {
-                value.kl += add_kl_grad(w, target, wsa.eps, wsa.lambda, g)?;
+                value.kl += match self.step {
+                    Some(lr) => add_kl_grad_for_step(w, target, wsa.eps, wsa.lambda, lr, g)?,
+                    None => add_kl_grad(w, target, wsa.eps, wsa.lambda, g)?,
+                };
             }
             value.wsa = wsa.lambda * value.kl;
         }
@@ -312,6 +319,7 @@ pub fn train(
         weight_decay: cfg.sgd.weight_decay,
         prox: cfg.prox_mu.map(|mu| (mu, start)),
         wsa: cfg.wsa.as_ref(),
+        step: Some(cfg.sgd.lr),
     };
     regs.validate(start)?;
 

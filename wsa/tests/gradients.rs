@@ -103,7 +103,7 @@ proptest! {
         let spec = HeadSpec::mlp(input, &hidden, classes);
         let head = Head::<f64>::init(&spec, Init::Standard, seed).unwrap();
         let anchor = Head::<f64>::init(&spec, Init::He, seed.wrapping_add(1)).unwrap();
-        let regs = Regularizers { weight_decay: 0.0, prox: Some((mu, &anchor)), wsa: None };
+        let regs = Regularizers { weight_decay: 0.0, prox: Some((mu, &anchor)), wsa: None, step: None };
         let mut grad = Head::zeros(&spec).unwrap();
         let value = regs.add_grad(&head, &mut grad).unwrap();
         let prox_value = |p: &[f64]| {
@@ -139,7 +139,7 @@ proptest! {
             .collect();
         let wsa = WsaTerm { lambda, targets, selection, eps: 1e-8 };
         let anchor = Head::<f64>::init(&spec, Init::Xavier, seed ^ 9).unwrap();
-        let regs = Regularizers { weight_decay: wd, prox: Some((mu, &anchor)), wsa: Some(&wsa) };
+        let regs = Regularizers { weight_decay: wd, prox: Some((mu, &anchor)), wsa: Some(&wsa), step: None };
         let objective = |p: &[f64]| {
             let h = Head::from_flat(&spec, p).unwrap();
             let mut scratch = Head::zeros(&spec).unwrap();

@@ -5,7 +5,7 @@ mod common;
 
 use common::{normal_vec, numeric_grad, relative_error, rng};
 use proptest::prelude::*;
-use wsa::{Error, Scope, add_kl_grad, kl};
+use wsa::{Error, Scope, add_kl_grad, add_kl_grad_for_step, kl};
 
 /// `∫ p ln(p/q)` by the trapezoid rule over μ ± 14σ: an independent reference for [`kl`].
 fn kl_by_quadrature(p: Scope, q: Scope) -> f64 {
@@ -160,4 +160,69 @@ fn bad_inputs_are_typed_errors() {
         Scope::of(&[f32::INFINITY], 1e-8),
         Err(Error::NonFinite { .. })
     ));
+}
+
+/// Where a plain step on the term is stable (`lr` times its curvature below 2 in μ and σ), the
+/// step-limited gradient is the exact one; a 1280×256 layer at λ = 100, lr 0.05 is such a case.
+#[test]
+fn the_step_limited_gradient_is_exact_where_plain_steps_are_stable() {
+    let n = 1280 * 256;
+    let w = normal_vec(&mut rng(5), n, 0.001, 0.031);
+    let target = Scope::new(0.0, 0.03).unwrap();
+    let (mut exact, mut limited) = (vec![0.0f64; n], vec![0.0f64; n]);
+    add_kl_grad(&w, target, 1e-8, 100.0, &mut exact).unwrap();
+    add_kl_grad_for_step(&w, target, 1e-8, 100.0, 0.05, &mut limited).unwrap();
+    assert_eq!(exact, limited);
+}
+
+/// A zero-initialised bias (σ = √ε) under λ = 100: the exact gradient's step throws σ orders of
+/// magnitude past the target; the step-limited one lands at most half again past it, and
+/// plain steps of it converge to the target from either side.
+#[test]
+fn step_limited_kl_steps_converge_where_plain_ones_explode() {
+    let (lr, lambda, eps) = (0.05, 100.0, 1e-8);
+    let target = Scope::new(0.0, 0.006).unwrap();
+    let mut w = normal_vec(&mut rng(9), 10, 0.0, 1e-4);
+    let step = |w: &mut Vec<f64>, limited: bool| {
+        let mut g = vec![0.0f64; w.len()];
+        if limited {
+            add_kl_grad_for_step(w, target, eps, lambda, lr, &mut g).unwrap();
+        } else {
+            add_kl_grad(w, target, eps, lambda, &mut g).unwrap();
+        }
+        w.iter_mut().zip(&g).for_each(|(x, d)| *x -= lr * d);
+    };
+    let mut plain = w.clone();
+    step(&mut plain, false);
+    let exploded = Scope::of(&plain, eps).unwrap().std;
+    assert!(exploded > 100.0 * target.std, "plain step: σ = {exploded}");
+    step(&mut w, true);
+    let first = Scope::of(&w, eps).unwrap().std;
+    assert!(
+        first <= 1.5 * target.std + 1e-9,
+        "limited step: σ = {first}"
+    );
+    for _ in 0..200 {
+        step(&mut w, true);
+    }
+    let end = Scope::of(&w, eps).unwrap();
+    assert!(
+        (end.std - target.std).abs() < 1e-4 * target.std,
+        "σ = {}",
+        end.std
+    );
+    // From far above, too.
+    let mut wide = normal_vec(&mut rng(10), 10, 0.5, 3.0);
+    for _ in 0..200 {
+        step(&mut wide, true);
+    }
+    let end = Scope::of(&wide, eps).unwrap();
+    assert!(
+        (end.std - target.std).abs() < 1e-4 * target.std,
+        "σ = {}",
+        end.std
+    );
+    assert!(end.mean.abs() < 1e-4 * target.std, "μ = {}", end.mean);
+    let mut g = vec![0.0f64; 3];
+    assert!(add_kl_grad_for_step(&[1.0f64, 2.0, 3.0], target, eps, 1.0, 0.0, &mut g).is_err());
 }
