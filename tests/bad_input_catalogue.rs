@@ -258,6 +258,21 @@ fn catalogue() -> Vec<Case> {
             },
         },
         Case {
+            // The scope-collapse attack: a WSA target fused from it would pull honest
+            // clients' σ toward zero.
+            name: "an update with its last weight tensor set to its mean",
+            expect: "bad-scope",
+            answer: |cx| {
+                let spec = cx.task.shape.to_spec().unwrap();
+                let mut head = Head::from_flat(&spec, &plausible(cx.task)).unwrap();
+                let mut tensors = head.tensors_mut(ScopeSelection::default());
+                let last = tensors.last_mut().unwrap();
+                let mean = last.iter().sum::<f32>() / last.len() as f32;
+                last.fill(mean);
+                frame(update_with(cx.task, MALLORY, &head.to_flat()))
+            },
+        },
+        Case {
             // Every σ as the global head's, so only the distance can refuse it.
             name: "an update shifted 10³ from the global head",
             expect: "norm-too-large",
