@@ -5,8 +5,8 @@ results: scripts/compare-rounds.py BEFORE/rounds.csv AFTER/rounds.csv
 The model's trajectory (test and validation accuracy, test loss, accepted updates, rounds,
 seeds, strategies) must match bit for bit (the CSV holds Rust's shortest round-tripping
 decimals); exit status 1 otherwise. Two columns differ between two runs of one build and are
-only reported: train_loss and mean_kl in the last bit (the engine sums the clients' reported
-metrics in arrival order) and bytes_in by a few bytes (updates carry their training time as a
+only reported: train_loss and mean_kl in the last bit (builds before 2026-11-30 summed the
+clients' reported metrics in arrival order; they are now summed in client order) and bytes_in by a few bytes (updates carry their training time as a
 varint). wall_ms is left out. Labels written before 2026-11-30 (`wsa(lambda=10,MeanStd)`) are
 mapped to the current spelling (`wsa:10:mean-std`)."""
 import csv, re, sys

@@ -86,6 +86,7 @@ case "${1:-}" in
           --out "runs/exp-trust-$part/$name"
       done
     done
+    python3 scripts/trust-table.py "runs/exp-trust-$part"
     ;;
   *) echo "usage: $0 sweep | grid LAMBDA [PART] | bound [PART] | byzantine [PART] | trust [PART] [ATTACKS]" >&2; exit 2 ;;
 esac

@@ -11,7 +11,7 @@ use aggregator::server::{Server, ServerOptions};
 use aggregator::tls::{self, Lifetimes, layout};
 use aggregator_core::checkpoint::Checkpoint;
 use aggregator_core::engine::{Engine, EngineConfig};
-use aggregator_core::strategy::Strategy;
+use aggregator_core::strategy::{Aggregation, Strategy};
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use wsa::{FusionRule, HeadSpec};
@@ -132,9 +132,11 @@ enum Command {
     PrintConfig,
 }
 
-/// The shipped default: the MLP head on MobileNetV2 features, WSA with the mean-of-σ rule, and
-/// a round that counts only with four clients, so that no single client (one that reconnects
-/// first after a restart, say) closes rounds alone.
+/// The shipped default: the MLP head on MobileNetV2 features, WSA with the mean-of-σ rule, the
+/// coordinate-wise median (the one rule that held every lying-client attack of
+/// docs/reliability.md within about 3 points, at a cost on strongly non-IID fleets), and a round
+/// that counts only with four clients, so that no single client (one that reconnects first
+/// after a restart, say) closes rounds alone.
 fn default_config() -> EngineConfig {
     let mut config = EngineConfig::new(
         1,
@@ -144,6 +146,7 @@ fn default_config() -> EngineConfig {
             rule: FusionRule::MeanStd,
         },
     );
+    config.aggregation = Aggregation::Median;
     config.quorum = 4;
     config.min_connected = 4;
     config
@@ -170,8 +173,15 @@ const CONFIG_HEADER: &str = r#"# The aggregator's run configuration (aggregator 
 #   head (norm_ratio), how far reported scopes may stray from measured ones, and the factor
 #   (max_scope_ratio = 4) within which each tensor's measured sigma must stay of the global
 #   head's: a tensor collapsed to its mean or blown up is refused.
-# - [aggregation] kind = "median" or "trimmed-mean" (trim = 0.2) resists attackers in
-#   the parameters themselves; "norm-clipped" (max_norm) bounds each step.
+# - [aggregation] kind = "median" (the default): per coordinate, the median of the round's
+#   updates, so attackers in the parameters themselves (a reversed or stretched step) move
+#   the head only while they are half a round. Measured (docs/reliability.md, 20 clients,
+#   10 a round): every attack by 1 or 4 of 20 liars within 3.3 points of the clean run, where
+#   the mean lost 15-49 points to a stretched step. Its price: on strongly non-IID data
+#   (Dirichlet 0.1) about 6.5 points below the mean on clean runs; with 0.5 or IID, none.
+#   "mean" is the paper's weighted mean, for fleets whose every client you trust;
+#   "trimmed-mean" (trim = 0.2) sits between; "norm-clipped" (max_norm) bounds each step's
+#   length but not its direction.
 
 "#;
 fn main() -> Result<()> {
