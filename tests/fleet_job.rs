@@ -171,6 +171,10 @@ fn sign_flipping_clients_break_the_mean_and_not_the_median() {
             "0.3",
             "--attack",
             "sign-flip:4",
+            // The scope bound refuses some reversed steps; a round of all ten clients must
+            // still close with the rest (with the default quorum of all, it retried forever).
+            "--quorum",
+            "6",
             "--no-centralized",
         ])
         .arg("--out")
@@ -209,4 +213,67 @@ fn sign_flipping_clients_break_the_mean_and_not_the_median() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown attack"));
+}
+
+/// A round attempt that fails its quorum stays in the record: one client of eight collapses a
+/// tensor (refused at admission), and a round needs every one of its 4 selected clients, so
+/// each attempt that selects it fails and the round is tried again with a new selection.
+#[test]
+fn failed_attempts_stay_in_rounds_csv() {
+    let out = tempfile::tempdir().unwrap();
+    let run = Command::new(env!("CARGO_BIN_EXE_wsa-fl"))
+        .args([
+            "--synthetic",
+            "--clients",
+            "8",
+            "--per-round",
+            "4",
+            "--quorum",
+            "4",
+            "--rounds",
+            "3",
+            "--train-limit",
+            "1600",
+            "--test-limit",
+            "400",
+            "--hidden",
+            "32",
+            "--strategies",
+            "fedavg",
+            "--byzantine",
+            "0.125",
+            "--attack",
+            "scope-collapse",
+            "--no-centralized",
+        ])
+        .arg("--out")
+        .arg(out.path())
+        .env("RUST_LOG", "error")
+        .output()
+        .expect("run wsa-fl");
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let csv = std::fs::read_to_string(out.path().join("rounds.csv")).unwrap();
+    let rows: Vec<Vec<&str>> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').collect())
+        .collect();
+    let (failed, closed): (Vec<_>, Vec<_>) = rows.iter().partition(|r| r[12] == "true");
+    assert!(!failed.is_empty(), "no failed attempt recorded:\n{csv}");
+    // Each failed row names its attempt and has no evaluation; the closed rounds are 0, 1, 2.
+    assert!(failed.iter().all(|r| r[3] == "NaN"), "{csv}");
+    let rounds: Vec<&str> = closed.iter().map(|r| r[2]).collect();
+    assert_eq!(rounds, ["0", "1", "2"], "{csv}");
+    let jsonl = std::fs::read_to_string(out.path().join("aggregator-rounds.jsonl")).unwrap();
+    assert_eq!(
+        jsonl
+            .lines()
+            .filter(|l| l.contains("\"closed_by\":\"failed\""))
+            .count(),
+        failed.len()
+    );
 }

@@ -312,3 +312,22 @@ fn main() -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shipped defaults are the ones docs/reliability.md measured: no single client closes
+    /// a round, and the rule that held every lying-client attack.
+    #[test]
+    fn the_shipped_config_needs_several_clients_and_a_robust_rule() {
+        let config = default_config();
+        config.validate().unwrap();
+        assert!(config.quorum >= 4 && config.min_connected >= config.quorum);
+        assert_eq!(config.aggregation, Aggregation::Median);
+        assert!(config.max_share <= 0.25 && config.max_claim_ratio <= 2.0);
+        let printed = format!("{CONFIG_HEADER}{}", toml::to_string(&config).unwrap());
+        let read: EngineConfig = toml::from_str(&printed).unwrap();
+        assert_eq!(read, config);
+    }
+}
