@@ -2,42 +2,60 @@
 //! QUIC writes a complete run folder: config, partition, per-round CSV and JSON, a summary, the
 //! markdown table and the plot.
 
-use std::process::Command;
+use std::path::Path;
+use std::process::{Command, Output};
 
-#[test]
-fn a_small_fleet_writes_its_run_folder() {
-    let out = tempfile::tempdir().unwrap();
+/// A fleet of 8 synthetic clients, 4 a round, 3 rounds, small data and head: seconds to run.
+const SMALL_FLEET: [&str; 13] = [
+    "--synthetic",
+    "--clients",
+    "8",
+    "--per-round",
+    "4",
+    "--rounds",
+    "3",
+    "--train-limit",
+    "1600",
+    "--test-limit",
+    "400",
+    "--hidden",
+    "32",
+];
+
+/// Runs `wsa-fl` with `args` into `out` and asserts it succeeded.
+fn wsa_fl(args: &[&str], out: &Path) -> Output {
     let run = Command::new(env!("CARGO_BIN_EXE_wsa-fl"))
-        .args([
-            "--synthetic",
-            "--clients",
-            "8",
-            "--per-round",
-            "4",
-            "--rounds",
-            "3",
-            "--train-limit",
-            "1600",
-            "--test-limit",
-            "400",
-            "--hidden",
-            "32",
-            "--strategies",
-            "fedavg,fedprox:0.01,wsa:10:mixture",
-            "--target",
-            "0.3",
-            "--validation-fraction",
-            "0.1",
-        ])
+        .args(args)
         .arg("--out")
-        .arg(out.path())
-        .env("RUST_LOG", "warn")
+        .arg(out)
+        .env("RUST_LOG", "error")
         .output()
         .expect("run wsa-fl");
     assert!(
         run.status.success(),
         "{}",
         String::from_utf8_lossy(&run.stderr)
+    );
+    run
+}
+
+#[test]
+fn a_small_fleet_writes_its_run_folder() {
+    let out = tempfile::tempdir().unwrap();
+    let run = wsa_fl(
+        &[
+            &SMALL_FLEET[..],
+            &[
+                "--strategies",
+                "fedavg,fedprox:0.01,wsa:10:mixture",
+                "--target",
+                "0.3",
+                "--validation-fraction",
+                "0.1",
+            ],
+        ]
+        .concat(),
+        out.path(),
     );
     let stdout = String::from_utf8_lossy(&run.stdout);
     for row in [
@@ -85,38 +103,21 @@ fn a_small_fleet_writes_its_run_folder() {
     // The same fleet with its clients in two other processes: the same partition and seeds,
     // so the same accepted updates and the same global heads.
     let apart = tempfile::tempdir().unwrap();
-    let run = Command::new(env!("CARGO_BIN_EXE_wsa-fl"))
-        .args([
-            "--synthetic",
-            "--clients",
-            "8",
-            "--per-round",
-            "4",
-            "--rounds",
-            "3",
-            "--train-limit",
-            "1600",
-            "--test-limit",
-            "400",
-            "--hidden",
-            "32",
-            "--strategies",
-            "fedavg",
-            "--no-centralized",
-            "--client-processes",
-            "2",
-            "--validation-fraction",
-            "0.1",
-        ])
-        .arg("--out")
-        .arg(apart.path())
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run wsa-fl");
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
+    wsa_fl(
+        &[
+            &SMALL_FLEET[..],
+            &[
+                "--strategies",
+                "fedavg",
+                "--no-centralized",
+                "--client-processes",
+                "2",
+                "--validation-fraction",
+                "0.1",
+            ],
+        ]
+        .concat(),
+        apart.path(),
     );
     let rows = |dir: &std::path::Path| -> Vec<String> {
         std::fs::read_to_string(dir.join("rounds.csv"))
@@ -146,8 +147,10 @@ fn a_small_fleet_writes_its_run_folder() {
 #[test]
 fn sign_flipping_clients_break_the_mean_and_not_the_median() {
     let out = tempfile::tempdir().unwrap();
-    let run = Command::new(env!("CARGO_BIN_EXE_wsa-fl"))
-        .args([
+    // The scope bound refuses some reversed steps; a round of all ten clients must still
+    // close with the rest (with the default quorum of all, it retried forever).
+    wsa_fl(
+        &[
             "--synthetic",
             "--clients",
             "10",
@@ -171,21 +174,11 @@ fn sign_flipping_clients_break_the_mean_and_not_the_median() {
             "0.3",
             "--attack",
             "sign-flip:4",
-            // The scope bound refuses some reversed steps; a round of all ten clients must
-            // still close with the rest (with the default quorum of all, it retried forever).
             "--quorum",
             "6",
             "--no-centralized",
-        ])
-        .arg("--out")
-        .arg(out.path())
-        .env("RUST_LOG", "error")
-        .output()
-        .expect("run wsa-fl");
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
+        ],
+        out.path(),
     );
     let summary: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.path().join("summary.json")).unwrap()).unwrap();
@@ -221,40 +214,23 @@ fn sign_flipping_clients_break_the_mean_and_not_the_median() {
 #[test]
 fn failed_attempts_stay_in_rounds_csv() {
     let out = tempfile::tempdir().unwrap();
-    let run = Command::new(env!("CARGO_BIN_EXE_wsa-fl"))
-        .args([
-            "--synthetic",
-            "--clients",
-            "8",
-            "--per-round",
-            "4",
-            "--quorum",
-            "4",
-            "--rounds",
-            "3",
-            "--train-limit",
-            "1600",
-            "--test-limit",
-            "400",
-            "--hidden",
-            "32",
-            "--strategies",
-            "fedavg",
-            "--byzantine",
-            "0.125",
-            "--attack",
-            "scope-collapse",
-            "--no-centralized",
-        ])
-        .arg("--out")
-        .arg(out.path())
-        .env("RUST_LOG", "error")
-        .output()
-        .expect("run wsa-fl");
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
+    wsa_fl(
+        &[
+            &SMALL_FLEET[..],
+            &[
+                "--quorum",
+                "4",
+                "--strategies",
+                "fedavg",
+                "--byzantine",
+                "0.125",
+                "--attack",
+                "scope-collapse",
+                "--no-centralized",
+            ],
+        ]
+        .concat(),
+        out.path(),
     );
     let csv = std::fs::read_to_string(out.path().join("rounds.csv")).unwrap();
     let rows: Vec<Vec<&str>> = csv

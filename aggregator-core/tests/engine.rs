@@ -829,14 +829,7 @@ fn colluding_claims_weigh_at_most_twice_the_median_claim() {
         let u = perturbed(&task, c, n, 200 + i as u64);
         assert_eq!(sim.verdict(c, u), Outcome::Accepted);
     }
-    let report = sim
-        .log
-        .iter()
-        .find_map(|a| match a {
-            Action::RoundClosed(r) => Some(r.clone()),
-            _ => None,
-        })
-        .unwrap();
+    let report = reports(&sim.log).remove(0);
     assert_eq!(report.accepted.len(), 10);
     for (client, w) in &report.weights {
         let want = if client.starts_with("liar") {
@@ -1023,14 +1016,7 @@ fn a_client_claiming_millions_of_samples_weighs_at_most_its_share() {
                 global[j]
             );
         }
-        let report = sim
-            .log
-            .iter()
-            .find_map(|a| match a {
-                Action::RoundClosed(r) => Some(r.clone()),
-                _ => None,
-            })
-            .unwrap();
+        let report = reports(&sim.log).remove(0);
         assert_eq!(report.accepted.len(), 6);
     }
 }
