@@ -158,9 +158,8 @@ impl Engine {
         config.validate()?;
         let head = Head::<f32>::init(&config.head, config.init, config.seed)?;
         let mut targets = head.scopes(config.scope_selection, DEFAULT_SCOPE_EPS)?;
-        let floors = config
-            .targets
-            .floors(&head, config.scope_selection, DEFAULT_SCOPE_EPS)?;
+        let scales = layer_scales(&head, config.scope_selection, DEFAULT_SCOPE_EPS)?;
+        let floors = config.targets.floors(&scales);
         config.targets.initial(&mut targets, &floors);
         Self::build(
             config,
@@ -255,10 +254,7 @@ impl Engine {
             config.scope_selection,
             eps,
         )?;
-        let floors = scales
-            .iter()
-            .map(|s| config.targets.std_floor * s)
-            .collect();
+        let floors = config.targets.floors(&scales);
         let global_norm = l2_norm(&global);
         let global_scopes =
             Head::from_flat(&config.head, &global)?.scopes(config.scope_selection, eps)?;

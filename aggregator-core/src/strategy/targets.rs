@@ -89,18 +89,9 @@ impl TargetPolicy {
         Ok(())
     }
 
-    /// The σ̃ floor of each tensor `selection` scopes: `std_floor` times its
-    /// [`layer_scales`].
-    pub fn floors(
-        &self,
-        initial: &Head<f32>,
-        selection: ScopeSelection,
-        eps: f64,
-    ) -> wsa::Result<Vec<f64>> {
-        Ok(layer_scales(initial, selection, eps)?
-            .into_iter()
-            .map(|s| self.std_floor * s)
-            .collect())
+    /// The σ̃ floor of each scoped tensor: `std_floor` times its scale ([`layer_scales`]).
+    pub fn floors(&self, scales: &[f64]) -> Vec<f64> {
+        scales.iter().map(|s| self.std_floor * s).collect()
     }
 
     /// Keeps each of `fused` within the bounds around `previous` and above its floor.
@@ -176,7 +167,7 @@ mod tests {
             include_biases: true,
         };
         let b = TargetPolicy::default();
-        let floors = b.floors(&head, with_biases, DEFAULT_SCOPE_EPS).unwrap();
+        let floors = b.floors(&layer_scales(&head, with_biases, DEFAULT_SCOPE_EPS).unwrap());
         let weights = head
             .scopes(ScopeSelection::default(), DEFAULT_SCOPE_EPS)
             .unwrap();
