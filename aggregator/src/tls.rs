@@ -214,8 +214,9 @@ pub fn add_client(creds: &Path, id: &str) -> Result<PathBuf> {
     Ok(token_path(creds, id))
 }
 
-/// Removes one client from the registry and deletes its token file: its hellos are refused
-/// from the aggregator's next start.
+/// Removes one client from the registry and deletes its token file. A running aggregator
+/// follows the registry: the client's session ends at its next task and its next hello is
+/// refused.
 pub fn revoke_client(creds: &Path, id: &str) -> Result<()> {
     let path = creds.join(layout::REGISTRY);
     let mut registry = Registry::load(&path)?;
