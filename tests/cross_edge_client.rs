@@ -84,6 +84,7 @@ fn check_target(arch: &str, set: &datasets::ImageSet, reference: &ndarray::Array
             rule: FusionRule::MeanStd,
         },
     );
+    config.classes = datasets::FASHION_MNIST_CLASSES.map(String::from).to_vec();
     config.rounds = ROUNDS;
     config.min_connected = 1;
     config.quorum = 1;

@@ -224,6 +224,23 @@ async fn five_clients_three_rounds_over_quic_with_intruders_refused() {
         "{refused:?}"
     );
 
+    // A registered client whose data holds a class the run does not name: it leaves after
+    // the welcome, before any training, and does not retry.
+    let foreign = edge_client::LocalData::new(
+        shard(0),
+        (0..CLASSES - 1)
+            .map(|c| c.to_string())
+            .chain(["zebra".to_owned()])
+            .collect(),
+    )
+    .unwrap();
+    let (_s, stop) = watch::channel(false);
+    let refused = edge_client::net::run(run.options(addr, &client_id(0)), foreign, stop).await;
+    assert!(
+        matches!(&refused, Err(ClientError::Classes(e)) if e.to_string().contains("\"zebra\"")),
+        "{refused:?}"
+    );
+
     let clients = spawn_clients(&run, addr, 5);
     let malformed = malformed_client(&run, addr, &client_id(5)).await;
     assert_eq!(

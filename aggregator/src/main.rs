@@ -3,7 +3,7 @@
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use aggregator::auth::Registry;
 use aggregator::backends::{BackendChoice, open_backend};
@@ -146,6 +146,7 @@ fn default_config() -> EngineConfig {
             rule: FusionRule::MeanStd,
         },
     );
+    config.classes = datasets::FASHION_MNIST_CLASSES.map(String::from).to_vec();
     config.aggregation = Aggregation::Median;
     config.quorum = 4;
     config.min_connected = 4;
@@ -155,6 +156,12 @@ fn default_config() -> EngineConfig {
 /// What `print-config` says above the TOML: the settings that decide how far one client can
 /// sway a run.
 const CONFIG_HEADER: &str = r#"# The aggregator's run configuration (aggregator serve --config FILE).
+#
+# Classes: `classes` names the head's outputs in order (Fashion-MNIST's here); clients map
+# their data to them by name (an image folder's `cat/` is class "cat"), and a client holding a
+# class not listed refuses to train. For your own data list your class names, one per output
+# (head.classes), or name a file with one class per line: classes_file = "labels.txt"
+# (relative to this file), in place of `classes`.
 #
 # Trust: the server weighs and bounds from what it measures, never from what a client claims.
 # - quorum = 4, min_connected = 4: a round opens with at least 4 clients connected and moves
@@ -257,12 +264,8 @@ fn main() -> Result<()> {
             backend,
         } => {
             let backend = open_backend(backend)?;
-            let config: EngineConfig = match &config {
-                Some(path) => toml::from_str(
-                    &std::fs::read_to_string(path)
-                        .with_context(|| format!("reading {}", path.display()))?,
-                )
-                .with_context(|| format!("parsing {}", path.display()))?,
+            let config = match &config {
+                Some(path) => load_config(path)?,
                 None => default_config(),
             };
             for path in [&checkpoint, &rounds_log] {
@@ -313,6 +316,47 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+/// Reads a run configuration; a `classes_file` key (one class name per line, relative to the
+/// configuration's folder) stands for the `classes` list.
+fn load_config(path: &Path) -> Result<EngineConfig> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut table: toml::Table =
+        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    if let Some(file) = table.remove("classes_file") {
+        anyhow::ensure!(
+            !table.contains_key("classes"),
+            "{}: give either classes or classes_file, not both",
+            path.display()
+        );
+        let file = file
+            .as_str()
+            .with_context(|| format!("{}: classes_file must be a path", path.display()))?;
+        let file = path.parent().unwrap_or(Path::new(".")).join(file);
+        let names = read_class_names(&file)?;
+        table.insert("classes".into(), names.into());
+    }
+    let config: EngineConfig = table
+        .try_into()
+        .with_context(|| format!("parsing {}", path.display()))?;
+    config
+        .validate()
+        .with_context(|| format!("checking {}", path.display()))?;
+    Ok(config)
+}
+
+/// One class name per line, surrounding spaces and blank lines ignored.
+fn read_class_names(file: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("reading the class list {}", file.display()))?;
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .map(String::from)
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -329,5 +373,43 @@ mod tests {
         let printed = format!("{CONFIG_HEADER}{}", toml::to_string(&config).unwrap());
         let read: EngineConfig = toml::from_str(&printed).unwrap();
         assert_eq!(read, config);
+    }
+
+    /// A labels file names the classes; a list whose length differs from the head's outputs
+    /// stops the run before it starts.
+    #[test]
+    fn a_classes_file_names_the_run_and_must_match_the_head() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = default_config();
+        config.classes.clear();
+        let mut table: toml::Table = toml::from_str(&toml::to_string(&config).unwrap()).unwrap();
+        table.remove("classes");
+        table.insert("classes_file".into(), "labels.txt".into());
+        let path = dir.path().join("run.toml");
+        std::fs::write(&path, toml::to_string(&table).unwrap()).unwrap();
+
+        let names: Vec<String> = (0..10).map(|i| format!("kind {i}")).collect();
+        std::fs::write(dir.path().join("labels.txt"), names.join("\n") + "\n\n").unwrap();
+        assert_eq!(load_config(&path).unwrap().classes, names);
+
+        std::fs::write(dir.path().join("labels.txt"), "cat\ndog\n").unwrap();
+        let err = format!("{:#}", load_config(&path).unwrap_err());
+        assert!(
+            err.contains("names 2 classes but the head has 10 outputs"),
+            "{err}"
+        );
+
+        std::fs::write(
+            dir.path().join("labels.txt"),
+            names.join("\n").replace("kind 9", "kind 0"),
+        )
+        .unwrap();
+        let err = format!("{:#}", load_config(&path).unwrap_err());
+        assert!(err.contains("\"kind 0\" is listed twice"), "{err}");
+
+        table.insert("classes".into(), toml::Value::Array(Vec::new()));
+        std::fs::write(&path, toml::to_string(&table).unwrap()).unwrap();
+        let err = format!("{:#}", load_config(&path).unwrap_err());
+        assert!(err.contains("not both"), "{err}");
     }
 }

@@ -224,6 +224,7 @@ fn join(args: JoinArgs) -> Result<()> {
     let (data, outcome) = cached_features(&backbone, &set, &cache, threads, true)?;
     tracing::info!(rows = data.len(), ?outcome, "local features ready");
     drop(backbone);
+    let data = edge_client::LocalData::new(std::sync::Arc::new(data), set.class_names)?;
 
     let opts = edge_client::net::ConnectOptions {
         server: addr,
@@ -250,7 +251,7 @@ fn join(args: JoinArgs) -> Result<()> {
                 let _ = stop_tx.send(true);
             }
         });
-        edge_client::net::run(opts, std::sync::Arc::new(data), stop_rx).await
+        edge_client::net::run(opts, data, stop_rx).await
     })?;
     let accepted = report
         .rounds

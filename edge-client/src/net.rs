@@ -20,6 +20,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use wsa::LabelledFeatures;
 
+use crate::labels::LocalData;
+
 use crate::attack::Adversary;
 use crate::round::local_round;
 use crate::session::{Action, Event, Identity, Session};
@@ -81,11 +83,16 @@ impl Link {
 
 /// Joins the aggregator and answers round tasks until the run finishes or `shutdown` turns
 /// true (or its sender is dropped). Reconnects after transient failures with [`Backoff`].
+/// `data` trains under the run's class numbering, matched by name at each welcome (plain
+/// features count as classes named by index).
 pub async fn run(
     opts: ConnectOptions,
-    data: Arc<LabelledFeatures>,
+    data: impl Into<LocalData>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<ClientReport, ClientError> {
+    let local: LocalData = data.into();
+    // The rows under the run's numbering, set at each welcome before any task is accepted.
+    let mut data: Arc<LabelledFeatures> = Arc::clone(local.features());
     let config = protocol::quic::client_config(&opts.ca_cert, &opts.quic)
         .map_err(|e| ClientError::Setup(e.to_string()))?;
     let bind: SocketAddr = if opts.server.is_ipv6() {
@@ -107,7 +114,8 @@ pub async fn run(
                 .adversary
                 .as_ref()
                 .and_then(Adversary::claim)
-                .unwrap_or(data.len() as u64),
+                .unwrap_or(local.len() as u64),
+            classes: local.class_names().to_vec(),
         },
         opts.backoff,
     );
@@ -132,6 +140,12 @@ pub async fn run(
                     link.tasks
                         .push(spawn_connect(&endpoint, &opts, *hello, epoch, &tx));
                 }
+                Action::UseClasses { map, classes } => match local.relabel(&map, classes) {
+                    Ok(relabelled) => data = relabelled,
+                    Err(e) => {
+                        break 'run Err(ClientError::Setup(format!("relabelling the data: {e}")));
+                    }
+                },
                 Action::AcceptTask => {
                     if let Some(conn) = link.conn.clone() {
                         link.tasks.push(spawn_accept(conn, opts.limits, epoch, &tx));

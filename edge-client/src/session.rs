@@ -24,6 +24,7 @@ use serde::Serialize;
 use support::Millis;
 use wsa::Head;
 
+use crate::labels::{ClassError, class_map};
 use crate::round::{ClientUpdate, TrainingTask};
 
 /// How long a round in progress may still finish once the run's goodbye has arrived (its
@@ -119,6 +120,9 @@ pub enum ClientError {
     /// Local setup failed (TLS files, socket).
     #[error("setup: {0}")]
     Setup(String),
+    /// The local data does not fit the run's classes; retrying would not help.
+    #[error("{0}")]
+    Classes(ClassError),
 }
 
 /// Who the client is, and what its hello says.
@@ -130,6 +134,8 @@ pub struct Identity {
     pub token: Vec<u8>,
     /// Rows of local training data it holds.
     pub n_samples: u64,
+    /// The names of its data's classes, by local label.
+    pub classes: Vec<String>,
 }
 
 /// Something that happened, fed to [`Session::handle`].
@@ -164,6 +170,14 @@ pub enum Event {
 pub enum Action {
     /// Connect, open the control stream and send this hello on it.
     Connect(Box<Message>),
+    /// From now on train on the local rows relabelled by `map` (local label → the run's
+    /// class index) into the run's `classes` classes.
+    UseClasses {
+        /// The run's index of each local class.
+        map: Vec<u32>,
+        /// The run's class count.
+        classes: usize,
+    },
     /// Accept the next stream the server opens and read its first message.
     AcceptTask,
     /// Train this task (off the I/O thread), then feed [`Event::Trained`].
@@ -205,9 +219,10 @@ enum Phase {
     Connecting,
     /// Connected, the hello sent, waiting for the welcome.
     Hello,
-    /// In the run; `goodbye` is a control message that arrived mid-task, acted on when the
-    /// task's verdict arrives or at the deadline.
+    /// In the run of `classes` classes; `goodbye` is a control message that arrived mid-task,
+    /// acted on when the task's verdict arrives or at the deadline.
     Joined {
+        classes: usize,
         task: TaskState,
         goodbye: Option<Box<(Message, Millis)>>,
     },
@@ -358,12 +373,31 @@ impl Session {
             Phase::Hello => match message {
                 Message::Welcome(w) => {
                     self.welcomed = true;
-                    tracing::info!(client = %self.identity.client_id, run = w.run_id, round = w.round, "joined");
+                    let map = match class_map(&self.identity.classes, &w.classes) {
+                        Ok(map) => map,
+                        Err(e) => {
+                            return self.finish(
+                                vec![Action::Close {
+                                    code: 0,
+                                    reason: b"unknown class",
+                                }],
+                                Err(ClientError::Classes(e)),
+                            );
+                        }
+                    };
+                    tracing::info!(client = %self.identity.client_id, run = w.run_id, round = w.round, classes = w.classes.len(), "joined");
                     self.phase = Phase::Joined {
+                        classes: w.classes.len(),
                         task: TaskState::Waiting,
                         goodbye: None,
                     };
-                    vec![Action::AcceptTask]
+                    vec![
+                        Action::UseClasses {
+                            map,
+                            classes: w.classes.len(),
+                        },
+                        Action::AcceptTask,
+                    ]
                 }
                 Message::Verdict(v) => match v.outcome {
                     Outcome::Rejected(reason) => self.finish(
@@ -380,7 +414,7 @@ impl Session {
                     format!("protocol: expected welcome, got {}", other.kind()),
                 ),
             },
-            Phase::Joined { task, goodbye } => {
+            Phase::Joined { task, goodbye, .. } => {
                 if matches!(task, TaskState::Waiting) {
                     self.on_control_message(now, message)
                 } else {
@@ -431,7 +465,7 @@ impl Session {
     }
 
     fn on_task(&mut self, now: Millis, message: Message) -> Vec<Action> {
-        let Phase::Joined { task, .. } = &mut self.phase else {
+        let Phase::Joined { task, classes, .. } = &mut self.phase else {
             return Vec::new();
         };
         if !matches!(task, TaskState::Waiting) {
@@ -440,6 +474,13 @@ impl Session {
         let Message::RoundTask(wire) = message else {
             return self.fail(now, "protocol: expected a round task");
         };
+        if wire.shape.classes as usize != *classes {
+            let error = format!(
+                "protocol: the task's head has {} outputs, the run {} classes",
+                wire.shape.classes, classes
+            );
+            return self.fail(now, error);
+        }
         match TrainingTask::from_wire(&wire) {
             Ok(training) => {
                 *task = TaskState::Training {
@@ -492,6 +533,7 @@ impl Session {
         let Phase::Joined {
             task: state @ TaskState::AwaitingVerdict { .. },
             goodbye,
+            ..
         } = &mut self.phase
         else {
             return Vec::new();
@@ -531,7 +573,7 @@ impl Session {
     }
 
     fn on_goodbye_due(&mut self, now: Millis) -> Vec<Action> {
-        let Phase::Joined { task, goodbye } = &mut self.phase else {
+        let Phase::Joined { task, goodbye, .. } = &mut self.phase else {
             return Vec::new();
         };
         let Some(g) = goodbye.take() else {

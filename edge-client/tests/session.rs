@@ -35,6 +35,7 @@ fn session(max_attempts: Option<u32>) -> Session {
             client_id: "client-0007".into(),
             token: b"secret".to_vec(),
             n_samples: 40,
+            classes: vec!["cat".into(), "dog".into()],
         },
         backoff(max_attempts),
     )
@@ -89,10 +90,16 @@ fn goodbye(reason: GoodbyeReason) -> Message {
     Message::Goodbye(Goodbye { reason })
 }
 
+/// The run's classes are the client's in the other order.
 fn welcome() -> Message {
+    welcome_to(&["dog", "cat"])
+}
+
+fn welcome_to(classes: &[&str]) -> Message {
     Message::Welcome(Welcome {
         run_id: RUN,
         round: 0,
+        classes: classes.iter().map(|c| c.to_string()).collect(),
     })
 }
 
@@ -121,7 +128,16 @@ impl Driver {
     /// Connected and welcomed: the machine asks for a task.
     fn join(&mut self) {
         assert_eq!(self.on(Event::Connected), vec![]);
-        assert_eq!(self.on(Event::Control(welcome())), vec![Action::AcceptTask]);
+        assert_eq!(
+            self.on(Event::Control(welcome())),
+            vec![
+                Action::UseClasses {
+                    map: vec![1, 0],
+                    classes: 2
+                },
+                Action::AcceptTask
+            ]
+        );
     }
 
     /// A task of `round` arrives; returns what the machine asks to train.
@@ -468,4 +484,47 @@ fn events_out_of_turn_change_nothing() {
     );
     let update = d.finish_training(&t, 5);
     assert_eq!(update.round, 0);
+}
+
+#[test]
+fn a_class_the_run_does_not_know_ends_the_run_before_training() {
+    let (mut d, _) = Driver::new(None);
+    d.on(Event::Connected);
+    let actions = d.on(Event::Control(welcome_to(&["cat", "bird"])));
+    let [
+        Action::Close { .. },
+        Action::Finish(Err(ClientError::Classes(e))),
+    ] = &actions[..]
+    else {
+        panic!("{actions:?}");
+    };
+    assert!(e.to_string().contains("\"dog\""), "{e}");
+    assert!(d.session.is_done());
+    // A subset of the run's classes is fine.
+    let (mut d, _) = Driver::new(None);
+    d.on(Event::Connected);
+    let actions = d.on(Event::Control(welcome_to(&["bird", "dog", "cat", "fox"])));
+    assert_eq!(
+        actions[0],
+        Action::UseClasses {
+            map: vec![2, 1],
+            classes: 4
+        }
+    );
+}
+
+#[test]
+fn a_task_whose_head_is_not_the_runs_width_is_a_protocol_error() {
+    let (mut d, _) = Driver::new(None);
+    d.on(Event::Connected);
+    d.on(Event::Control(welcome_to(&["dog", "cat", "fox"])));
+    let actions = d.on(Event::Task(Message::RoundTask(task(0, Encoding::F32))));
+    assert_eq!(
+        actions[0],
+        Action::Close {
+            code: 0,
+            reason: b""
+        }
+    );
+    assert!(!d.session.is_done(), "the session ends, not the run");
 }

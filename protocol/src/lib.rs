@@ -33,5 +33,5 @@ pub use limits::Limits;
 pub use message::{
     Auth, Capabilities, Goodbye, GoodbyeReason, HeadShape, Hello, Message, Outcome, RejectReason,
     RoundTask, Subject, TrainSpec, Update, UpdateMetrics, Verdict, Welcome, WireScope, WsaSpec,
-    client_id,
+    client_id, indexed_classes,
 };

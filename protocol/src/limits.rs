@@ -22,6 +22,10 @@ pub struct Limits {
     pub max_client_id_bytes: u32,
     /// Longest auth token, in bytes.
     pub max_token_bytes: u32,
+    /// Most classes a run may name.
+    pub max_classes: u32,
+    /// Longest class name, in bytes.
+    pub max_class_name_bytes: u32,
 }
 
 impl Default for Limits {
@@ -34,6 +38,8 @@ impl Default for Limits {
             max_scopes: 64,
             max_client_id_bytes: 128,
             max_token_bytes: 256,
+            max_classes: 10_000,
+            max_class_name_bytes: 256,
         }
     }
 }
@@ -81,7 +87,12 @@ impl Limits {
                 over("parameters", u.params.count as usize, self.max_params)?;
                 over("scopes", u.scopes.len(), self.max_scopes)?;
             }
-            Message::Welcome(_) | Message::Verdict(_) | Message::Goodbye(_) => {}
+            Message::Welcome(w) => {
+                over("classes", w.classes.len(), self.max_classes)?;
+                let longest = w.classes.iter().map(String::len).max().unwrap_or(0);
+                over("class name bytes", longest, self.max_class_name_bytes)?;
+            }
+            Message::Verdict(_) | Message::Goodbye(_) => {}
         }
         Ok(())
     }

@@ -62,6 +62,12 @@ pub fn client_id(index: usize) -> String {
     format!("client-{index:04}")
 }
 
+/// The names `"0"`, `"1"`, … of `count` classes known only by index: what a run or a client
+/// without class names uses, so both sides still match classes by name.
+pub fn indexed_classes(count: usize) -> Vec<String> {
+    (0..count).map(|i| i.to_string()).collect()
+}
+
 /// The first message of a client.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
@@ -84,6 +90,9 @@ pub struct Welcome {
     pub run_id: u64,
     /// The round the run is in (tasks may follow at any time).
     pub round: u64,
+    /// The run's class names, by class index (the head's output width). A client maps its
+    /// data to these indices by name and refuses to train if it holds a class not here.
+    pub classes: Vec<String>,
 }
 
 /// The shape of the head being trained, as on the wire.

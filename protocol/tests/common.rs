@@ -38,6 +38,7 @@ pub fn samples() -> Vec<(&'static str, Message)> {
             Message::Welcome(Welcome {
                 run_id: 42,
                 round: 3,
+                classes: vec!["cat".into(), "dog".into()],
             }),
         ),
         (

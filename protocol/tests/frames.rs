@@ -4,8 +4,8 @@ mod common;
 
 use proptest::prelude::*;
 use protocol::{
-    FrameHeader, HEADER_LEN, Limits, Message, ProtocolError, RejectReason, decode_body,
-    decode_frame, encode_frame,
+    FrameHeader, HEADER_LEN, Limits, Message, PROTOCOL_VERSION, ProtocolError, RejectReason,
+    decode_body, decode_frame, encode_frame,
 };
 
 fn frames() -> Vec<Vec<u8>> {
@@ -39,10 +39,11 @@ fn header_checks_come_before_the_body() {
         Err(ProtocolError::BadMagic(_))
     ));
     let mut version = frame.clone();
-    version[4..6].copy_from_slice(&2u16.to_le_bytes());
+    let other = PROTOCOL_VERSION + 1;
+    version[4..6].copy_from_slice(&other.to_le_bytes());
     let err = decode_frame(&version, &limits).unwrap_err();
-    assert_eq!(err, ProtocolError::UnsupportedVersion(2));
-    assert_eq!(err.reject_reason(), RejectReason::UnsupportedVersion(2));
+    assert_eq!(err, ProtocolError::UnsupportedVersion(other));
+    assert_eq!(err.reject_reason(), RejectReason::UnsupportedVersion(other));
     // A length prefix of 4 GiB is refused from the header alone.
     let mut huge = [0u8; HEADER_LEN];
     huge.copy_from_slice(&frame[..HEADER_LEN]);
@@ -89,19 +90,35 @@ fn counts_are_checked_against_configured_limits() {
     let tight = Limits {
         max_params: 10,
         max_client_id_bytes: 1,
+        max_class_name_bytes: 2,
         ..Limits::default()
     };
     for (name, message) in common::samples() {
         let frame = encode_frame(&message).unwrap();
         let result = decode_frame(&frame, &tight);
         match message {
-            Message::Hello(_) | Message::RoundTask(_) | Message::Update(_) => assert!(
+            Message::Hello(_)
+            | Message::Welcome(_)
+            | Message::RoundTask(_)
+            | Message::Update(_) => assert!(
                 matches!(result, Err(ProtocolError::LimitExceeded { .. })),
                 "{name}: {result:?}"
             ),
             _ => assert!(result.is_ok(), "{name}"),
         }
     }
+    let few_classes = Limits {
+        max_classes: 1,
+        ..Limits::default()
+    };
+    let welcome = encode_frame(&common::samples()[1].1).unwrap();
+    assert!(matches!(
+        decode_frame(&welcome, &few_classes),
+        Err(ProtocolError::LimitExceeded {
+            what: "classes",
+            ..
+        })
+    ));
     let small = Limits {
         max_message_bytes: 8,
         ..Limits::default()

@@ -86,6 +86,10 @@ pub struct EngineConfig {
     pub seed: u64,
     /// Rounds in the run.
     pub rounds: u64,
+    /// The run's class names, by class index: as many as the head's outputs, unique. Sent
+    /// to every client in its welcome; clients map their data to these indices by name.
+    #[serde(default)]
+    pub classes: Vec<String>,
     /// FedAvg, FedProx or WSA.
     pub strategy: Strategy,
     /// How accepted updates become the next global head: the weighted mean, or a robust rule.
@@ -139,12 +143,13 @@ pub struct EngineConfig {
 
 impl EngineConfig {
     /// A configuration that runs out of the box: 10 rounds, all connected clients every round,
-    /// quorum 1, a minute per round, f32 updates.
+    /// quorum 1, a minute per round, f32 updates, classes named by index (`"0"`, `"1"`, …).
     pub fn new(run_id: u64, head: HeadSpec, strategy: Strategy) -> Self {
         Self {
             run_id,
             seed: 0,
             rounds: 10,
+            classes: protocol::indexed_classes(head.classes),
             strategy,
             aggregation: Aggregation::Mean,
             head,
@@ -187,6 +192,9 @@ impl EngineConfig {
             return bad("rounds must be at least 1".into());
         }
         self.head.validate()?;
+        if let Err(e) = validate_classes(&self.classes, self.head.classes) {
+            return bad(format!("classes: {e}"));
+        }
         if u32::try_from(self.head.param_count()).is_err() {
             return bad(format!(
                 "head has {} parameters, more than the wire's u32 count",
@@ -266,6 +274,45 @@ impl EngineConfig {
         }
         Ok(())
     }
+}
+
+/// A run's class list: one unique, non-empty name per head output, within what the wire's
+/// default limits let a welcome carry.
+fn validate_classes(classes: &[String], head_outputs: usize) -> Result<(), String> {
+    if classes.len() != head_outputs {
+        return Err(format!(
+            "the run names {} classes but the head has {head_outputs} outputs; list one name \
+             per output (classes = [...] or classes_file)",
+            classes.len()
+        ));
+    }
+    let wire = protocol::Limits::default();
+    if classes.len() > wire.max_classes as usize {
+        return Err(format!(
+            "{} classes, more than the {} a welcome may carry",
+            classes.len(),
+            wire.max_classes
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (index, name) in classes.iter().enumerate() {
+        if name.trim().is_empty() || name.trim() != name {
+            return Err(format!(
+                "class {index} is {name:?}: names must be non-empty, without surrounding spaces"
+            ));
+        }
+        if name.len() > wire.max_class_name_bytes as usize {
+            return Err(format!(
+                "class {index}'s name has {} bytes, more than {}",
+                name.len(),
+                wire.max_class_name_bytes
+            ));
+        }
+        if !seen.insert(name.as_str()) {
+            return Err(format!("class {name:?} is listed twice"));
+        }
+    }
+    Ok(())
 }
 
 /// The longest a round may stay open: a week.

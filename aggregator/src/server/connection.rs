@@ -70,6 +70,8 @@ pub(super) struct Shared {
     pub(super) registry: LiveRegistry,
     pub(super) hello_timeout: Duration,
     pub(super) run_id: u64,
+    /// The run's class names, for every welcome.
+    pub(super) classes: Vec<String>,
     /// The round a `Welcome` announces.
     pub(super) round: AtomicU64,
     pub(super) sessions: AtomicU64,
@@ -261,6 +263,7 @@ async fn connection(
         &Message::Welcome(Welcome {
             run_id: shared.run_id,
             round: shared.round.load(Ordering::Relaxed),
+            classes: shared.classes.clone(),
         }),
     )
     .await?;

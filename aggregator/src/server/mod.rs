@@ -87,6 +87,7 @@ impl Server {
             ),
             hello_timeout: self.opts.hello_timeout,
             run_id: engine.config().run_id,
+            classes: engine.config().classes.clone(),
             round: AtomicU64::new(engine.round()),
             sessions: AtomicU64::new(0),
         });
