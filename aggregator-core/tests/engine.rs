@@ -411,9 +411,13 @@ fn the_sample_of_a_retry_comes_from_a_new_attempt_seed() {
     let clients: Vec<(&str, u64)> = ids.iter().map(|i| (i.as_str(), 10)).collect();
     let mut sim = Sim::start(c, &clients);
     let mut samples = vec![sent_to(&sim.log)];
-    for k in 1..6 {
+    for _ in 1..6 {
+        // The deadline fails the attempt; from the second failure on, the retry waits.
         sim.log.clear();
-        sim.tick_at(1_000 * k);
+        while sent_to(&sim.log).is_empty() {
+            let next = sim.engine.next_deadline().unwrap().0;
+            sim.tick_at(next);
+        }
         samples.push(sent_to(&sim.log));
     }
     assert_eq!(sim.engine.attempt(), 5);
@@ -1647,4 +1651,31 @@ fn wsa_with_biases_trains_from_zero_biases() {
         }
         assert!(sim.engine.is_finished());
     }
+}
+
+#[test]
+fn a_round_that_keeps_failing_is_retried_with_growing_waits() {
+    let mut c = config(Strategy::FedAvg);
+    c.quorum = 2;
+    let mut sim = Sim::start(c, &[("a", 10), ("b", 10)]);
+    // Nobody answers: every attempt fails at its deadline.
+    let mut waits = Vec::new();
+    for _ in 0..6 {
+        let deadline = sim.engine.next_deadline().unwrap().0;
+        sim.log.clear();
+        sim.tick_at(deadline);
+        assert_eq!(reports(&sim.log)[0].closed_by, ClosedBy::Failed);
+        // Nothing is asked before the engine's next deadline, which is the retry.
+        if sent_to(&sim.log).is_empty() {
+            let retry = sim.engine.next_deadline().unwrap().0;
+            sim.tick_at(retry - 1);
+            assert!(sent_to(&sim.log).is_empty(), "a retry opened early");
+            sim.tick_at(retry);
+        }
+        assert_eq!(sent_to(&sim.log).len(), 2, "the retry opened");
+        waits.push(sim.now - deadline);
+    }
+    // Capped by the round timeout (1 s here), else by 30 s.
+    assert_eq!(waits, [0, 250, 500, 1_000, 1_000, 1_000]);
+    assert_eq!(sim.engine.attempt(), 6);
 }

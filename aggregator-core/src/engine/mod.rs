@@ -132,6 +132,10 @@ pub struct Engine {
     targets: Vec<Scope>,
     next_round: u64,
     attempt: u32,
+    /// After a failed attempt, no new one opens before this: a round that fails every time
+    /// (a quorum the fleet cannot meet, updates refused every time) is retried with
+    /// exponential backoff instead of in a tight loop.
+    retry_at: Option<Millis>,
     history: History,
     clients: BTreeMap<String, ClientInfo>,
     open: Option<OpenRound>,
@@ -275,6 +279,7 @@ impl Engine {
             targets,
             next_round,
             attempt,
+            retry_at: None,
             history,
             clients: BTreeMap::new(),
             open: None,
@@ -410,9 +415,13 @@ impl Engine {
         })
     }
 
-    /// When the runtime must send the next [`Event::Tick`], if ever.
+    /// When the runtime must send the next [`Event::Tick`], if ever: the open round's
+    /// deadline, or when a failed round may be tried again.
     pub fn next_deadline(&self) -> Option<Millis> {
-        self.open.as_ref().map(|o| o.deadline)
+        match &self.open {
+            Some(o) => Some(o.deadline),
+            None => self.retry_at,
+        }
     }
 
     /// The state to resume from, as of now (between rounds it equals the last
@@ -687,6 +696,20 @@ impl Engine {
             closed_by = ClosedBy::Failed;
             self.attempt = self.attempt.saturating_add(1);
             self.history.rounds_failed += 1;
+            let delay = retry_delay_ms(self.attempt, self.config.round_timeout_ms);
+            self.retry_at = (delay > 0).then(|| now.plus(delay));
+            if self.attempt >= FAILURES_WORTH_AN_ERROR {
+                error!(
+                    round = open.round,
+                    failed_attempts = self.attempt,
+                    accepted = open.accepted.len(),
+                    quorum,
+                    rejections = ?self.tally.by_reason,
+                    retry_in_ms = delay,
+                    "round keeps failing its quorum: check the rejections, the connected \
+                     clients against the quorum, and the bounds"
+                );
+            }
         }
         let tally = std::mem::take(&mut self.tally);
         // Weighted as in the fold, summed in client order.
@@ -773,6 +796,13 @@ impl Engine {
     }
 
     fn try_open(&mut self, now: Millis, out: &mut Vec<Action>) {
+        if let Some(at) = self.retry_at {
+            if now < at {
+                return;
+            }
+            // Cleared whether or not a round opens now, so no past deadline is left to tick.
+            self.retry_at = None;
+        }
         // Fewer clients than the quorum could only fail: wait for more.
         let needed = self.config.min_connected.max(self.config.quorum);
         if self.is_finished() || self.clients.len() < needed {
@@ -895,6 +925,24 @@ impl Engine {
             step_norms: Vec::new(),
         });
     }
+}
+
+/// Consecutive failed attempts of one round from which each failure is logged as an error.
+const FAILURES_WORTH_AN_ERROR: u32 = 3;
+/// The wait after the second failure in a row; it doubles with each further one.
+const RETRY_BASE_MS: u64 = 250;
+/// The longest wait between attempts (or the round timeout, if shorter).
+const RETRY_MAX_MS: u64 = 30_000;
+
+/// How long to wait after `failed` consecutive failed attempts before the next: none after the
+/// first (a round that missed its quorum by a straggler retries at once), then 250 ms doubling
+/// up to 30 s or the round timeout, whichever is shorter.
+fn retry_delay_ms(failed: u32, round_timeout_ms: u64) -> u64 {
+    if failed <= 1 {
+        return 0;
+    }
+    let doublings = (failed - 2).min(20);
+    (RETRY_BASE_MS << doublings).min(RETRY_MAX_MS.min(round_timeout_ms))
 }
 
 fn can_encode(c: Capabilities, e: Encoding) -> bool {
