@@ -4,20 +4,18 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use aggregator::server::{RunSummary, Server, ServerOptions};
 use aggregator::tls::{Lifetimes, default_ca_dir, generate_credentials, layout, token_path};
 use aggregator_core::engine::Engine;
 use anyhow::{Context, Result};
-use edge_client::Adversary;
 use edge_client::net::{Backoff, ClientError, ClientReport, ConnectOptions};
+use edge_client::{Adversary, LocalData};
 use protocol::Limits;
 use protocol::quic::QuicLimits;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use wsa::LabelledFeatures;
 
 /// A credentials folder made by `gen-certs` logic, with helpers to configure both ends.
 #[derive(Debug, Clone)]
@@ -121,11 +119,11 @@ impl Deployment {
     }
 
     /// Starts one edge client per `(id, data)` on the current runtime; they stop when the run
-    /// finishes or `stop` turns true.
+    /// finishes or `stop` turns true. Plain features name their classes by index.
     pub fn spawn_clients(
         &self,
         server: SocketAddr,
-        shards: Vec<(String, Arc<LabelledFeatures>)>,
+        shards: Vec<(String, impl Into<LocalData>)>,
         stop: &watch::Receiver<bool>,
     ) -> Result<Vec<JoinHandle<Result<ClientReport, ClientError>>>> {
         self.spawn_clients_with(server, shards, stop, |_| None)
@@ -135,7 +133,7 @@ impl Deployment {
     pub fn spawn_clients_with(
         &self,
         server: SocketAddr,
-        shards: Vec<(String, Arc<LabelledFeatures>)>,
+        shards: Vec<(String, impl Into<LocalData>)>,
         stop: &watch::Receiver<bool>,
         adversary: impl Fn(&str) -> Option<Adversary>,
     ) -> Result<Vec<JoinHandle<Result<ClientReport, ClientError>>>> {
@@ -146,7 +144,7 @@ impl Deployment {
                 options.adversary = adversary(&id);
                 Ok(tokio::spawn(edge_client::net::run(
                     options,
-                    data,
+                    data.into(),
                     stop.clone(),
                 )))
             })

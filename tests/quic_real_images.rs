@@ -1,5 +1,7 @@
 //! The networked round on real features: Fashion-MNIST images through the real MobileNetV2
-//! backbone (tract), two edge clients over loopback QUIC, int8 updates, two rounds.
+//! backbone (tract), two edge clients over loopback QUIC, int8 updates, two rounds; then the
+//! final model folder the run wrote classifies the same images through `Predictor`, as
+//! `edge-client predict` does, and refuses a backbone the model does not name.
 //! Needs the model (scripts/fetch-model.sh) and Fashion-MNIST (scripts/fetch-fashion-mnist.sh);
 //! SKIPPED without them unless `WSA_REQUIRE_MODEL=1`.
 
@@ -11,8 +13,9 @@ use std::time::Duration;
 use aggregator_core::checkpoint::Checkpoint;
 use aggregator_core::engine::{Engine, EngineConfig};
 use aggregator_core::strategy::Strategy;
-use edge_client::Backbone;
 use edge_client::net::RunEnd;
+use edge_client::predict::Predictor;
+use edge_client::{Backbone, LocalData};
 use protocol::Encoding;
 use protocol::client_id;
 use tokio::sync::watch;
@@ -26,7 +29,12 @@ async fn two_clients_train_on_real_backbone_features_over_quic() {
         return;
     };
     let backbone = Backbone::load(&model, 64).unwrap();
-    let shards: Vec<(String, Arc<LabelledFeatures>)> = (0..2)
+    let backbone_sha: String = backbone
+        .sha256()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let shards: Vec<(String, LocalData)> = (0..2)
         .map(|c| {
             let range = c * per_client..(c + 1) * per_client;
             let x = backbone
@@ -35,7 +43,8 @@ async fn two_clients_train_on_real_backbone_features_over_quic() {
             let features =
                 LabelledFeatures::new(x, set.labels[range].to_vec(), set.class_names.len())
                     .unwrap();
-            (client_id(c), Arc::new(features))
+            let data = LocalData::new(Arc::new(features), set.class_names.clone()).unwrap();
+            (client_id(c), data)
         })
         .collect();
 
@@ -54,22 +63,24 @@ async fn two_clients_train_on_real_backbone_features_over_quic() {
     config.min_connected = 2;
     config.quorum = 2;
     config.update_encoding = Encoding::Int8RowScaled;
+    config.classes = set.class_names.clone();
+    config.backbone.sha256 = vec![backbone_sha];
+    config.backbone.side = 64;
     let initial = Engine::new(config.clone())
         .unwrap()
         .global_params()
         .to_vec();
     let checkpoint = dir.path().join("checkpoint.bin");
-    let server = deployment
-        .bind(
-            deployment
-                .server_options(
-                    "127.0.0.1:0".parse().unwrap(),
-                    Some(checkpoint.clone()),
-                    None,
-                )
-                .unwrap(),
+    let model_dir = dir.path().join("model");
+    let mut options = deployment
+        .server_options(
+            "127.0.0.1:0".parse().unwrap(),
+            Some(checkpoint.clone()),
+            None,
         )
         .unwrap();
+    options.model_dir = Some(model_dir.clone());
+    let server = deployment.bind(options).unwrap();
     let addr = server.local_addr().unwrap();
     let (handle, _stop_server) = spawn_server(server, Engine::new(config).unwrap());
     let (_keep, stop) = watch::channel(false);
@@ -96,4 +107,33 @@ async fn two_clients_train_on_real_backbone_features_over_quic() {
     assert_eq!(saved.next_round, 2);
     assert_ne!(saved.global, initial);
     assert!(saved.global.iter().all(|v| v.is_finite()));
+
+    // The final model: the checkpoint's head, the run's classes, and it classifies the images
+    // as the head does on the features the clients trained on.
+    let predictor = Predictor::open(&model_dir, &model).unwrap();
+    let card = &predictor.model().card;
+    assert_eq!(card.classes, set.class_names);
+    assert_eq!(predictor.model().head.to_flat(), saved.global);
+    let images = &set.images[..2 * per_client];
+    let top = predictor.classify(images, 3, 2).unwrap();
+    let features = backbone.extract(images, 2, false).unwrap();
+    let logits = predictor.model().head.logits(features.view()).unwrap();
+    for (row, top) in logits.rows().into_iter().zip(&top) {
+        let best = (0..row.len())
+            .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+            .unwrap();
+        assert_eq!(top[0].index, best);
+        assert_eq!(top[0].class, set.class_names[best]);
+        let mass: f32 = top.iter().map(|s| s.probability).sum();
+        assert!(top[0].probability >= top[1].probability && mass <= 1.0 + 1e-5);
+    }
+    // Another backbone file (the full classifier) is refused by its hash.
+    let other = common::root().join("models/mobilenet_v2_classifier.onnx");
+    if other.exists() {
+        let err = Predictor::open(&model_dir, &other)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("trained on features of the backbone"), "{err}");
+    }
 }

@@ -111,6 +111,9 @@ enum Command {
         /// Per-round JSON lines.
         #[arg(long, default_value = "run/rounds.jsonl")]
         rounds_log: PathBuf,
+        /// The final model's folder, written when the run finishes (docs/model-format.md).
+        #[arg(long, default_value = "run/model")]
+        model_dir: PathBuf,
         /// Most simultaneous connections [default: 2048].
         #[arg(long)]
         max_connections: Option<usize>,
@@ -147,11 +150,23 @@ fn default_config() -> EngineConfig {
         },
     );
     config.classes = datasets::FASHION_MNIST_CLASSES.map(String::from).to_vec();
+    config.backbone.sha256 = vec![
+        MOBILENET_V2_ONNX_SHA256.to_owned(),
+        MOBILENET_V2_NNEF_SHA256.to_owned(),
+    ];
     config.aggregation = Aggregation::Median;
     config.quorum = 4;
     config.min_connected = 4;
     config
 }
+
+/// `models/mobilenet_v2_features.onnx`, as pinned in `models/SHA256SUMS`.
+const MOBILENET_V2_ONNX_SHA256: &str =
+    "aff2468fdaca127f2040af1b67548f4006ad7aee370a25d4f2e92ece97237924";
+/// Its NNEF archive from `edge-client convert-model` (the conversion is deterministic), what
+/// the ARM builds load.
+const MOBILENET_V2_NNEF_SHA256: &str =
+    "a7edd1ef6e0d5a3b2c5786cbe4baf27f3eeffacbf86e202fb853f8f6cc038123";
 
 /// What `print-config` says above the TOML: the settings that decide how far one client can
 /// sway a run.
@@ -162,6 +177,10 @@ const CONFIG_HEADER: &str = r#"# The aggregator's run configuration (aggregator 
 # class not listed refuses to train. For your own data list your class names, one per output
 # (head.classes), or name a file with one class per line: classes_file = "labels.txt"
 # (relative to this file), in place of `classes`.
+#
+# Backbone: [backbone] names the feature extractor the clients run (the sha256 of each file
+# that produces the same features, and the input side). It goes into the final model folder
+# (run/model/model.json) so that the head is used only with the features it was trained on.
 #
 # Trust: the server weighs and bounds from what it measures, never from what a client claims.
 # - quorum = 4, min_connected = 4: a round opens with at least 4 clients connected and moves
@@ -257,6 +276,7 @@ fn main() -> Result<()> {
             creds,
             checkpoint,
             rounds_log,
+            model_dir,
             max_connections,
             max_unauthenticated,
             max_per_address,
@@ -288,6 +308,7 @@ fn main() -> Result<()> {
                 max_per_address: max_per_address.unwrap_or(defaults.max_per_address),
                 checkpoint: Some(checkpoint),
                 rounds_log: Some(rounds_log),
+                model_dir: Some(model_dir),
                 stop_after_rounds: stop_after,
                 ..defaults
             };

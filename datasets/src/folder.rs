@@ -45,7 +45,7 @@ pub fn read_image_folder(root: &Path, limits: &Limits) -> Result<ImageSet, Datas
     };
     let mut total_bytes = 0u64;
     for (path, label) in files {
-        let image = decode(&path, limits)?;
+        let image = read_image(&path, limits)?;
         total_bytes = total_bytes.saturating_add(image.pixels.len() as u64);
         if total_bytes > limits.max_total_bytes {
             return Err(DatasetError::LimitExceeded {
@@ -138,7 +138,9 @@ fn is_dir(path: &Path) -> Result<bool, DatasetError> {
         .map_err(|e| DatasetError::io(path, e))
 }
 
-fn has_image_extension(path: &Path) -> bool {
+/// Whether the file name ends in `.png`, `.jpg` or `.jpeg` (any case): what a folder of
+/// images is taken to hold.
+pub fn has_image_extension(path: &Path) -> bool {
     path.extension()
         .and_then(|ext| ext.to_str())
         .is_some_and(|ext| {
@@ -148,7 +150,9 @@ fn has_image_extension(path: &Path) -> bool {
         })
 }
 
-fn decode(path: &Path, limits: &Limits) -> Result<Image, DatasetError> {
+/// Decodes one image file (PNG or JPEG, told apart by content) as [`read_image_folder`] does:
+/// grey stays one channel, everything else becomes RGB; `limits.max_side` bounds its sides.
+pub fn read_image(path: &Path, limits: &Limits) -> Result<Image, DatasetError> {
     let decode_error = |source| DatasetError::Decode {
         path: path.to_owned(),
         source,

@@ -32,6 +32,6 @@ pub use classes::{
     MNIST_CLASSES,
 };
 pub use error::DatasetError;
-pub use folder::read_image_folder;
+pub use folder::{has_image_extension, read_image, read_image_folder};
 pub use idx::{Split, read_fashion_mnist, read_idx};
 pub use set::{Image, ImageSet, Limits};

@@ -17,6 +17,7 @@ mod error;
 mod features;
 pub mod labels;
 pub mod net;
+pub mod predict;
 pub mod preprocess;
 mod round;
 pub mod session;

@@ -48,6 +48,9 @@ enum Command {
         #[arg(long, default_value = "models/mobilenet_v2_features.nnef.tgz")]
         out: PathBuf,
     },
+    /// Classify images with a trained model folder (the aggregator's run/model): the top
+    /// classes of each image with their probabilities.
+    Predict(PredictArgs),
     /// Train linear and MLP heads centrally on cached features; report test accuracy.
     Probe {
         #[command(flatten)]
@@ -85,6 +88,90 @@ struct Source {
     /// Worker threads for feature extraction.
     #[arg(long, default_value_t = std::thread::available_parallelism().map_or(1, |n| n.get()))]
     threads: usize,
+}
+
+#[derive(Args)]
+struct PredictArgs {
+    /// The model folder (head.safetensors, model.json, labels.txt).
+    #[arg(long)]
+    model: PathBuf,
+    /// The backbone file; it must be one the model names.
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    backbone: PathBuf,
+    /// Image files (PNG or JPEG), or folders of them.
+    #[arg(required = true)]
+    inputs: Vec<PathBuf>,
+    /// Classes shown per image.
+    #[arg(long, default_value_t = 3)]
+    top: usize,
+    /// One JSON object per image instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Worker threads for the backbone.
+    #[arg(long, default_value_t = std::thread::available_parallelism().map_or(1, |n| n.get()))]
+    threads: usize,
+}
+
+/// The image files named: files as given, folders as their image files sorted by name.
+fn image_paths(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut paths = Vec::new();
+    for input in inputs {
+        if !input.is_dir() {
+            paths.push(input.clone());
+            continue;
+        }
+        let mut found: Vec<PathBuf> = std::fs::read_dir(input)
+            .with_context(|| format!("reading {}", input.display()))?
+            .map(|entry| entry.map(|e| e.path()))
+            .collect::<std::io::Result<Vec<_>>>()
+            .with_context(|| format!("reading {}", input.display()))?
+            .into_iter()
+            .filter(|p| datasets::has_image_extension(p) && !p.is_dir())
+            .collect();
+        anyhow::ensure!(
+            !found.is_empty(),
+            "{} holds no .png, .jpg or .jpeg files",
+            input.display()
+        );
+        found.sort();
+        paths.extend(found);
+    }
+    Ok(paths)
+}
+
+fn predict(args: PredictArgs) -> Result<()> {
+    /// Images decoded and run at a time, so a folder of thousands stays in bounded memory.
+    const CHUNK: usize = 64;
+    let predictor = edge_client::predict::Predictor::open(&args.model, &args.backbone)?;
+    let paths = image_paths(&args.inputs)?;
+    let mut seconds = 0.0;
+    for chunk in paths.chunks(CHUNK) {
+        let images = chunk
+            .iter()
+            .map(|p| datasets::read_image(p, &Limits::default()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let started = Instant::now();
+        let results = predictor.classify(&images, args.top, args.threads)?;
+        seconds += started.elapsed().as_secs_f64();
+        for (path, top) in chunk.iter().zip(results) {
+            if args.json {
+                let line = serde_json::json!({ "path": path, "top": top });
+                println!("{line}");
+            } else {
+                let shown: Vec<String> = top
+                    .iter()
+                    .map(|s| format!("{} {:.3}", s.class, s.probability))
+                    .collect();
+                println!("{}: {}", path.display(), shown.join(", "));
+            }
+        }
+    }
+    tracing::info!(
+        images = paths.len(),
+        ms_per_image = format!("{:.1}", 1e3 * seconds / paths.len() as f64),
+        "classified (backbone and head, after decoding)"
+    );
+    Ok(())
 }
 
 /// `join`'s settings: a TOML file (`--config`), overridden by flags.
@@ -316,6 +403,7 @@ fn main() -> Result<()> {
     support::logging::init("info");
     match Cli::parse().command {
         Command::Join(args) => join(*args)?,
+        Command::Predict(args) => predict(args)?,
         Command::Features {
             source,
             split,

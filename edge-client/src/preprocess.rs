@@ -6,10 +6,7 @@ use datasets::Image;
 
 use crate::error::BackboneError;
 
-/// ImageNet channel means (RGB), as torchvision's MobileNetV2 was trained with.
-pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
-/// ImageNet channel stds (RGB).
-pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+pub use wsa::saved::{IMAGENET_MEAN, IMAGENET_STD};
 
 /// Identifies this exact preprocessing in feature-cache headers: bump it whenever the output
 /// of [`preprocess_into`] changes for any input, so old caches are rebuilt.

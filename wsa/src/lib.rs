@@ -24,6 +24,7 @@ mod fusion;
 mod head;
 mod real;
 pub mod regularizer;
+pub mod saved;
 mod scope;
 pub mod synthetic;
 mod train;

@@ -139,6 +139,30 @@ pub struct EngineConfig {
     /// Bounds on updates.
     #[serde(default)]
     pub bounds: UpdateBounds,
+    /// The backbone the clients run, recorded in the final model so that it is used only
+    /// with the features it was trained on.
+    #[serde(default)]
+    pub backbone: BackboneRef,
+}
+
+/// Which backbone produces a run's features.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct BackboneRef {
+    /// sha256 (hex) of each backbone file that produces them (an ONNX and its NNEF
+    /// conversion); empty: not named, and the model's users cannot check theirs.
+    pub sha256: Vec<String>,
+    /// The input side the clients run it at.
+    pub side: u32,
+}
+
+impl Default for BackboneRef {
+    fn default() -> Self {
+        Self {
+            sha256: Vec::new(),
+            side: 96,
+        }
+    }
 }
 
 impl EngineConfig {
@@ -162,6 +186,7 @@ impl EngineConfig {
             targets: TargetPolicy::default(),
             update_encoding: Encoding::F32,
             sampling: Sampling::default(),
+            backbone: BackboneRef::default(),
             quorum: 1,
             round_timeout_ms: 60_000,
             min_connected: 1,
@@ -194,6 +219,19 @@ impl EngineConfig {
         self.head.validate()?;
         if let Err(e) = validate_classes(&self.classes, self.head.classes) {
             return bad(format!("classes: {e}"));
+        }
+        if let Some(bad_hash) = self
+            .backbone
+            .sha256
+            .iter()
+            .find(|h| h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            return bad(format!(
+                "backbone.sha256: {bad_hash:?} is not 64 hex digits"
+            ));
+        }
+        if self.backbone.side == 0 {
+            return bad("backbone.side must be at least 1".into());
         }
         if u32::try_from(self.head.param_count()).is_err() {
             return bad(format!(

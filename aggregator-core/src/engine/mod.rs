@@ -38,7 +38,8 @@ use tracing::{error, info, warn};
 use wsa::{DEFAULT_SCOPE_EPS, Head, LabelledFeatures, Scope};
 
 pub use config::{
-    EngineConfig, EngineError, MAX_ROUND_TIMEOUT_MS, Sampling, UpdateBounds, sample_sizes,
+    BackboneRef, EngineConfig, EngineError, MAX_ROUND_TIMEOUT_MS, Sampling, UpdateBounds,
+    sample_sizes,
 };
 pub use events::{
     Action, ClosedBy, Event, MAX_LISTED_REJECTIONS, Millis, ReceivedUpdate, Rejection, RoundReport,
@@ -381,6 +382,32 @@ impl Engine {
     pub fn global_head(&self) -> Head<f32> {
         // The engine only ever stores finite vectors of the configured length.
         Head::from_flat(&self.config.head, &self.global).expect("the global head is valid")
+    }
+
+    /// The global head as a model for other runtimes: its classes, the backbone the run
+    /// names, and the rounds closed so far.
+    pub fn saved_model(&self) -> wsa::saved::SavedModel {
+        use wsa::saved::{BackboneCard, Preprocessing, Provenance, SavedModel};
+        SavedModel::new(
+            self.global_head(),
+            self.config.classes.clone(),
+            BackboneCard {
+                sha256: self
+                    .config
+                    .backbone
+                    .sha256
+                    .iter()
+                    .map(|h| h.to_ascii_lowercase())
+                    .collect(),
+                side: self.config.backbone.side,
+                preprocessing: Preprocessing::imagenet(),
+            },
+            Provenance {
+                run_id: self.config.run_id,
+                rounds: self.next_round,
+                strategy: self.config.label(),
+            },
+        )
     }
 
     /// The current target scopes.

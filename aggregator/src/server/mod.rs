@@ -122,6 +122,7 @@ impl Server {
         let mut sessions: HashMap<String, (u64, mpsc::UnboundedSender<Outbound>)> = HashMap::new();
         let mut stats = TransportStats::default();
         let mut round_started = Instant::now();
+        let mut model_error = None;
         let mut summary = RunSummary {
             rounds: Vec::new(),
             finished: false,
@@ -207,6 +208,21 @@ impl Server {
                     }
                     Action::Finished => {
                         summary.finished = true;
+                        if let Some(dir) = &self.opts.model_dir {
+                            // Reported after the goodbyes: the clients' run is over either way,
+                            // and the checkpoint still holds the head.
+                            match engine.saved_model().save(dir) {
+                                Ok(()) => {
+                                    tracing::info!(dir = %dir.display(), "final model written")
+                                }
+                                Err(e) => {
+                                    model_error = Some(anyhow::Error::new(e).context(format!(
+                                        "writing the final model to {}",
+                                        dir.display()
+                                    )))
+                                }
+                            }
+                        }
                         break 'run;
                     }
                 }
@@ -308,7 +324,10 @@ impl Server {
         self.endpoint.close(0u32.into(), b"run over");
         // Release the UDP port before returning, so a restart can bind it again.
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
-        Ok(summary)
+        match model_error {
+            Some(e) => Err(e),
+            None => Ok(summary),
+        }
     }
 }
 

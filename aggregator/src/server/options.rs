@@ -48,6 +48,8 @@ pub struct ServerOptions {
     pub checkpoint: Option<PathBuf>,
     /// Per-round JSON lines.
     pub rounds_log: Option<PathBuf>,
+    /// Where the final model goes when the run finishes (`docs/model-format.md`).
+    pub model_dir: Option<PathBuf>,
     /// Stop (with a checkpoint, telling clients the server is going down) once this many
     /// rounds of the run have closed; a later start resumes from the checkpoint.
     pub stop_after_rounds: Option<u64>,
@@ -77,6 +79,7 @@ impl ServerOptions {
             hello_timeout: Duration::from_secs(5),
             checkpoint: None,
             rounds_log: None,
+            model_dir: None,
             stop_after_rounds: None,
             round_observer: None,
         })
