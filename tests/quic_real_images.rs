@@ -25,7 +25,7 @@ use wsa_fl::fleet::{Deployment, spawn_server};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_clients_train_on_real_backbone_features_over_quic() {
     let per_client = 24;
-    let Some((model, set)) = common::model_and_test_images(2 * per_client) else {
+    let Some((model, set)) = common::model_and_test_images(2 * per_client + 150) else {
         return;
     };
     let backbone = Backbone::load(&model, 64).unwrap();
@@ -71,6 +71,41 @@ async fn two_clients_train_on_real_backbone_features_over_quic() {
         .global_params()
         .to_vec();
     let checkpoint = dir.path().join("checkpoint.bin");
+    // Server-side evaluation on an image folder holding three of the ten classes, named as
+    // the run names them (images the clients do not train on).
+    let eval_dir = dir.path().join("eval");
+    let eval_classes = ["Trouser", "Bag", "Sneaker"];
+    let mut eval_rows = 0;
+    for (i, (image, &label)) in set.images[2 * per_client..]
+        .iter()
+        .zip(&set.labels[2 * per_client..])
+        .enumerate()
+    {
+        let name = &set.class_names[label as usize];
+        if eval_classes.contains(&name.as_str()) {
+            let folder = eval_dir.join(name);
+            std::fs::create_dir_all(&folder).unwrap();
+            image::GrayImage::from_raw(image.width, image.height, image.pixels.clone())
+                .unwrap()
+                .save(folder.join(format!("{i:04}.png")))
+                .unwrap();
+            eval_rows += 1;
+        }
+    }
+    let eval_set = aggregator::eval::load_eval_set(
+        &config,
+        &eval_dir,
+        "image-folder",
+        "test",
+        &model,
+        &dir.path().join("cache"),
+    )
+    .unwrap();
+    assert_eq!(eval_set.len(), eval_rows);
+    assert_eq!(eval_set.classes(), 10);
+    let mut engine = Engine::new(config.clone()).unwrap();
+    engine.set_test(eval_set).unwrap();
+
     let model_dir = dir.path().join("model");
     let mut options = deployment
         .server_options(
@@ -80,9 +115,11 @@ async fn two_clients_train_on_real_backbone_features_over_quic() {
         )
         .unwrap();
     options.model_dir = Some(model_dir.clone());
+    let confusion = dir.path().join("confusion.csv");
+    options.confusion_csv = Some(confusion.clone());
     let server = deployment.bind(options).unwrap();
     let addr = server.local_addr().unwrap();
-    let (handle, _stop_server) = spawn_server(server, Engine::new(config).unwrap());
+    let (handle, _stop_server) = spawn_server(server, engine);
     let (_keep, stop) = watch::channel(false);
     let clients = deployment.spawn_clients(addr, shards, &stop).unwrap();
 
@@ -97,7 +134,44 @@ async fn two_clients_train_on_real_backbone_features_over_quic() {
         assert_eq!(line.report.accepted.len(), 2, "{:?}", line.report.rejected);
         // int8: about a quarter of the f32 bytes.
         assert!(line.report.accepted_payload_bytes < 2 * 4 * initial.len() as u64 / 3);
+        // Evaluated on the three classes the set holds, by their run indices.
+        let per_class = line.report.test_per_class.as_ref().unwrap();
+        let held: Vec<usize> = (0..10).filter(|&k| per_class[k].is_some()).collect();
+        let expected: Vec<usize> = eval_classes
+            .iter()
+            .map(|c| set.class_names.iter().position(|n| n == c).unwrap())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        assert_eq!(held, expected);
+        assert!(line.report.test_eval.is_some());
     }
+    // The confusion matrix of the final head: a header and ten rows, the eval rows in all.
+    let last_accuracy = summary
+        .rounds
+        .last()
+        .unwrap()
+        .report
+        .test_eval
+        .unwrap()
+        .accuracy;
+    let mut reader = csv::Reader::from_path(&confusion).unwrap();
+    assert_eq!(reader.headers().unwrap().len(), 11);
+    let rows: Vec<Vec<u64>> = reader
+        .records()
+        .map(|r| {
+            r.unwrap()
+                .iter()
+                .skip(1)
+                .map(|v| v.parse().unwrap())
+                .collect()
+        })
+        .collect();
+    assert_eq!(rows.len(), 10);
+    let total: u64 = rows.iter().flatten().sum();
+    let diagonal: u64 = (0..10).map(|k| rows[k][k]).sum();
+    assert_eq!(total as usize, eval_rows);
+    assert_eq!(diagonal as f64 / total as f64, last_accuracy);
     for client in clients {
         let report = client.await.unwrap().unwrap();
         assert_eq!(report.end, RunEnd::RunFinished);

@@ -7,10 +7,12 @@
 //! - [`auth`] and [`tls`]: who may join (token hashes in a registry) and the credentials
 //!   `gen-certs` makes (a private CA, the server certificate, per-client tokens).
 //! - [`backends`]: which compute backend folds updates (`--backend auto|cpu|cuda`).
+//! - [`eval`]: the evaluation set `serve --eval-data` scores every new global head on.
 #![warn(missing_docs, unreachable_pub)]
 #![forbid(unsafe_code)]
 
 pub mod auth;
 pub mod backends;
+pub mod eval;
 pub mod server;
 pub mod tls;

@@ -95,42 +95,7 @@ enum Command {
         days: u32,
     },
     /// Run rounds until the configured number is done (Ctrl-C stops after a checkpoint).
-    Serve {
-        /// Run configuration (TOML: the engine's settings; see `print-config`).
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Address to listen on.
-        #[arg(long, default_value = "0.0.0.0:4433")]
-        listen: SocketAddr,
-        /// Credentials folder from `gen-certs`.
-        #[arg(long, default_value = "creds")]
-        creds: PathBuf,
-        /// Checkpoint file, written after every round; resumed from when it exists.
-        #[arg(long, default_value = "run/checkpoint.bin")]
-        checkpoint: PathBuf,
-        /// Per-round JSON lines.
-        #[arg(long, default_value = "run/rounds.jsonl")]
-        rounds_log: PathBuf,
-        /// The final model's folder, written when the run finishes (docs/model-format.md).
-        #[arg(long, default_value = "run/model")]
-        model_dir: PathBuf,
-        /// Most simultaneous connections [default: 2048].
-        #[arg(long)]
-        max_connections: Option<usize>,
-        /// Most connections not yet past their hello [default: 256].
-        #[arg(long)]
-        max_unauthenticated: Option<usize>,
-        /// Most connections from one IP address [default: 64].
-        #[arg(long)]
-        max_per_address: Option<usize>,
-        /// Stop after this many rounds of the run have closed (resume later).
-        #[arg(long)]
-        stop_after: Option<u64>,
-        /// Where updates are folded: auto (CUDA when this build has it and a GPU answers,
-        /// else the CPU, with a log line saying why), cpu or cuda.
-        #[arg(long, default_value = "auto")]
-        backend: BackendChoice,
-    },
+    Serve(Box<ServeArgs>),
     /// Print the default run configuration as TOML.
     PrintConfig,
 }
@@ -270,70 +235,157 @@ fn main() -> Result<()> {
             );
         }
         Command::PrintConfig => print!("{CONFIG_HEADER}{}", toml::to_string(&default_config())?),
-        Command::Serve {
-            config,
-            listen,
-            creds,
-            checkpoint,
-            rounds_log,
-            model_dir,
-            max_connections,
-            max_unauthenticated,
-            max_per_address,
-            stop_after,
-            backend,
-        } => {
-            let backend = open_backend(backend)?;
-            let config = match &config {
-                Some(path) => load_config(path)?,
-                None => default_config(),
-            };
-            for path in [&checkpoint, &rounds_log] {
-                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                    std::fs::create_dir_all(dir)?;
-                }
-            }
-            let engine = if checkpoint.exists() {
-                let saved = Checkpoint::load(&checkpoint)
-                    .with_context(|| format!("loading {}", checkpoint.display()))?;
-                tracing::info!(path = %checkpoint.display(), "resuming from checkpoint");
-                Engine::resume_with_backend(config, saved, backend)?
-            } else {
-                Engine::with_backend(config, backend)?
-            };
-            let defaults = ServerOptions::new(listen, &creds)?;
-            let opts = ServerOptions {
-                max_connections: max_connections.unwrap_or(defaults.max_connections),
-                max_unauthenticated: max_unauthenticated.unwrap_or(defaults.max_unauthenticated),
-                max_per_address: max_per_address.unwrap_or(defaults.max_per_address),
-                checkpoint: Some(checkpoint),
-                rounds_log: Some(rounds_log),
-                model_dir: Some(model_dir),
-                stop_after_rounds: stop_after,
-                ..defaults
-            };
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
-            let summary = runtime.block_on(async move {
-                let server = Server::bind(opts)?;
-                tracing::info!(addr = %server.local_addr()?, "listening");
-                let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-                tokio::spawn(async move {
-                    if tokio::signal::ctrl_c().await.is_ok() {
-                        tracing::info!("Ctrl-C: stopping");
-                        let _ = stop_tx.send(true);
-                    }
-                });
-                server.run(engine, stop_rx).await
-            })?;
-            println!(
-                "{} rounds, finished: {}",
-                summary.rounds.len(),
-                summary.finished
-            );
+        Command::Serve(args) => serve(*args)?,
+    }
+    Ok(())
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Run configuration (TOML: the engine's settings; see `print-config`).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0:4433")]
+    listen: SocketAddr,
+    /// Credentials folder from `gen-certs`.
+    #[arg(long, default_value = "creds")]
+    creds: PathBuf,
+    /// Checkpoint file, written after every round; resumed from when it exists.
+    #[arg(long, default_value = "run/checkpoint.bin")]
+    checkpoint: PathBuf,
+    /// Per-round JSON lines.
+    #[arg(long, default_value = "run/rounds.jsonl")]
+    rounds_log: PathBuf,
+    /// The final model's folder, written when the run finishes (docs/model-format.md).
+    #[arg(long, default_value = "run/model")]
+    model_dir: PathBuf,
+    /// A labelled set to evaluate every new global head on (accuracy, loss and per-class
+    /// accuracy in rounds.jsonl and the round's log line, the confusion matrix in
+    /// confusion.csv beside rounds.jsonl at the end). Its classes are matched to the
+    /// run's by name.
+    #[arg(long)]
+    eval_data: Option<PathBuf>,
+    /// The evaluation set's format: image-folder, fashion-mnist (or idx), mnist, cifar10,
+    /// cifar100.
+    #[arg(long, default_value = "image-folder")]
+    eval_format: String,
+    /// The evaluation set's split (IDX and CIFAR files, or an image folder holding
+    /// train/ and test/).
+    #[arg(long, default_value = "test")]
+    eval_split: String,
+    /// The backbone that turns evaluation images into features: one the run names in
+    /// [backbone].
+    #[arg(long, default_value = "models/mobilenet_v2_features.onnx")]
+    backbone: PathBuf,
+    /// Where the evaluation set's features are cached.
+    #[arg(long, default_value = "cache")]
+    cache_dir: PathBuf,
+    /// Most simultaneous connections [default: 2048].
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Most connections not yet past their hello [default: 256].
+    #[arg(long)]
+    max_unauthenticated: Option<usize>,
+    /// Most connections from one IP address [default: 64].
+    #[arg(long)]
+    max_per_address: Option<usize>,
+    /// Stop after this many rounds of the run have closed (resume later).
+    #[arg(long)]
+    stop_after: Option<u64>,
+    /// Where updates are folded: auto (CUDA when this build has it and a GPU answers,
+    /// else the CPU, with a log line saying why), cpu or cuda.
+    #[arg(long, default_value = "auto")]
+    backend: BackendChoice,
+}
+
+/// Runs rounds until the configured number is done.
+fn serve(args: ServeArgs) -> Result<()> {
+    let ServeArgs {
+        config,
+        listen,
+        creds,
+        checkpoint,
+        rounds_log,
+        model_dir,
+        eval_data,
+        eval_format,
+        eval_split,
+        backbone: backbone_path,
+        cache_dir,
+        max_connections,
+        max_unauthenticated,
+        max_per_address,
+        stop_after,
+        backend,
+    } = args;
+    let backend = open_backend(backend)?;
+    let config = match &config {
+        Some(path) => load_config(path)?,
+        None => default_config(),
+    };
+    for path in [&checkpoint, &rounds_log] {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
         }
     }
+    let eval_set = match &eval_data {
+        Some(path) => Some(aggregator::eval::load_eval_set(
+            &config,
+            path,
+            &eval_format,
+            &eval_split,
+            &backbone_path,
+            &cache_dir,
+        )?),
+        None => None,
+    };
+    let mut engine = if checkpoint.exists() {
+        let saved = Checkpoint::load(&checkpoint)
+            .with_context(|| format!("loading {}", checkpoint.display()))?;
+        tracing::info!(path = %checkpoint.display(), "resuming from checkpoint");
+        Engine::resume_with_backend(config, saved, backend)?
+    } else {
+        Engine::with_backend(config, backend)?
+    };
+    if let Some(set) = eval_set {
+        engine.set_test(set)?;
+    }
+    let defaults = ServerOptions::new(listen, &creds)?;
+    let opts = ServerOptions {
+        max_connections: max_connections.unwrap_or(defaults.max_connections),
+        max_unauthenticated: max_unauthenticated.unwrap_or(defaults.max_unauthenticated),
+        max_per_address: max_per_address.unwrap_or(defaults.max_per_address),
+        checkpoint: Some(checkpoint),
+        rounds_log: Some(rounds_log.clone()),
+        model_dir: Some(model_dir),
+        confusion_csv: eval_data
+            .is_some()
+            .then(|| rounds_log.with_file_name("confusion.csv")),
+        stop_after_rounds: stop_after,
+        ..defaults
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let summary = runtime.block_on(async move {
+        let server = Server::bind(opts)?;
+        tracing::info!(addr = %server.local_addr()?, "listening");
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                tracing::info!("Ctrl-C: stopping");
+                let _ = stop_tx.send(true);
+            }
+        });
+        server.run(engine, stop_rx).await
+    })?;
+    println!(
+        "{} rounds, finished: {}",
+        summary.rounds.len(),
+        summary.finished
+    );
+
     Ok(())
 }
 

@@ -269,11 +269,22 @@ pub fn read_fashion_mnist(
     split: Split,
     limits: &Limits,
 ) -> Result<ImageSet, DatasetError> {
+    read_idx_split(dir, split, &crate::FASHION_MNIST_CLASSES, limits)
+}
+
+/// One split of an MNIST-layout folder (the canonical gzipped file names) whose classes are
+/// `class_names`.
+pub(crate) fn read_idx_split(
+    dir: &Path,
+    split: Split,
+    class_names: &[&str],
+    limits: &Limits,
+) -> Result<ImageSet, DatasetError> {
     let prefix = split.file_prefix();
     read_idx(
         &dir.join(format!("{prefix}-images-idx3-ubyte.gz")),
         &dir.join(format!("{prefix}-labels-idx1-ubyte.gz")),
-        Some(owned(&crate::FASHION_MNIST_CLASSES)),
+        Some(owned(class_names)),
         limits,
     )
 }

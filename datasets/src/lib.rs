@@ -22,6 +22,7 @@ mod cifar;
 mod classes;
 mod error;
 mod folder;
+mod format;
 mod idx;
 mod set;
 mod source;
@@ -33,5 +34,6 @@ pub use classes::{
 };
 pub use error::DatasetError;
 pub use folder::{has_image_extension, read_image, read_image_folder};
+pub use format::{DataFormat, read_set};
 pub use idx::{Split, read_fashion_mnist, read_idx};
 pub use set::{Image, ImageSet, Limits};

@@ -197,13 +197,14 @@ struct JoinArgs {
     /// File holding this client's token.
     #[arg(long)]
     token_file: Option<PathBuf>,
-    /// Local data: an IDX folder (`--data-format idx`) or a `class/*.png|jpg` tree.
+    /// Local data: a `class/*.png|jpg` tree (or one with `train/` and `test/`), or a folder
+    /// of IDX or CIFAR files (`--data-format`).
     #[arg(long)]
     data: Option<PathBuf>,
-    /// `idx` or `image-folder`.
+    /// image-folder (default), fashion-mnist (or idx), mnist, cifar10 or cifar100.
     #[arg(long)]
     data_format: Option<String>,
-    /// For IDX data: `train` or `test`.
+    /// `train` or `test` (default train).
     #[arg(long)]
     split: Option<String>,
     /// Use only the first N images (0: all).
@@ -296,12 +297,20 @@ fn join(args: JoinArgs) -> Result<()> {
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let mut set = match args.data_format.as_deref().unwrap_or("image-folder") {
-        "idx" => load_split(&data_path, args.split.as_deref().unwrap_or("train"))?,
-        "image-folder" => datasets::read_image_folder(&data_path, &Limits::default())
-            .with_context(|| format!("reading {}", data_path.display()))?,
-        other => anyhow::bail!("unknown data format {other:?}: use idx or image-folder"),
-    };
+    let format: datasets::DataFormat = args
+        .data_format
+        .as_deref()
+        .unwrap_or("image-folder")
+        .parse()
+        .map_err(anyhow::Error::msg)?;
+    let split: datasets::Split = args
+        .split
+        .as_deref()
+        .unwrap_or("train")
+        .parse()
+        .map_err(anyhow::Error::msg)?;
+    let mut set = datasets::read_set(format, &data_path, split, &Limits::default())
+        .with_context(|| format!("reading {}", data_path.display()))?;
     if let Some(n) = args.limit.filter(|&n| n > 0 && n < set.len()) {
         set.images.truncate(n);
         set.labels.truncate(n);

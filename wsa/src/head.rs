@@ -397,6 +397,33 @@ impl<F: Real> Head<F> {
         })
     }
 
+    /// `counts[true class][predicted class]` over `x` (argmax of the logits), in chunks.
+    pub fn confusion(&self, x: ArrayView2<'_, F>, labels: &[u32]) -> Result<Vec<Vec<u64>>> {
+        check_batch(&self.spec, x, labels)?;
+        const CHUNK: usize = 1024;
+        let mut counts = vec![vec![0u64; self.spec.classes]; self.spec.classes];
+        let mut ws = Workspace::new(&self.spec, CHUNK.min(x.nrows()));
+        for start in (0..x.nrows()).step_by(CHUNK) {
+            let end = (start + CHUNK).min(x.nrows());
+            let b = end - start;
+            ws.input_mut(b).assign(&x.slice(s![start..end, ..]));
+            self.forward(&mut ws, b);
+            let logits = ws.acts[self.layers.len()].slice(s![..b, ..]);
+            for (row, &label) in logits.rows().into_iter().zip(&labels[start..end]) {
+                // The first largest logit, as `evaluate` counts accuracy.
+                let (mut predicted, mut max) = (0, row[0]);
+                for (k, &z) in row.iter().enumerate() {
+                    if z > max {
+                        max = z;
+                        predicted = k;
+                    }
+                }
+                counts[label as usize][predicted] += 1;
+            }
+        }
+        Ok(counts)
+    }
+
     /// Mean cross-entropy over the batch and its gradient (allocating; the trainer uses a
     /// reusable [`Workspace`] instead).
     pub fn loss_and_grad(&self, x: ArrayView2<'_, F>, labels: &[u32]) -> Result<(f64, Head<F>)> {

@@ -63,6 +63,33 @@ fn mlp_head_beats_the_linear_head_and_reaches_the_stated_accuracy() {
     );
 }
 
+#[test]
+fn the_confusion_matrix_agrees_with_evaluate_and_the_logits() {
+    let (train_set, test_set) = problem();
+    let start = Head::init(
+        &HeadSpec::mlp(train_set.dim(), &[16], 10),
+        Init::Standard,
+        3,
+    )
+    .unwrap();
+    let head = train(&start, &train_set, &config(2)).unwrap().head;
+    let counts = head.confusion(test_set.x(), test_set.labels()).unwrap();
+    // Rows are the true classes, columns each row's argmax logit.
+    let logits = head.logits(test_set.x()).unwrap();
+    let mut by_hand = vec![vec![0u64; 10]; 10];
+    for (row, &y) in logits.rows().into_iter().zip(test_set.labels()) {
+        let best = (0..10).fold(0, |b, k| if row[k] > row[b] { k } else { b });
+        by_hand[y as usize][best] += 1;
+    }
+    assert_eq!(counts, by_hand);
+    let diagonal: u64 = (0..10).map(|k| counts[k][k]).sum();
+    let accuracy = head
+        .evaluate(test_set.x(), test_set.labels())
+        .unwrap()
+        .accuracy;
+    assert_eq!(diagonal as f64 / test_set.len() as f64, accuracy);
+}
+
 fn total_kl(scopes: &[Scope], targets: &[Scope]) -> f64 {
     scopes.iter().zip(targets).map(|(&s, &t)| kl(s, t)).sum()
 }

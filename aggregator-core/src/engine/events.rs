@@ -219,6 +219,10 @@ pub struct RoundReport {
     pub eval: Option<Evaluation>,
     /// The new global head on the test set (when one was given and the round counted).
     pub test_eval: Option<Evaluation>,
+    /// Its accuracy on each class of the test set, by class index (`None` for a class the
+    /// set does not hold).
+    #[serde(default)]
+    pub test_per_class: Option<Vec<Option<f64>>>,
     /// Parameter payload bytes of all updates received (accepted or not).
     pub payload_bytes_in: u64,
     /// Wire bytes of all updates received, as the runtime reported them.

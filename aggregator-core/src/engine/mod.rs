@@ -384,6 +384,15 @@ impl Engine {
         Head::from_flat(&self.config.head, &self.global).expect("the global head is valid")
     }
 
+    /// `counts[true][predicted]` of the global head on the test set, when one was given.
+    pub fn test_confusion(&self) -> Option<Vec<Vec<u64>>> {
+        let test = self.test.as_ref()?;
+        self.global_head()
+            .confusion(test.x(), test.labels())
+            .inspect_err(|e| warn!(error = %e, "confusion matrix of the global head failed"))
+            .ok()
+    }
+
     /// The global head as a model for other runtimes: its classes, the backbone the run
     /// names, and the rounds closed so far.
     pub fn saved_model(&self) -> wsa::saved::SavedModel {
@@ -674,6 +683,7 @@ impl Engine {
         let mut closed_by = trigger;
         let mut eval = None;
         let mut test_eval = None;
+        let mut test_per_class = None;
         let fold = if open.accepted.len() >= quorum {
             open.fold
                 .finish()
@@ -719,6 +729,9 @@ impl Engine {
             };
             eval = evaluate(&self.validation);
             test_eval = evaluate(&self.test);
+            test_per_class = self
+                .test_confusion()
+                .map(|counts| per_class_accuracy(&counts));
         } else {
             closed_by = ClosedBy::Failed;
             self.attempt = self.attempt.saturating_add(1);
@@ -786,6 +799,7 @@ impl Engine {
             },
             eval,
             test_eval,
+            test_per_class,
             payload_bytes_in: tally.payload_bytes,
             wire_bytes_in: tally.wire_bytes,
             accepted_payload_bytes: open.accepted_payload_bytes,
@@ -800,6 +814,9 @@ impl Engine {
             accepted = report.accepted.len(),
             selected = report.selected.len(),
             rejected = report.rejected_count,
+            train_loss = report.train_loss.map(|l| format!("{l:.4}")),
+            eval_accuracy = report.test_eval.map(|e| format!("{:.4}", e.accuracy)),
+            duration_ms = report.duration_ms,
             "round closed"
         );
         out.push(Action::RoundClosed(Box::new(report)));
@@ -952,6 +969,18 @@ impl Engine {
             step_norms: Vec::new(),
         });
     }
+}
+
+/// Each class's accuracy (its diagonal count over its row), `None` for a class with no rows.
+pub fn per_class_accuracy(counts: &[Vec<u64>]) -> Vec<Option<f64>> {
+    counts
+        .iter()
+        .enumerate()
+        .map(|(k, row)| {
+            let total: u64 = row.iter().sum();
+            (total > 0).then(|| row[k] as f64 / total as f64)
+        })
+        .collect()
 }
 
 /// Consecutive failed attempts of one round from which each failure is logged as an error.

@@ -223,6 +223,12 @@ impl Server {
                                 }
                             }
                         }
+                        if let Some(path) = &self.opts.confusion_csv
+                            && let Some(counts) = engine.test_confusion()
+                            && let Err(e) = write_confusion(path, &engine.config().classes, &counts)
+                        {
+                            model_error = Some(e);
+                        }
                         break 'run;
                     }
                 }
@@ -365,4 +371,19 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
     }
+}
+
+/// The confusion matrix as CSV: a header of predicted class names, then one row per true
+/// class, written atomically.
+fn write_confusion(path: &std::path::Path, classes: &[String], counts: &[Vec<u64>]) -> Result<()> {
+    let mut out = csv::Writer::from_writer(Vec::new());
+    out.write_record(
+        std::iter::once("true \\ predicted").chain(classes.iter().map(String::as_str)),
+    )?;
+    for (class, row) in classes.iter().zip(counts) {
+        out.write_record(std::iter::once(class.clone()).chain(row.iter().map(u64::to_string)))?;
+    }
+    let bytes = out.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?;
+    support::fs::write_atomic(path, &bytes)
+        .with_context(|| format!("writing the confusion matrix {}", path.display()))
 }

@@ -50,6 +50,9 @@ pub struct ServerOptions {
     pub rounds_log: Option<PathBuf>,
     /// Where the final model goes when the run finishes (`docs/model-format.md`).
     pub model_dir: Option<PathBuf>,
+    /// Where the final head's confusion matrix on the evaluation set goes (CSV, rows the true
+    /// classes, columns the predicted), when the engine has one.
+    pub confusion_csv: Option<PathBuf>,
     /// Stop (with a checkpoint, telling clients the server is going down) once this many
     /// rounds of the run have closed; a later start resumes from the checkpoint.
     pub stop_after_rounds: Option<u64>,
@@ -80,6 +83,7 @@ impl ServerOptions {
             checkpoint: None,
             rounds_log: None,
             model_dir: None,
+            confusion_csv: None,
             stop_after_rounds: None,
             round_observer: None,
         })

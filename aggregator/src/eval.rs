@@ -1,0 +1,54 @@
+//! Server-side evaluation: a labelled set the aggregator holds, turned into features by the
+//! clients' backbone and numbered by the run's classes, on which the engine evaluates every
+//! new global head.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+
+/// The evaluation set's features under the run's class numbering, through the backbone the
+/// clients run (checked against the run's `[backbone]`) and a feature cache.
+pub fn load_eval_set(
+    config: &aggregator_core::engine::EngineConfig,
+    path: &Path,
+    format: &str,
+    split: &str,
+    backbone_path: &Path,
+    cache_dir: &Path,
+) -> Result<wsa::LabelledFeatures> {
+    let format: datasets::DataFormat = format.parse().map_err(anyhow::Error::msg)?;
+    let split: datasets::Split = split.parse().map_err(anyhow::Error::msg)?;
+    let set = datasets::read_set(format, path, split, &datasets::Limits::default())
+        .with_context(|| format!("reading the evaluation set {}", path.display()))?;
+    let side = config.backbone.side as usize;
+    let backbone = edge_client::Backbone::load(backbone_path, side)?;
+    let sha: String = backbone
+        .sha256()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    anyhow::ensure!(
+        config.backbone.sha256.is_empty()
+            || config
+                .backbone
+                .sha256
+                .iter()
+                .any(|h| h.eq_ignore_ascii_case(&sha)),
+        "{} (sha256 {sha}) is not a backbone the run names in [backbone]; its features would \
+         not be the clients'",
+        backbone_path.display()
+    );
+    std::fs::create_dir_all(cache_dir)
+        .with_context(|| format!("creating {}", cache_dir.display()))?;
+    let cache = cache_dir.join(format!("eval-{side}.feat"));
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (features, outcome) = edge_client::cached_features(&backbone, &set, &cache, threads, true)?;
+    tracing::info!(rows = features.len(), ?outcome, "evaluation features ready");
+    let local = edge_client::LocalData::new(std::sync::Arc::new(features), set.class_names)?;
+    let map = edge_client::labels::class_map(local.class_names(), &config.classes)
+        .with_context(|| format!("the evaluation set {}", path.display()))?;
+    Ok(Arc::unwrap_or_clone(
+        local.relabel(&map, config.classes.len())?,
+    ))
+}
