@@ -14,6 +14,8 @@ pub mod attack;
 mod backbone;
 pub mod cache;
 mod error;
+#[cfg(feature = "onnx")]
+pub mod export;
 mod features;
 pub mod labels;
 pub mod net;

@@ -51,6 +51,24 @@ enum Command {
     /// Classify images with a trained model folder (the aggregator's run/model): the top
     /// classes of each image with their probabilities.
     Predict(PredictArgs),
+    /// Write one ONNX file holding the backbone, the model's head and a softmax: input the
+    /// preprocessed image tensor, output the class probabilities (classes, side and
+    /// preprocessing in its metadata).
+    #[cfg(feature = "onnx")]
+    Export {
+        /// The model folder.
+        #[arg(long)]
+        model: PathBuf,
+        /// The backbone ONNX; it must be one the model names.
+        #[arg(long, default_value = "models/mobilenet_v2_features.onnx")]
+        backbone: PathBuf,
+        /// The output format (ONNX only, so far).
+        #[arg(long, default_value = "onnx", value_parser = ["onnx"])]
+        format: String,
+        /// The file to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Train linear and MLP heads centrally on cached features; report test accuracy.
     Probe {
         #[command(flatten)]
@@ -413,6 +431,27 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Join(args) => join(*args)?,
         Command::Predict(args) => predict(args)?,
+        #[cfg(feature = "onnx")]
+        Command::Export {
+            model,
+            backbone,
+            format: _,
+            out,
+        } => {
+            let saved = wsa::saved::SavedModel::load(&model)?;
+            let bytes = std::fs::read(&backbone)
+                .with_context(|| format!("reading {}", backbone.display()))?;
+            let sha: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&bytes).into();
+            edge_client::predict::check_backbone(&model, &saved, &backbone, &sha)?;
+            edge_client::export::export_onnx(&backbone, &saved, &out)?;
+            println!(
+                "wrote {} ({} bytes): input \"input\" [N, 3, {side}, {side}], output \"probabilities\" [N, {}]",
+                out.display(),
+                std::fs::metadata(&out)?.len(),
+                saved.card.classes.len(),
+                side = saved.card.backbone.side,
+            );
+        }
         Command::Features {
             source,
             split,

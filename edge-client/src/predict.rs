@@ -73,35 +73,8 @@ impl Predictor {
     /// used with a warning.
     pub fn open(model_dir: &Path, backbone_path: &Path) -> Result<Self, PredictError> {
         let model = SavedModel::load(model_dir)?;
-        let card = &model.card.backbone;
-        let ours = Preprocessing::imagenet();
-        if card.preprocessing != ours {
-            return Err(PredictError::Preprocessing {
-                model: model_dir.display().to_string(),
-                id: card.preprocessing.id.clone(),
-                ours: ours.id,
-            });
-        }
-        let backbone = Backbone::load(backbone_path, card.side as usize)?;
-        let found: String = backbone
-            .sha256()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        if card.sha256.is_empty() {
-            tracing::warn!(
-                model = %model_dir.display(),
-                "the model names no backbone; using {} unchecked",
-                backbone_path.display()
-            );
-        } else if !card.sha256.iter().any(|h| h.eq_ignore_ascii_case(&found)) {
-            return Err(PredictError::WrongBackbone {
-                model: model_dir.display().to_string(),
-                expected: card.sha256.join(" or "),
-                backbone: backbone_path.display().to_string(),
-                found,
-            });
-        }
+        let backbone = Backbone::load(backbone_path, model.card.backbone.side as usize)?;
+        check_backbone(model_dir, &model, backbone_path, &backbone.sha256())?;
         Ok(Self { model, backbone })
     }
 
@@ -138,6 +111,42 @@ impl Predictor {
             })
             .collect())
     }
+}
+
+/// Whether `model` (read from `model_dir`) may run on the backbone file at `backbone_path`,
+/// whose sha256 is given: the model must name it, and ask for the preprocessing this build
+/// does. A model that names no backbone passes with a warning.
+pub fn check_backbone(
+    model_dir: &Path,
+    model: &SavedModel,
+    backbone_path: &Path,
+    sha256: &[u8; 32],
+) -> Result<(), PredictError> {
+    let card = &model.card.backbone;
+    let ours = Preprocessing::imagenet();
+    if card.preprocessing != ours {
+        return Err(PredictError::Preprocessing {
+            model: model_dir.display().to_string(),
+            id: card.preprocessing.id.clone(),
+            ours: ours.id,
+        });
+    }
+    let found: String = sha256.iter().map(|b| format!("{b:02x}")).collect();
+    if card.sha256.is_empty() {
+        tracing::warn!(
+            model = %model_dir.display(),
+            "the model names no backbone; using {} unchecked",
+            backbone_path.display()
+        );
+    } else if !card.sha256.iter().any(|h| h.eq_ignore_ascii_case(&found)) {
+        return Err(PredictError::WrongBackbone {
+            model: model_dir.display().to_string(),
+            expected: card.sha256.join(" or "),
+            backbone: backbone_path.display().to_string(),
+            found,
+        });
+    }
+    Ok(())
 }
 
 /// Probabilities from logits, shifted by the largest so that no exponential overflows.
