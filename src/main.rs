@@ -119,18 +119,26 @@ struct Args {
     /// Run the clients in this many separate processes (0: all in this process).
     #[arg(long, default_value_t = 0)]
     client_processes: usize,
-    /// Use the synthetic problem instead of Fashion-MNIST (no model needed).
+    /// Use the synthetic problem instead of images (no model needed).
     #[arg(long)]
     synthetic: bool,
-    /// Training images (first N of the 60k; 0: all).
+    /// The data's format: fashion-mnist, mnist, cifar10, cifar100 or image-folder (a
+    /// `class/*.png|jpg` tree, with `train/` and `test/` or split by --test-fraction).
+    #[arg(long, default_value = "fashion-mnist", value_parser = ["fashion-mnist", "mnist", "cifar10", "cifar100", "image-folder"])]
+    dataset: String,
+    /// Training images (the first N; 0: all).
     #[arg(long, default_value_t = 6000)]
     train_limit: usize,
-    /// Test images (first N of the 10k; 0: all).
+    /// Test images (the first N; 0: all).
     #[arg(long, default_value_t = 2000)]
     test_limit: usize,
-    /// Fashion-MNIST folder (scripts/fetch-fashion-mnist.sh).
+    /// The data's folder (scripts/fetch-fashion-mnist.sh fills the default).
     #[arg(long, default_value = "data/fashion-mnist")]
     data: PathBuf,
+    /// For an image folder without train/ and test/: the share of each class held out as the
+    /// test set.
+    #[arg(long, default_value_t = 0.2)]
+    test_fraction: f64,
     /// The features ONNX (scripts/fetch-model.sh).
     #[arg(long, default_value = "models/mobilenet_v2_features.onnx")]
     model: PathBuf,
@@ -143,9 +151,14 @@ struct Args {
     /// Threads for feature extraction.
     #[arg(long, default_value_t = std::thread::available_parallelism().map_or(1, |n| n.get()))]
     threads: usize,
-    /// The run folder.
-    #[arg(long, default_value = "runs/fleet")]
-    out: PathBuf,
+    /// The run folder [default: runs/fleet, or the rerun configuration's].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Rerun a run exactly (same data, partition, seeds and settings) from its run folder's
+    /// `config.json`; the other run flags are ignored, but --out, which defaults to the
+    /// configuration's own folder.
+    #[arg(long)]
+    config: Option<PathBuf>,
 }
 
 fn byzantine(fraction: f64, attack: Adversary) -> Result<Option<Byzantine>> {
@@ -188,7 +201,9 @@ fn config(args: Args) -> Result<FleetConfig> {
             },
         }
     } else {
-        DataSource::FashionMnist {
+        DataSource::Images {
+            format: args.dataset,
+            test_fraction: args.test_fraction,
             data: args.data,
             model: args.model,
             side: args.side,
@@ -228,7 +243,7 @@ fn config(args: Args) -> Result<FleetConfig> {
         target_accuracy: args.target,
         validation_fraction: args.validation_fraction,
         client_processes: args.client_processes,
-        out: args.out,
+        out: args.out.unwrap_or_else(|| "runs/fleet".into()),
     })
 }
 
@@ -257,7 +272,20 @@ fn main() -> Result<()> {
     if let Some(Command::Clients(g)) = cli.command {
         return wsa_fl::sim::run_client_group(&g.config, g.server, g.seed, g.group, g.groups);
     }
-    let cfg = config(cli.run)?;
+    let cfg = match cli.run.config.clone() {
+        Some(path) => {
+            let mut cfg: FleetConfig = serde_json::from_str(
+                &std::fs::read_to_string(&path)
+                    .with_context(|| format!("reading {}", path.display()))?,
+            )
+            .with_context(|| format!("parsing {}", path.display()))?;
+            if let Some(out) = cli.run.out {
+                cfg.out = out;
+            }
+            cfg
+        }
+        None => config(cli.run)?,
+    };
     anyhow::ensure!(cfg.clients > 0, "need at least one client");
     let summary = run_fleet(&cfg)?;
     println!("{}", markdown_table(&summary));

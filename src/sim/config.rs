@@ -17,9 +17,14 @@ use crate::partition::Scheme;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", tag = "kind")]
 pub enum DataSource {
-    /// Fashion-MNIST through the MobileNetV2 backbone (features cached on disk).
-    FashionMnist {
-        /// Folder with the IDX files.
+    /// Labelled images through the MobileNetV2 backbone (features cached on disk), in any
+    /// format `datasets::read_set` reads; classes named by the data.
+    #[serde(alias = "fashion-mnist")]
+    Images {
+        /// `fashion-mnist`, `mnist`, `cifar10`, `cifar100` or `image-folder`.
+        #[serde(default = "default_format")]
+        format: String,
+        /// The data's folder.
         data: PathBuf,
         /// The features ONNX.
         model: PathBuf,
@@ -27,12 +32,16 @@ pub enum DataSource {
         side: usize,
         /// Feature caches.
         cache_dir: PathBuf,
-        /// Use the first N training images (0: all 60k).
+        /// Use the first N training images (0: all).
         train_limit: usize,
-        /// Use the first N test images (0: all 10k).
+        /// Use the first N test images (0: all).
         test_limit: usize,
         /// Threads for extraction.
         threads: usize,
+        /// For an image folder without `train/` and `test/`: the share of each class's
+        /// images (every k-th by file name) held out as the test set.
+        #[serde(default = "default_test_fraction")]
+        test_fraction: f64,
     },
     /// The built-in synthetic problem (no model needed): for tests and quick checks.
     Synthetic {
@@ -45,6 +54,14 @@ pub enum DataSource {
         /// Test rows.
         test: usize,
     },
+}
+
+fn default_format() -> String {
+    "fashion-mnist".into()
+}
+
+fn default_test_fraction() -> f64 {
+    0.2
 }
 
 /// The attacking part of a fleet: the first `⌊fraction · clients⌋` clients (the partition is

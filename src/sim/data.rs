@@ -7,11 +7,21 @@ use anyhow::{Context, Result};
 use wsa::LabelledFeatures;
 use wsa::synthetic::{SyntheticProblem, SyntheticSpec};
 
+use aggregator_core::engine::BackboneRef;
+
 use super::config::{DataSource, FleetConfig};
 use crate::partition::partition;
 
+/// A run's features, the names of their classes, and the backbone that made them.
+pub(crate) struct Dataset {
+    pub(crate) train: LabelledFeatures,
+    pub(crate) test: LabelledFeatures,
+    pub(crate) classes: Vec<String>,
+    pub(crate) backbone: BackboneRef,
+}
+
 /// The training and test features of `source`.
-pub(crate) fn load_data(source: &DataSource) -> Result<(LabelledFeatures, LabelledFeatures)> {
+pub(crate) fn load_data(source: &DataSource) -> Result<Dataset> {
     match source {
         DataSource::Synthetic {
             dim,
@@ -27,9 +37,15 @@ pub(crate) fn load_data(source: &DataSource) -> Result<(LabelledFeatures, Labell
                 },
                 0,
             )?;
-            Ok((problem.sample(*train, 1)?, problem.sample(*test, 2)?))
+            Ok(Dataset {
+                train: problem.sample(*train, 1)?,
+                test: problem.sample(*test, 2)?,
+                classes: protocol::indexed_classes(*classes),
+                backbone: BackboneRef::default(),
+            })
         }
-        DataSource::FashionMnist {
+        DataSource::Images {
+            format,
             data,
             model,
             side,
@@ -37,29 +53,39 @@ pub(crate) fn load_data(source: &DataSource) -> Result<(LabelledFeatures, Labell
             train_limit,
             test_limit,
             threads,
+            test_fraction,
         } => {
+            let format: datasets::DataFormat = format.parse().map_err(anyhow::Error::msg)?;
             let backbone = edge_client::Backbone::load(model, *side).with_context(|| {
                 format!("loading {} (run scripts/fetch-model.sh)", model.display())
             })?;
-            let split = |split: datasets::Split, limit: usize| -> Result<LabelledFeatures> {
-                let name = split.name();
-                let mut set = datasets::read_fashion_mnist(
-                    data,
-                    split,
-                    &datasets::Limits::default(),
-                )
-                .with_context(|| {
-                    format!(
-                        "reading Fashion-MNIST from {} (run scripts/fetch-fashion-mnist.sh)",
-                        data.display()
-                    )
-                })?;
+            let read = |split: datasets::Split| {
+                datasets::read_set(format, data, split, &datasets::Limits::default())
+                    .with_context(|| format!("reading {}", data.display()))
+            };
+            let one_tree = format == datasets::DataFormat::ImageFolder
+                && !(data.join("train").is_dir() && data.join("test").is_dir());
+            let (mut train, mut test) = if one_tree {
+                split_by_class(read(datasets::Split::Train)?, *test_fraction)?
+            } else {
+                (read(datasets::Split::Train)?, read(datasets::Split::Test)?)
+            };
+            anyhow::ensure!(
+                train.class_names == test.class_names,
+                "the train and test trees of {} hold different classes ({:?} and {:?})",
+                data.display(),
+                train.class_names,
+                test.class_names
+            );
+            let stem = data
+                .file_name()
+                .map_or("data".into(), |n| n.to_string_lossy().into_owned());
+            let features = |set: &mut datasets::ImageSet, name: &str, limit: usize| {
                 if limit > 0 && limit < set.len() {
                     set.images.truncate(limit);
                     set.labels.truncate(limit);
                 }
-                let cache =
-                    cache_dir.join(format!("fashion-mnist-{name}-{side}-{}.feat", set.len()));
+                let cache = cache_dir.join(format!("{stem}-{name}-{side}-{}.feat", set.len()));
                 tracing::info!(
                     split = name,
                     images = set.len(),
@@ -67,16 +93,63 @@ pub(crate) fn load_data(source: &DataSource) -> Result<(LabelledFeatures, Labell
                     cache.display()
                 );
                 let (features, outcome) =
-                    edge_client::cached_features(&backbone, &set, &cache, *threads, true)?;
+                    edge_client::cached_features(&backbone, set, &cache, *threads, true)?;
                 tracing::info!(split = name, ?outcome, "features ready");
-                Ok(features)
+                anyhow::Ok(features)
             };
-            Ok((
-                split(datasets::Split::Train, *train_limit)?,
-                split(datasets::Split::Test, *test_limit)?,
-            ))
+            let train_features = features(&mut train, "train", *train_limit)?;
+            let test_features = features(&mut test, "test", *test_limit)?;
+            Ok(Dataset {
+                train: train_features,
+                test: test_features,
+                classes: train.class_names,
+                backbone: BackboneRef {
+                    sha256: vec![
+                        backbone
+                            .sha256()
+                            .iter()
+                            .map(|b| format!("{b:02x}"))
+                            .collect(),
+                    ],
+                    side: *side as u32,
+                },
+            })
         }
     }
+}
+
+/// Splits one labelled tree into train and test: of each class's images, in order, every
+/// k-th goes to the test set so that it holds `test_fraction` of each class.
+fn split_by_class(
+    set: datasets::ImageSet,
+    test_fraction: f64,
+) -> Result<(datasets::ImageSet, datasets::ImageSet)> {
+    anyhow::ensure!(
+        test_fraction > 0.0 && test_fraction < 1.0,
+        "the test fraction must be in (0, 1), got {test_fraction}"
+    );
+    let empty = || datasets::ImageSet {
+        images: Vec::new(),
+        labels: Vec::new(),
+        class_names: set.class_names.clone(),
+    };
+    let (mut train, mut test) = (empty(), empty());
+    let mut seen = vec![0usize; set.num_classes()];
+    for (image, label) in set.images.into_iter().zip(set.labels) {
+        let j = &mut seen[label as usize];
+        // Image j joins the test set when the running share crosses the next whole image.
+        let to_test =
+            ((*j + 1) as f64 * test_fraction).floor() > (*j as f64 * test_fraction).floor();
+        *j += 1;
+        let side = if to_test { &mut test } else { &mut train };
+        side.images.push(image);
+        side.labels.push(label);
+    }
+    anyhow::ensure!(
+        !train.is_empty() && !test.is_empty(),
+        "too few images to hold out a test set of {test_fraction}"
+    );
+    Ok((train, test))
 }
 
 /// One seed's view of the training set: the validation hold-out, the partition of the rest and
@@ -134,4 +207,31 @@ fn hold_out(
     let mut rest = rest.to_vec();
     rest.sort_unstable();
     Ok((data.select(&rest)?, Some(data.select(val)?)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_tree_splits_each_class_by_the_fraction() {
+        let image = datasets::Image {
+            width: 1,
+            height: 1,
+            channels: 1,
+            pixels: vec![0],
+        };
+        // 10 images of class 0, 5 of class 1, interleaved.
+        let labels: Vec<u32> = (0..15).map(|i| u32::from(i % 3 == 2)).collect();
+        let set = datasets::ImageSet {
+            images: vec![image; 15],
+            labels,
+            class_names: vec!["a".into(), "b".into()],
+        };
+        let (train, test) = split_by_class(set, 0.2).unwrap();
+        let count = |s: &datasets::ImageSet, c: u32| s.labels.iter().filter(|&&l| l == c).count();
+        assert_eq!((count(&train, 0), count(&test, 0)), (8, 2));
+        assert_eq!((count(&train, 1), count(&test, 1)), (4, 1));
+        assert_eq!(test.class_names, ["a", "b"]);
+    }
 }

@@ -10,13 +10,13 @@ use aggregator::server::RoundLine;
 use aggregator_core::engine::{ClosedBy, Engine};
 use aggregator_core::strategy::{Aggregation, Strategy};
 use anyhow::{Context, Result, ensure};
-use edge_client::Adversary;
+use edge_client::{Adversary, LocalData};
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::sync::{mpsc, watch};
 use wsa::{Head, HeadSpec, LabelledFeatures, Sgd, TrainConfig};
 
 use super::config::{FleetConfig, engine_config};
-use super::data::{SeedData, load_data, seed_data};
+use super::data::{Dataset, SeedData, load_data, seed_data};
 use super::report::{
     FleetSummary, RoundRow, markdown_table, peak_rss_mib, summarize, write_csv, write_plot,
 };
@@ -32,6 +32,8 @@ async fn run_strategy(
     shards: &[Arc<LabelledFeatures>],
     progress: &ProgressBar,
 ) -> Result<Vec<RoundRow>> {
+    // The clients name their data's classes as the run does.
+    let classes = engine.config().classes.clone();
     let (observer, mut lines) = mpsc::unbounded_channel::<RoundLine>();
     let mut options = deployment.server_options(
         "127.0.0.1:0".parse().expect("literal"),
@@ -39,6 +41,7 @@ async fn run_strategy(
         Some(cfg.out.join("aggregator-rounds.jsonl")),
     )?;
     options.round_observer = Some(observer);
+    options.model_dir = Some(model_dir(cfg, label, seed));
     // Every simulated client stays connected, and thousands of TLS handshakes on a couple of
     // cores take a while.
     options.max_connections = options.max_connections.max(cfg.clients + 16);
@@ -54,8 +57,13 @@ async fn run_strategy(
         let named = shards
             .iter()
             .enumerate()
-            .map(|(i, s)| (protocol::client_id(i), Arc::clone(s)))
-            .collect();
+            .map(|(i, s)| {
+                Ok((
+                    protocol::client_id(i),
+                    LocalData::new(Arc::clone(s), classes.to_vec())?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
         clients = deployment.spawn_clients_with(addr, named, &stop, adversaries(cfg))?;
     } else {
         let exe = std::env::current_exe()?;
@@ -197,7 +205,7 @@ pub fn run_client_group(
             .with_context(|| format!("reading {}", config.display()))?,
     )?;
     ensure!(groups > 0 && group < groups, "group {group} of {groups}");
-    let (train, _) = load_data(&cfg.data)?;
+    let Dataset { train, classes, .. } = load_data(&cfg.data)?;
     let data = seed_data(&cfg, &train, seed)?;
     drop(train);
     let deployment = Deployment::open(&cfg.out.join("creds"));
@@ -206,8 +214,8 @@ pub fn run_client_group(
         .into_iter()
         .enumerate()
         .filter(|(i, _)| i % groups == group)
-        .map(|(i, s)| (protocol::client_id(i), s))
-        .collect();
+        .map(|(i, s)| Ok((protocol::client_id(i), LocalData::new(s, classes.clone())?)))
+        .collect::<Result<Vec<_>>>()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -223,6 +231,22 @@ pub fn run_client_group(
         }
         Ok(())
     })
+}
+
+/// Where a strategy's final model goes: `models/<label>-seed<seed>/` in the run folder, the
+/// label's punctuation made file-name safe.
+fn model_dir(cfg: &FleetConfig, label: &str, seed: u64) -> std::path::PathBuf {
+    let safe: String = label
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    cfg.out.join("models").join(format!("{safe}-seed{seed}"))
 }
 
 /// Which clients attack: `client_id(i)` for `i` below the Byzantine count.
@@ -251,7 +275,12 @@ pub fn run_fleet(cfg: &FleetConfig) -> Result<FleetSummary> {
     )?;
     let _ = std::fs::remove_file(cfg.out.join("aggregator-rounds.jsonl"));
 
-    let (train, test) = load_data(&cfg.data)?;
+    let Dataset {
+        train,
+        test,
+        classes,
+        backbone: backbone_ref,
+    } = load_data(&cfg.data)?;
     let feature_seconds = started.elapsed().as_secs_f64();
     let head = HeadSpec::mlp(train.dim(), &cfg.hidden, train.classes());
     let ids: Vec<String> = (0..cfg.clients).map(protocol::client_id).collect();
@@ -300,7 +329,9 @@ pub fn run_fleet(cfg: &FleetConfig) -> Result<FleetSummary> {
         )?;
         skews.push(split.skew(train.labels(), train.classes()));
         for &(strategy, aggregation) in &plans {
-            let config = engine_config(cfg, &head, strategy, aggregation, seed);
+            let mut config = engine_config(cfg, &head, strategy, aggregation, seed);
+            config.classes = classes.clone();
+            config.backbone = backbone_ref.clone();
             let label = config.label();
             if !labels.contains(&label) {
                 labels.push(label.clone());
