@@ -115,6 +115,8 @@ impl Deployment {
                 max_attempts: Some(200),
             },
             adversary: None,
+            // A simulation keeps each strategy's final model in the run folder instead.
+            model_dir: None,
         })
     }
 

@@ -435,7 +435,14 @@ async fn mallory(
         };
         verdicts.push(verdict);
     }
-    // The run ends: the goodbye comes on the control stream.
+    // The run ends: the final model, then the goodbye, come on the control stream.
+    assert!(matches!(
+        read_message(&mut control_recv, &limits)
+            .await
+            .unwrap()
+            .message,
+        Message::FinalModel(_)
+    ));
     assert!(matches!(
         read_message(&mut control_recv, &limits)
             .await

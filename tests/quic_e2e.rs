@@ -144,8 +144,12 @@ async fn malformed_client(run: &Run, addr: SocketAddr, id: &str) -> Vec<RejectRe
     let mut reasons = Vec::new();
     loop {
         tokio::select! {
-            goodbye = read_message(&mut recv, &limits) => {
-                assert!(matches!(goodbye.unwrap().message, Message::Goodbye(_)));
+            control = read_message(&mut recv, &limits) => {
+                // The final model, then the goodbye, end a finished run.
+                match control.unwrap().message {
+                    Message::FinalModel(_) => continue,
+                    other => assert!(matches!(other, Message::Goodbye(_)), "{}", other.kind()),
+                }
                 break;
             }
             stream = conn.accept_bi() => {
@@ -289,6 +293,11 @@ async fn five_clients_three_rounds_over_quic_with_intruders_refused() {
         assert_eq!(report.end, RunEnd::RunFinished);
         assert_eq!(report.rounds.len(), 3);
         assert!(report.rounds.iter().all(|r| r.outcome == "accepted"));
+        assert_eq!(
+            report.final_model_rounds,
+            Some(3),
+            "the final model came with the goodbye"
+        );
         let last = report.rounds.last().unwrap();
         let scopes = last.scopes.iter().map(|s| s.to_scope().unwrap()).collect();
         last_round.push((last.n_samples, scopes));
@@ -362,6 +371,33 @@ async fn a_run_resumed_after_round_two_ends_like_an_uninterrupted_one() {
     assert_eq!(got.next_round, 4);
     assert_eq!(got.global, want.global, "same global head bits");
     assert_eq!(got.targets, want.targets);
+}
+
+/// A client keeps the run's final model, sent before the goodbye, as a model folder equal to
+/// the aggregator's last head.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_keeps_the_final_model() {
+    init_logs();
+    let ids = client_ids(1);
+    let run = Run::new(&ids);
+    let server = run.server("127.0.0.1:0".parse().unwrap(), None);
+    let addr = server.local_addr().unwrap();
+    let cfg = config(2, 1, 1);
+    let server = serve(server, Engine::new(cfg.clone()).unwrap()).await;
+    let mut options = run.options(addr, &client_id(0));
+    let kept = run.dir.path().join("client-model");
+    options.model_dir = Some(kept.clone());
+    let (_keep, stop) = watch::channel(false);
+    let report = edge_client::net::run(options, shard(0), stop)
+        .await
+        .unwrap();
+    assert_eq!(report.end, RunEnd::RunFinished);
+    assert!(wait_for_exit(server).await.finished);
+    let model = wsa::saved::SavedModel::load(&kept).unwrap();
+    let checkpoint = Checkpoint::load(&run.checkpoint()).unwrap();
+    assert_eq!(model.head.to_flat(), checkpoint.global);
+    assert_eq!(model.card.classes, cfg.classes);
+    assert_eq!(model.card.provenance.rounds, 2);
 }
 
 fn init_logs() {

@@ -246,6 +246,9 @@ struct JoinArgs {
     /// Write the client's report (rounds, verdicts) as JSON here.
     #[arg(long)]
     report: Option<PathBuf>,
+    /// Where to keep the run's final model when the run finishes (default: model).
+    #[arg(long)]
+    model_dir: Option<PathBuf>,
 }
 
 impl JoinArgs {
@@ -276,6 +279,7 @@ impl JoinArgs {
             threads: self.threads.or(file.threads),
             max_attempts: self.max_attempts.or(file.max_attempts),
             report: self.report.or(file.report),
+            model_dir: self.model_dir.or(file.model_dir),
         })
     }
 }
@@ -353,6 +357,7 @@ fn join(args: JoinArgs) -> Result<()> {
             ..Default::default()
         },
         adversary: None,
+        model_dir: Some(args.model_dir.clone().unwrap_or_else(|| "model".into())),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

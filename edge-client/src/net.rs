@@ -48,6 +48,9 @@ pub struct ConnectOptions {
     pub backoff: Backoff,
     /// Robustness experiments only: corrupt every update this way before sending it.
     pub adversary: Option<Adversary>,
+    /// Where the run's final model is kept when it arrives (`docs/model-format.md`); `None`:
+    /// not kept.
+    pub model_dir: Option<PathBuf>,
 }
 
 /// What the I/O tasks report: the session's events, and the QUIC handles the loop keeps.
@@ -183,6 +186,7 @@ pub async fn run(
                         let _ = control.finish();
                     }
                 }
+                Action::SaveModel(model) => save_final_model(&model, opts.model_dir.as_deref()),
                 Action::Close { code, reason } => {
                     link.close(code, reason);
                     epoch += 1;
@@ -227,6 +231,21 @@ pub async fn run(
     endpoint.wait_idle().await;
     let report = session.report();
     result.map(|end| ClientReport { end, ..report })
+}
+
+/// Writes the final model to `dir`; a failure is logged, since the run itself is over and
+/// done either way.
+fn save_final_model(model: &protocol::FinalModel, dir: Option<&std::path::Path>) {
+    let Some(dir) = dir else { return };
+    match model.to_saved() {
+        Ok(saved) => match saved.save(dir) {
+            Ok(()) => {
+                tracing::info!(dir = %dir.display(), rounds = model.rounds, "final model kept")
+            }
+            Err(e) => tracing::error!(error = %e, "cannot keep the final model"),
+        },
+        Err(e) => tracing::error!(error = %e, "the final model does not decode"),
+    }
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {
@@ -281,7 +300,10 @@ fn spawn_control_reader(
                 Ok(r) => Event::Control(r.message),
                 Err(e) => Event::ControlFailed(e.to_string()),
             };
-            let last = !matches!(event, Event::Control(Message::Welcome(_)));
+            let last = !matches!(
+                event,
+                Event::Control(Message::Welcome(_) | Message::FinalModel(_))
+            );
             let _ = tx.send((epoch, Io::Event(event)));
             if last {
                 break;

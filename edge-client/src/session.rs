@@ -99,6 +99,8 @@ pub struct ClientReport {
     pub rounds: Vec<RoundRecord>,
     /// Connections made (1 without reconnects).
     pub connections: u32,
+    /// The rounds of the final model received, if one was.
+    pub final_model_rounds: Option<u64>,
     /// Why it stopped.
     pub end: RunEnd,
 }
@@ -186,6 +188,8 @@ pub enum Action {
     SendUpdate(Box<Message>),
     /// Send this goodbye on the control stream and finish it.
     SendGoodbye(GoodbyeReason),
+    /// Keep the run's final model (it arrives just before the goodbye of a finished run).
+    SaveModel(Box<protocol::FinalModel>),
     /// Close the connection with this code and reason.
     Close {
         /// The application close code.
@@ -244,6 +248,7 @@ pub struct Session {
     phase: Phase,
     rounds: Vec<RoundRecord>,
     connections: u32,
+    final_model_rounds: Option<u64>,
     end: Option<RunEnd>,
 }
 
@@ -260,6 +265,7 @@ impl Session {
             phase: Phase::Connecting,
             rounds: Vec::new(),
             connections: 0,
+            final_model_rounds: None,
             end: None,
         }
     }
@@ -295,6 +301,7 @@ impl Session {
         ClientReport {
             rounds: self.rounds.clone(),
             connections: self.connections,
+            final_model_rounds: self.final_model_rounds,
             end: self.end.unwrap_or(RunEnd::Shutdown),
         }
     }
@@ -414,6 +421,15 @@ impl Session {
                     format!("protocol: expected welcome, got {}", other.kind()),
                 ),
             },
+            Phase::Joined { .. } if matches!(message, Message::FinalModel(_)) => {
+                let Message::FinalModel(model) = message else {
+                    return Vec::new();
+                };
+                // Kept whatever the task's state: the goodbye follows it on the same stream.
+                tracing::info!(client = %self.identity.client_id, rounds = model.rounds, "final model received");
+                self.final_model_rounds = Some(model.rounds);
+                vec![Action::SaveModel(Box::new(model))]
+            }
             Phase::Joined { task, goodbye, .. } => {
                 if matches!(task, TaskState::Waiting) {
                     self.on_control_message(now, message)

@@ -528,3 +528,35 @@ fn a_task_whose_head_is_not_the_runs_width_is_a_protocol_error() {
     );
     assert!(!d.session.is_done(), "the session ends, not the run");
 }
+
+#[test]
+fn the_final_model_is_kept_even_mid_round_and_the_goodbye_still_waits() {
+    let (mut d, _) = Driver::new(None);
+    d.join();
+    let t = d.take_task(4);
+    let model = protocol::FinalModel {
+        run_id: RUN,
+        rounds: 5,
+        strategy: "fedavg".into(),
+        shape: HeadShape::from(&spec()),
+        params: task(4, Encoding::F32).global,
+        classes: vec!["dog".into(), "cat".into()],
+        backbone_sha256: Vec::new(),
+        side: 96,
+        preprocessing: "rgb-bilinear-imagenet-v1".into(),
+    };
+    assert_eq!(
+        d.at(900, Event::Control(Message::FinalModel(model.clone()))),
+        vec![Action::SaveModel(Box::new(model.clone()))]
+    );
+    assert!(model.to_saved().is_ok());
+    // The goodbye behind it still waits for the round's verdict.
+    assert_eq!(
+        d.at(1000, Event::Control(goodbye(GoodbyeReason::RunFinished))),
+        vec![]
+    );
+    d.finish_training(&t, 300);
+    let end = d.at(1500, Event::Verdict(verdict(4, Outcome::Accepted)));
+    assert_eq!(finish_of(&end), Some(&Ok(RunEnd::RunFinished)));
+    assert_eq!(d.session.report().final_model_rounds, Some(5));
+}

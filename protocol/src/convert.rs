@@ -3,7 +3,8 @@
 
 use wsa::{HeadSpec, Scope, ScopeSelection, Sgd, TrainConfig, WsaTerm};
 
-use crate::message::{HeadShape, TrainSpec, WireScope, WsaSpec};
+use crate::encoding::{EncodedParams, Encoding, RowLayout};
+use crate::message::{FinalModel, HeadShape, TrainSpec, WireScope, WsaSpec};
 
 impl From<&HeadSpec> for HeadShape {
     fn from(spec: &HeadSpec) -> Self {
@@ -96,5 +97,65 @@ impl TrainSpec {
             prox_mu: self.prox_mu,
             wsa,
         })
+    }
+}
+
+impl FinalModel {
+    /// The wire form of a saved model, its parameters in f32.
+    pub fn from_saved(model: &wsa::saved::SavedModel) -> Result<Self, crate::EncodingError> {
+        let spec = model.head.spec();
+        let card = &model.card;
+        Ok(Self {
+            run_id: card.provenance.run_id,
+            rounds: card.provenance.rounds,
+            strategy: card.provenance.strategy.clone(),
+            shape: HeadShape::from(spec),
+            params: EncodedParams::encode(
+                &model.head.to_flat(),
+                &RowLayout::of_head(spec),
+                Encoding::F32,
+            )?,
+            classes: card.classes.clone(),
+            backbone_sha256: card.backbone.sha256.clone(),
+            side: card.backbone.side,
+            preprocessing: card.backbone.preprocessing.id.clone(),
+        })
+    }
+
+    /// The saved model this describes, checked: its shape, parameters, one class name per
+    /// output, and a preprocessing recipe this build knows.
+    pub fn to_saved(&self) -> Result<wsa::saved::SavedModel, String> {
+        use wsa::saved::{BackboneCard, Preprocessing, Provenance, SavedModel};
+        let spec = self.shape.to_spec().map_err(|e| format!("head: {e}"))?;
+        let flat = self
+            .params
+            .decode(&RowLayout::of_head(&spec))
+            .map_err(|e| format!("parameters: {e}"))?;
+        let head = wsa::Head::from_flat(&spec, &flat).map_err(|e| format!("parameters: {e}"))?;
+        if self.classes.len() != spec.classes {
+            return Err(format!(
+                "{} class names for a head of {} outputs",
+                self.classes.len(),
+                spec.classes
+            ));
+        }
+        let preprocessing = Preprocessing::imagenet();
+        if self.preprocessing != preprocessing.id {
+            return Err(format!("unknown preprocessing {:?}", self.preprocessing));
+        }
+        Ok(SavedModel::new(
+            head,
+            self.classes.clone(),
+            BackboneCard {
+                sha256: self.backbone_sha256.clone(),
+                side: self.side,
+                preprocessing,
+            },
+            Provenance {
+                run_id: self.run_id,
+                rounds: self.rounds,
+                strategy: self.strategy.clone(),
+            },
+        ))
     }
 }

@@ -92,6 +92,23 @@ impl Limits {
                 let longest = w.classes.iter().map(String::len).max().unwrap_or(0);
                 over("class name bytes", longest, self.max_class_name_bytes)?;
             }
+            Message::FinalModel(m) => {
+                over(
+                    "hidden layers",
+                    m.shape.hidden.len(),
+                    self.max_hidden_layers,
+                )?;
+                over("parameters", m.params.count as usize, self.max_params)?;
+                over("classes", m.classes.len(), self.max_classes)?;
+                let longest = m.classes.iter().map(String::len).max().unwrap_or(0);
+                over("class name bytes", longest, self.max_class_name_bytes)?;
+                // A few backbone files of 64 hex digits each; short labels.
+                over("backbone hashes", m.backbone_sha256.len(), 16)?;
+                let longest = m.backbone_sha256.iter().map(String::len).max().unwrap_or(0);
+                over("backbone hash bytes", longest, 64)?;
+                over("strategy bytes", m.strategy.len(), 256)?;
+                over("preprocessing bytes", m.preprocessing.len(), 256)?;
+            }
             Message::Verdict(_) | Message::Goodbye(_) => {}
         }
         Ok(())

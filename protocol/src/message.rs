@@ -21,6 +21,8 @@ pub enum Message {
     Verdict(Verdict),
     /// Either side: the session ends.
     Goodbye(Goodbye),
+    /// Aggregator → client, before the goodbye of a finished run: the final model.
+    FinalModel(FinalModel),
 }
 
 impl Message {
@@ -33,6 +35,7 @@ impl Message {
             Message::Update(_) => "update",
             Message::Verdict(_) => "verdict",
             Message::Goodbye(_) => "goodbye",
+            Message::FinalModel(_) => "final-model",
         }
     }
 }
@@ -361,4 +364,28 @@ pub enum GoodbyeReason {
 pub struct Goodbye {
     /// Why.
     pub reason: GoodbyeReason,
+}
+
+/// The run's final head with what using it needs: what `aggregator serve` writes to its model
+/// folder (`wsa::saved`), sent to each client before the goodbye of a finished run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FinalModel {
+    /// The run.
+    pub run_id: u64,
+    /// Rounds the head was trained for.
+    pub rounds: u64,
+    /// The strategy's label.
+    pub strategy: String,
+    /// The head's shape.
+    pub shape: HeadShape,
+    /// Its parameters (flat layout of `wsa::Head`, f32).
+    pub params: EncodedParams,
+    /// Class names, by output index.
+    pub classes: Vec<String>,
+    /// sha256 (hex) of each backbone file that produces the head's features.
+    pub backbone_sha256: Vec<String>,
+    /// The backbone's input side.
+    pub side: u32,
+    /// The preprocessing recipe's id (`wsa::saved::Preprocessing`).
+    pub preprocessing: String,
 }

@@ -145,5 +145,19 @@ pub fn samples() -> Vec<(&'static str, Message)> {
                 reason: GoodbyeReason::RunFinished,
             }),
         ),
+        (
+            "final-model",
+            Message::FinalModel(FinalModel {
+                run_id: 42,
+                rounds: 20,
+                strategy: "wsa:10:mean-std".into(),
+                shape: shape(),
+                params: params(Encoding::F32),
+                classes: vec!["cat".into(), "dog".into()],
+                backbone_sha256: vec!["ab".repeat(32)],
+                side: 96,
+                preprocessing: "rgb-bilinear-imagenet-v1".into(),
+            }),
+        ),
     ]
 }

@@ -74,9 +74,9 @@ fn trailing_bytes_are_refused_inside_and_after_the_body() {
 
 #[test]
 fn unknown_variants_are_decode_errors() {
-    // Variant index 6 is past the last message kind.
+    // Variant index 7 is past the last message kind.
     assert!(matches!(
-        decode_body(&[6], &Limits::default()),
+        decode_body(&[7], &Limits::default()),
         Err(ProtocolError::Decode(_))
     ));
     assert!(matches!(
@@ -100,7 +100,8 @@ fn counts_are_checked_against_configured_limits() {
             Message::Hello(_)
             | Message::Welcome(_)
             | Message::RoundTask(_)
-            | Message::Update(_) => assert!(
+            | Message::Update(_)
+            | Message::FinalModel(_) => assert!(
                 matches!(result, Err(ProtocolError::LimitExceeded { .. })),
                 "{name}: {result:?}"
             ),

@@ -39,7 +39,11 @@ pub(super) enum Outbound {
         answer_within: Duration,
     },
     Verdict(Verdict),
-    Goodbye(GoodbyeReason),
+    /// The last message; a finished run's final model frame goes first.
+    Goodbye {
+        reason: GoodbyeReason,
+        final_model: Option<Arc<Vec<u8>>>,
+    },
 }
 
 /// What a connection tells the run loop.
@@ -347,7 +351,10 @@ async fn serve_session(
                         let _ = send.finish();
                     }
                 }
-                Some(Outbound::Goodbye(reason)) => {
+                Some(Outbound::Goodbye { reason, final_model }) => {
+                    if let Some(frame) = final_model {
+                        let _ = control_send.write_all(&frame).await;
+                    }
                     let _ = write_message(control_send, &Message::Goodbye(Goodbye { reason })).await;
                     let _ = control_send.finish();
                     // The client closes once it has *read* the goodbye. Closing here as soon

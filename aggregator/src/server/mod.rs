@@ -123,6 +123,7 @@ impl Server {
         let mut stats = TransportStats::default();
         let mut round_started = Instant::now();
         let mut model_error = None;
+        let mut final_model: Option<Arc<Vec<u8>>> = None;
         let mut summary = RunSummary {
             rounds: Vec::new(),
             finished: false,
@@ -208,6 +209,15 @@ impl Server {
                     }
                     Action::Finished => {
                         summary.finished = true;
+                        // Every client leaves with the final model, just before the goodbye.
+                        match protocol::FinalModel::from_saved(&engine.saved_model())
+                            .map_err(|e| e.to_string())
+                            .and_then(|m| {
+                                encode_frame(&Message::FinalModel(m)).map_err(|e| e.to_string())
+                            }) {
+                            Ok(frame) => final_model = Some(Arc::new(frame)),
+                            Err(e) => tracing::error!(error = %e, "cannot encode the final model"),
+                        }
                         if let Some(dir) = &self.opts.model_dir {
                             // Reported after the goodbyes: the clients' run is over either way,
                             // and the checkpoint still holds the head.
@@ -311,7 +321,11 @@ impl Server {
         acceptor.abort();
         let mut saying_goodbye = 0usize;
         for (_, (_, out)) in sessions.drain() {
-            saying_goodbye += usize::from(out.send(Outbound::Goodbye(reason)).is_ok());
+            let goodbye = Outbound::Goodbye {
+                reason,
+                final_model: final_model.clone(),
+            };
+            saying_goodbye += usize::from(out.send(goodbye).is_ok());
         }
         // Let connection tasks flush their goodbyes, then close what is left.
         let drain = async {
