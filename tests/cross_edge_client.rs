@@ -101,6 +101,7 @@ fn check_target(arch: &str, set: &datasets::ImageSet, reference: &ndarray::Array
 
     let cache_dir = dir.path().join("cache");
     let report = dir.path().join("report.json");
+    let kept_model = dir.path().join("model");
     let client_config = dir.path().join("client.toml");
     std::fs::write(
         &client_config,
@@ -109,11 +110,12 @@ fn check_target(arch: &str, set: &datasets::ImageSet, reference: &ndarray::Array
              client_id = \"{id}\"\ntoken_file = {token:?}\ndata = {data:?}\n\
              data_format = \"idx\"\nsplit = \"test\"\nlimit = {IMAGES}\nmodel = {nnef:?}\n\
              side = {SIDE}\ncache_dir = {cache:?}\nthreads = 2\nmax_attempts = 20\n\
-             report = {report:?}\n",
+             report = {report:?}\nmodel_dir = {kept:?}\n",
             ca = deployment.creds().join(aggregator::tls::layout::CA_CERT),
             token = aggregator::tls::token_path(deployment.creds(), &id),
             data = root.join("data/fashion-mnist"),
             cache = cache_dir,
+            kept = kept_model,
         ),
     )
     .unwrap();
@@ -169,6 +171,13 @@ fn check_target(arch: &str, set: &datasets::ImageSet, reference: &ndarray::Array
         .map(|r| r["outcome"].as_str().unwrap())
         .collect();
     assert_eq!(outcomes, vec!["accepted"; ROUNDS as usize], "{arch}");
+    // The ARM client kept the run's final model, readable here.
+    let kept = wsa::saved::SavedModel::load(&kept_model).unwrap();
+    assert_eq!(kept.card.provenance.rounds, ROUNDS, "{arch}");
+    assert_eq!(
+        kept.card.classes,
+        datasets::FASHION_MNIST_CLASSES.map(String::from)
+    );
 
     // The client's feature cache holds what the ARM build computed; its key also proves the
     // image digest and preprocessing id agree across architectures.

@@ -374,30 +374,45 @@ async fn a_run_resumed_after_round_two_ends_like_an_uninterrupted_one() {
 }
 
 /// A client keeps the run's final model, sent before the goodbye, as a model folder equal to
-/// the aggregator's last head.
+/// the aggregator's last head; a client that joins only after the run finished gets it while
+/// the server lingers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_keeps_the_final_model() {
+async fn clients_keep_the_final_model_even_when_they_join_after_the_end() {
     init_logs();
-    let ids = client_ids(1);
+    let ids = client_ids(2);
     let run = Run::new(&ids);
-    let server = run.server("127.0.0.1:0".parse().unwrap(), None);
+    let mut options = run
+        .deployment
+        .server_options("127.0.0.1:0".parse().unwrap(), Some(run.checkpoint()), None)
+        .unwrap();
+    options.linger = Duration::from_secs(60);
+    let server = run.deployment.bind(options).unwrap();
     let addr = server.local_addr().unwrap();
     let cfg = config(2, 1, 1);
-    let server = serve(server, Engine::new(cfg.clone()).unwrap()).await;
-    let mut options = run.options(addr, &client_id(0));
-    let kept = run.dir.path().join("client-model");
-    options.model_dir = Some(kept.clone());
-    let (_keep, stop) = watch::channel(false);
-    let report = edge_client::net::run(options, shard(0), stop)
-        .await
-        .unwrap();
-    assert_eq!(report.end, RunEnd::RunFinished);
-    assert!(wait_for_exit(server).await.finished);
-    let model = wsa::saved::SavedModel::load(&kept).unwrap();
-    let checkpoint = Checkpoint::load(&run.checkpoint()).unwrap();
-    assert_eq!(model.head.to_flat(), checkpoint.global);
-    assert_eq!(model.card.classes, cfg.classes);
-    assert_eq!(model.card.provenance.rounds, 2);
+    let (handle, stop_server) = spawn_server(server, Engine::new(cfg.clone()).unwrap());
+    let checkpoint_head = || Checkpoint::load(&run.checkpoint()).unwrap().global;
+
+    for (i, id) in ids.iter().enumerate() {
+        // The first trains through the run; the second joins once it is over.
+        let mut options = run.options(addr, id);
+        let kept = run.dir.path().join(format!("model-{i}"));
+        options.model_dir = Some(kept.clone());
+        let (_keep, stop) = watch::channel(false);
+        let report = edge_client::net::run(options, shard(i), stop)
+            .await
+            .unwrap();
+        assert_eq!(report.end, RunEnd::RunFinished);
+        assert_eq!(report.final_model_rounds, Some(2), "client {i}");
+        assert_eq!(report.rounds.len(), if i == 0 { 2 } else { 0 });
+        let model = wsa::saved::SavedModel::load(&kept).unwrap();
+        assert_eq!(model.head.to_flat(), checkpoint_head(), "client {i}");
+        assert_eq!(model.card.classes, cfg.classes);
+    }
+    assert!(!handle.is_finished(), "the server lingers");
+    stop_server.send(true).unwrap();
+    let summary = wait_for_exit(tokio::spawn(async move { handle.await.unwrap().unwrap() })).await;
+    assert!(summary.finished);
+    assert_eq!(summary.rounds.len(), 2);
 }
 
 fn init_logs() {

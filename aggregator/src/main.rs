@@ -260,6 +260,11 @@ struct ServeArgs {
     /// The final model's folder, written when the run finishes (docs/model-format.md).
     #[arg(long, default_value = "run/model")]
     model_dir: PathBuf,
+    /// Once the run has finished, keep answering for this many seconds: clients that join
+    /// then (offline at the end, say) get the final model. Also serves a finished run's model
+    /// when restarted on its checkpoint.
+    #[arg(long, default_value_t = 0)]
+    linger: u64,
     /// A labelled set to evaluate every new global head on (accuracy, loss and per-class
     /// accuracy in rounds.jsonl and the round's log line, the confusion matrix in
     /// confusion.csv beside rounds.jsonl at the end). Its classes are matched to the
@@ -308,6 +313,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         checkpoint,
         rounds_log,
         model_dir,
+        linger,
         eval_data,
         eval_format,
         eval_split,
@@ -359,6 +365,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         checkpoint: Some(checkpoint),
         rounds_log: Some(rounds_log.clone()),
         model_dir: Some(model_dir),
+        linger: std::time::Duration::from_secs(linger),
         confusion_csv: eval_data
             .is_some()
             .then(|| rounds_log.with_file_name("confusion.csv")),

@@ -318,7 +318,10 @@ impl Server {
         } else {
             GoodbyeReason::ShuttingDown
         };
-        acceptor.abort();
+        let linger = summary.finished && !self.opts.linger.is_zero();
+        if !linger {
+            acceptor.abort();
+        }
         let mut saying_goodbye = 0usize;
         for (_, (_, out)) in sessions.drain() {
             let goodbye = Outbound::Goodbye {
@@ -341,12 +344,53 @@ impl Server {
             }
         };
         let _ = tokio::time::timeout(GOODBYE_GRACE + Duration::from_millis(500), drain).await;
+        if linger {
+            tracing::info!(
+                seconds = self.opts.linger.as_secs(),
+                "run finished; handing the final model to clients that join"
+            );
+            let handed = tokio::time::timeout(
+                self.opts.linger,
+                hand_out_final_model(&mut events, &mut shutdown, final_model.as_ref()),
+            )
+            .await
+            .unwrap_or(0);
+            tracing::info!(clients = handed, "stopped handing out the final model");
+            acceptor.abort();
+        }
         self.endpoint.close(0u32.into(), b"run over");
         // Release the UDP port before returning, so a restart can bind it again.
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
         match model_error {
             Some(e) => Err(e),
             None => Ok(summary),
+        }
+    }
+}
+
+/// Answers every client that joins a finished run with the final model and the run's goodbye,
+/// until `shutdown`; returns how many it answered.
+async fn hand_out_final_model(
+    events: &mut mpsc::Receiver<FromConnection>,
+    shutdown: &mut watch::Receiver<bool>,
+    final_model: Option<&Arc<Vec<u8>>>,
+) -> usize {
+    let mut handed = 0;
+    loop {
+        tokio::select! {
+            // A dropped sender is no request to stop: the linger's timeout ends it.
+            Ok(()) = shutdown.changed() => return handed,
+            event = events.recv() => match event {
+                Some(FromConnection::Joined { out, .. }) => {
+                    let goodbye = Outbound::Goodbye {
+                        reason: GoodbyeReason::RunFinished,
+                        final_model: final_model.cloned(),
+                    };
+                    handed += usize::from(out.send(goodbye).is_ok());
+                }
+                Some(_) => {}
+                None => return handed,
+            },
         }
     }
 }

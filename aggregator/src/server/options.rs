@@ -50,6 +50,10 @@ pub struct ServerOptions {
     pub rounds_log: Option<PathBuf>,
     /// Where the final model goes when the run finishes (`docs/model-format.md`).
     pub model_dir: Option<PathBuf>,
+    /// How long a finished run keeps answering: a client that joins then (one that was
+    /// offline at the end, say) gets the final model and the run's goodbye. Zero: the server
+    /// returns as soon as the run finishes.
+    pub linger: Duration,
     /// Where the final head's confusion matrix on the evaluation set goes (CSV, rows the true
     /// classes, columns the predicted), when the engine has one.
     pub confusion_csv: Option<PathBuf>,
@@ -83,6 +87,7 @@ impl ServerOptions {
             checkpoint: None,
             rounds_log: None,
             model_dir: None,
+            linger: Duration::ZERO,
             confusion_csv: None,
             stop_after_rounds: None,
             round_observer: None,
