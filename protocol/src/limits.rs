@@ -58,6 +58,11 @@ impl Limits {
                 Ok(())
             }
         };
+        let check_classes = |classes: &[String]| {
+            over("classes", classes.len(), self.max_classes)?;
+            let longest = classes.iter().map(String::len).max().unwrap_or(0);
+            over("class name bytes", longest, self.max_class_name_bytes)
+        };
         match message {
             Message::Hello(h) => {
                 over(
@@ -87,11 +92,7 @@ impl Limits {
                 over("parameters", u.params.count as usize, self.max_params)?;
                 over("scopes", u.scopes.len(), self.max_scopes)?;
             }
-            Message::Welcome(w) => {
-                over("classes", w.classes.len(), self.max_classes)?;
-                let longest = w.classes.iter().map(String::len).max().unwrap_or(0);
-                over("class name bytes", longest, self.max_class_name_bytes)?;
-            }
+            Message::Welcome(w) => check_classes(&w.classes)?,
             Message::FinalModel(m) => {
                 over(
                     "hidden layers",
@@ -99,9 +100,7 @@ impl Limits {
                     self.max_hidden_layers,
                 )?;
                 over("parameters", m.params.count as usize, self.max_params)?;
-                over("classes", m.classes.len(), self.max_classes)?;
-                let longest = m.classes.iter().map(String::len).max().unwrap_or(0);
-                over("class name bytes", longest, self.max_class_name_bytes)?;
+                check_classes(&m.classes)?;
                 // A few backbone files of 64 hex digits each; short labels.
                 over("backbone hashes", m.backbone_sha256.len(), 16)?;
                 let longest = m.backbone_sha256.iter().map(String::len).max().unwrap_or(0);
