@@ -35,6 +35,105 @@ enum Command {
     /// A client process of a run with `--client-processes` (started by the simulator): hosts
     /// clients i with i % groups == group until the run ends.
     Clients(ClientGroup),
+    /// Classify the first test images with a run's final model through `edge-client predict`
+    /// and draw them with their predicted and true labels (`<out>/predictions.png`, the
+    /// images and predictions in `<out>/showcase/`).
+    Showcase(Showcase),
+}
+
+#[derive(Debug, clap::Args)]
+struct Showcase {
+    /// The model folder (a run's `models/<strategy>-seed<k>`).
+    #[arg(long)]
+    model: PathBuf,
+    /// The data's format (as --dataset).
+    #[arg(long, default_value = "fashion-mnist")]
+    dataset: String,
+    /// The data's folder; its test split is used.
+    #[arg(long, default_value = "data/fashion-mnist")]
+    data: PathBuf,
+    /// Images shown.
+    #[arg(long, default_value_t = 12)]
+    count: usize,
+    /// The folder to write into.
+    #[arg(long, default_value = "runs/fleet")]
+    out: PathBuf,
+    /// The edge-client binary [default: beside this one].
+    #[arg(long)]
+    edge_client: Option<PathBuf>,
+}
+
+/// Writes the first test images as PNGs, runs `edge-client predict --json` on them, and
+/// draws the grid.
+fn showcase(args: Showcase) -> Result<()> {
+    let format: datasets::DataFormat = args.dataset.parse().map_err(anyhow::Error::msg)?;
+    let mut set = datasets::read_set(
+        format,
+        &args.data,
+        datasets::Split::Test,
+        &datasets::Limits::default(),
+    )
+    .with_context(|| format!("reading {}", args.data.display()))?;
+    set.images.truncate(args.count);
+    let dir = args.out.join("showcase");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut truth = std::collections::HashMap::new();
+    for (i, (image, &label)) in set.images.iter().zip(&set.labels).enumerate() {
+        let path = dir.join(format!("{i:02}.png"));
+        let (w, h) = (image.width, image.height);
+        let written = if image.channels == 1 {
+            image::GrayImage::from_raw(w, h, image.pixels.clone()).map(|im| im.save(&path))
+        } else {
+            image::RgbImage::from_raw(w, h, image.pixels.clone()).map(|im| im.save(&path))
+        };
+        written
+            .context("image size")?
+            .with_context(|| format!("writing {}", path.display()))?;
+        truth.insert(path, (i, set.class_names[label as usize].clone()));
+    }
+    let edge_client = match args.edge_client {
+        Some(p) => p,
+        None => std::env::current_exe()?.with_file_name("edge-client"),
+    };
+    let output = std::process::Command::new(&edge_client)
+        .arg("predict")
+        .arg("--model")
+        .arg(&args.model)
+        .args(["--json", "--top", "1"])
+        .arg(&dir)
+        .output()
+        .with_context(|| format!("running {}", edge_client.display()))?;
+    ensure!(
+        output.status.success(),
+        "edge-client predict failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    std::fs::write(dir.join("predictions.jsonl"), &output.stdout)?;
+    let mut cells = Vec::new();
+    let mut right = 0;
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let v: serde_json::Value = serde_json::from_str(line)?;
+        let path = PathBuf::from(v["path"].as_str().context("a prediction without a path")?);
+        let (i, true_class) = truth.get(&path).cloned().context("an unknown image")?;
+        let predicted = v["top"][0]["class"].as_str().unwrap_or("?").to_owned();
+        let probability = v["top"][0]["probability"].as_f64().unwrap_or(f64::NAN);
+        let correct = predicted == true_class;
+        right += usize::from(correct);
+        println!(
+            "{}: {predicted} ({probability:.2}), true {true_class}",
+            path.display()
+        );
+        cells.push(wsa_fl::plot::GridCell {
+            image: set.images[i].clone(),
+            predicted: format!("{predicted} ({probability:.2})"),
+            truth: true_class,
+            correct,
+        });
+    }
+    let grid = args.out.join("predictions.png");
+    wsa_fl::plot::prediction_grid(&cells, 6, &grid)?;
+    println!("{right} of {} right; grid: {}", cells.len(), grid.display());
+    Ok(())
 }
 
 #[derive(Debug, clap::Args)]
@@ -269,8 +368,12 @@ struct ClientGroup {
 fn main() -> Result<()> {
     support::logging::init("warn,wsa_fl=info,edge_client=info,edge_client::session=warn");
     let cli = Cli::parse();
-    if let Some(Command::Clients(g)) = cli.command {
-        return wsa_fl::sim::run_client_group(&g.config, g.server, g.seed, g.group, g.groups);
+    match cli.command {
+        Some(Command::Clients(g)) => {
+            return wsa_fl::sim::run_client_group(&g.config, g.server, g.seed, g.group, g.groups);
+        }
+        Some(Command::Showcase(s)) => return showcase(s),
+        None => {}
     }
     let cfg = match cli.run.config.clone() {
         Some(path) => {
