@@ -227,6 +227,70 @@ fn load_font(candidates: &[PathBuf]) -> anyhow::Result<&'static [u8]> {
     ))
 }
 
+/// One image of a prediction grid and what to write under it.
+pub struct GridCell {
+    /// The image (grey or RGB).
+    pub image: datasets::Image,
+    /// The predicted class and its probability.
+    pub predicted: String,
+    /// The true class.
+    pub truth: String,
+    /// Whether the prediction is right (drawn green, else red).
+    pub correct: bool,
+}
+
+/// Draws `cells` in rows of `columns`, each image scaled to a 112-pixel square (nearest
+/// neighbour, so small images stay legible) over its predicted and true labels.
+pub fn prediction_grid(cells: &[GridCell], columns: usize, to: &Path) -> anyhow::Result<()> {
+    const SIDE: u32 = 112;
+    const CELL: (u32, u32) = (200, 170);
+    ensure_font()?;
+    let columns = columns.max(1);
+    let rows = cells.len().div_ceil(columns) as u32;
+    let size = (CELL.0 * columns as u32, CELL.1 * rows.max(1));
+    let root = BitMapBackend::new(to, size).into_drawing_area();
+    root.fill(&WHITE)?;
+    for (k, cell) in cells.iter().enumerate() {
+        let x0 = (k % columns) as u32 * CELL.0 + (CELL.0 - SIDE) / 2;
+        let y0 = (k / columns) as u32 * CELL.1 + 8;
+        let image = &cell.image;
+        let (w, h, c) = (image.width, image.height, u32::from(image.channels));
+        for py in 0..SIDE {
+            for px in 0..SIDE {
+                let (sx, sy) = (px * w / SIDE, py * h / SIDE);
+                let at = ((sy * w + sx) * c) as usize;
+                let color = if c == 1 {
+                    let v = image.pixels[at];
+                    RGBColor(v, v, v)
+                } else {
+                    RGBColor(image.pixels[at], image.pixels[at + 1], image.pixels[at + 2])
+                };
+                root.draw_pixel(((x0 + px) as i32, (y0 + py) as i32), &color)?;
+            }
+        }
+        let color = if cell.correct {
+            RGBColor(0, 130, 0)
+        } else {
+            RGBColor(200, 0, 0)
+        };
+        let text_x = (k % columns) as i32 * CELL.0 as i32 + 8;
+        let text_y = (y0 + SIDE + 6) as i32;
+        root.draw(&Text::new(
+            cell.predicted.clone(),
+            (text_x, text_y),
+            ("sans-serif", 15).into_font().color(&color),
+        ))?;
+        root.draw(&Text::new(
+            format!("true: {}", cell.truth),
+            (text_x, text_y + 19),
+            ("sans-serif", 14).into_font().color(&BLACK),
+        ))?;
+    }
+    root.present()
+        .with_context(|| format!("writing {}", to.display()))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -314,68 +378,4 @@ mod tests {
         let (_, y) = ranges([(1.0, -2.0), (2.0, 3.0)].into_iter());
         assert!(y.start < -2.0 && y.end > 3.0);
     }
-}
-
-/// One image of a prediction grid and what to write under it.
-pub struct GridCell {
-    /// The image (grey or RGB).
-    pub image: datasets::Image,
-    /// The predicted class and its probability.
-    pub predicted: String,
-    /// The true class.
-    pub truth: String,
-    /// Whether the prediction is right (drawn green, else red).
-    pub correct: bool,
-}
-
-/// Draws `cells` in rows of `columns`, each image scaled to a 112-pixel square (nearest
-/// neighbour, so small images stay legible) over its predicted and true labels.
-pub fn prediction_grid(cells: &[GridCell], columns: usize, to: &Path) -> anyhow::Result<()> {
-    const SIDE: u32 = 112;
-    const CELL: (u32, u32) = (200, 170);
-    ensure_font()?;
-    let columns = columns.max(1);
-    let rows = cells.len().div_ceil(columns) as u32;
-    let size = (CELL.0 * columns as u32, CELL.1 * rows.max(1));
-    let root = BitMapBackend::new(to, size).into_drawing_area();
-    root.fill(&WHITE)?;
-    for (k, cell) in cells.iter().enumerate() {
-        let x0 = (k % columns) as u32 * CELL.0 + (CELL.0 - SIDE) / 2;
-        let y0 = (k / columns) as u32 * CELL.1 + 8;
-        let image = &cell.image;
-        let (w, h, c) = (image.width, image.height, u32::from(image.channels));
-        for py in 0..SIDE {
-            for px in 0..SIDE {
-                let (sx, sy) = (px * w / SIDE, py * h / SIDE);
-                let at = ((sy * w + sx) * c) as usize;
-                let color = if c == 1 {
-                    let v = image.pixels[at];
-                    RGBColor(v, v, v)
-                } else {
-                    RGBColor(image.pixels[at], image.pixels[at + 1], image.pixels[at + 2])
-                };
-                root.draw_pixel(((x0 + px) as i32, (y0 + py) as i32), &color)?;
-            }
-        }
-        let color = if cell.correct {
-            RGBColor(0, 130, 0)
-        } else {
-            RGBColor(200, 0, 0)
-        };
-        let text_x = (k % columns) as i32 * CELL.0 as i32 + 8;
-        let text_y = (y0 + SIDE + 6) as i32;
-        root.draw(&Text::new(
-            cell.predicted.clone(),
-            (text_x, text_y),
-            ("sans-serif", 15).into_font().color(&color),
-        ))?;
-        root.draw(&Text::new(
-            format!("true: {}", cell.truth),
-            (text_x, text_y + 19),
-            ("sans-serif", 14).into_font().color(&BLACK),
-        ))?;
-    }
-    root.present()
-        .with_context(|| format!("writing {}", to.display()))?;
-    Ok(())
 }
