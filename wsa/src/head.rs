@@ -377,6 +377,48 @@ impl<F: Real> Head<F> {
 
     /// Mean cross-entropy and accuracy over `x`, in chunks so memory stays bounded.
     pub fn evaluate(&self, x: ArrayView2<'_, F>, labels: &[u32]) -> Result<Evaluation> {
+        self.evaluation_pass(x, labels, |_, _| {})
+    }
+
+    /// [`Head::evaluate`] and each class's accuracy (`None` for a class `labels` lacks), in
+    /// one pass and memory linear in the classes.
+    pub fn evaluate_by_class(
+        &self,
+        x: ArrayView2<'_, F>,
+        labels: &[u32],
+    ) -> Result<(Evaluation, Vec<Option<f64>>)> {
+        let mut hits = vec![0u64; self.spec.classes];
+        let mut totals = vec![0u64; self.spec.classes];
+        let evaluation = self.evaluation_pass(x, labels, |label, predicted| {
+            totals[label] += 1;
+            hits[label] += u64::from(predicted == label);
+        })?;
+        let per_class = hits
+            .iter()
+            .zip(&totals)
+            .map(|(&h, &t)| (t > 0).then(|| h as f64 / t as f64))
+            .collect();
+        Ok((evaluation, per_class))
+    }
+
+    /// `counts[true class][predicted class]` over `x` (argmax of the logits), in chunks;
+    /// quadratic in the classes.
+    pub fn confusion(&self, x: ArrayView2<'_, F>, labels: &[u32]) -> Result<Vec<Vec<u64>>> {
+        let mut counts = vec![vec![0u64; self.spec.classes]; self.spec.classes];
+        self.evaluation_pass(x, labels, |label, predicted| {
+            counts[label][predicted] += 1;
+        })?;
+        Ok(counts)
+    }
+
+    /// Runs `x` through the head in chunks, calling `on_prediction(label, predicted)` for
+    /// every row (the first largest logit, as accuracy counts it); returns loss and accuracy.
+    fn evaluation_pass(
+        &self,
+        x: ArrayView2<'_, F>,
+        labels: &[u32],
+        mut on_prediction: impl FnMut(usize, usize),
+    ) -> Result<Evaluation> {
         check_batch(&self.spec, x, labels)?;
         const CHUNK: usize = 1024;
         let mut ws = Workspace::new(&self.spec, CHUNK.min(x.nrows()));
@@ -386,6 +428,17 @@ impl<F: Real> Head<F> {
             let b = end - start;
             ws.input_mut(b).assign(&x.slice(s![start..end, ..]));
             self.forward(&mut ws, b);
+            let logits = ws.acts[self.layers.len()].slice(s![..b, ..]);
+            for (row, &label) in logits.rows().into_iter().zip(&labels[start..end]) {
+                let (mut predicted, mut max) = (0, row[0]);
+                for (k, &z) in row.iter().enumerate() {
+                    if z > max {
+                        max = z;
+                        predicted = k;
+                    }
+                }
+                on_prediction(label as usize, predicted);
+            }
             let (l, c) = ws.softmax_xent(self.layers.len(), &labels[start..end]);
             loss += l;
             correct += c;
@@ -395,33 +448,6 @@ impl<F: Real> Head<F> {
             loss: loss / n,
             accuracy: correct as f64 / n,
         })
-    }
-
-    /// `counts[true class][predicted class]` over `x` (argmax of the logits), in chunks.
-    pub fn confusion(&self, x: ArrayView2<'_, F>, labels: &[u32]) -> Result<Vec<Vec<u64>>> {
-        check_batch(&self.spec, x, labels)?;
-        const CHUNK: usize = 1024;
-        let mut counts = vec![vec![0u64; self.spec.classes]; self.spec.classes];
-        let mut ws = Workspace::new(&self.spec, CHUNK.min(x.nrows()));
-        for start in (0..x.nrows()).step_by(CHUNK) {
-            let end = (start + CHUNK).min(x.nrows());
-            let b = end - start;
-            ws.input_mut(b).assign(&x.slice(s![start..end, ..]));
-            self.forward(&mut ws, b);
-            let logits = ws.acts[self.layers.len()].slice(s![..b, ..]);
-            for (row, &label) in logits.rows().into_iter().zip(&labels[start..end]) {
-                // The first largest logit, as `evaluate` counts accuracy.
-                let (mut predicted, mut max) = (0, row[0]);
-                for (k, &z) in row.iter().enumerate() {
-                    if z > max {
-                        max = z;
-                        predicted = k;
-                    }
-                }
-                counts[label as usize][predicted] += 1;
-            }
-        }
-        Ok(counts)
     }
 
     /// Mean cross-entropy over the batch and its gradient (allocating; the trainer uses a

@@ -88,6 +88,18 @@ fn the_confusion_matrix_agrees_with_evaluate_and_the_logits() {
         .unwrap()
         .accuracy;
     assert_eq!(diagonal as f64 / test_set.len() as f64, accuracy);
+    // The one-pass per-class accuracy is the matrix's diagonal over its rows.
+    let (evaluation, per_class) = head
+        .evaluate_by_class(test_set.x(), test_set.labels())
+        .unwrap();
+    assert_eq!(evaluation.accuracy, accuracy);
+    for (k, row) in counts.iter().enumerate() {
+        let total: u64 = row.iter().sum();
+        assert_eq!(
+            per_class[k],
+            (total > 0).then(|| row[k] as f64 / total as f64)
+        );
+    }
 }
 
 fn total_kl(scopes: &[Scope], targets: &[Scope]) -> f64 {

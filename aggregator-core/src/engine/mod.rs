@@ -384,7 +384,8 @@ impl Engine {
         Head::from_flat(&self.config.head, &self.global).expect("the global head is valid")
     }
 
-    /// `counts[true][predicted]` of the global head on the test set, when one was given.
+    /// `counts[true][predicted]` of the global head on the test set, when one was given
+    /// (quadratic in the classes: for the end of a run, not every round).
     pub fn test_confusion(&self) -> Option<Vec<Vec<u64>>> {
         let test = self.test.as_ref()?;
         self.global_head()
@@ -721,17 +722,19 @@ impl Engine {
             self.attempt = 0;
             self.history.rounds_closed += 1;
             let head = self.global_head();
-            let evaluate = |data: &Option<LabelledFeatures>| {
-                let data = data.as_ref()?;
+            eval = self.validation.as_ref().and_then(|data| {
                 head.evaluate(data.x(), data.labels())
                     .inspect_err(|e| warn!(error = %e, "evaluation of the new global head failed"))
                     .ok()
-            };
-            eval = evaluate(&self.validation);
-            test_eval = evaluate(&self.test);
-            test_per_class = self
-                .test_confusion()
-                .map(|counts| per_class_accuracy(&counts));
+            });
+            if let Some(test) = &self.test
+                && let Ok((evaluation, per_class)) = head
+                    .evaluate_by_class(test.x(), test.labels())
+                    .inspect_err(|e| warn!(error = %e, "evaluation of the new global head failed"))
+            {
+                test_eval = Some(evaluation);
+                test_per_class = Some(per_class);
+            }
         } else {
             closed_by = ClosedBy::Failed;
             self.attempt = self.attempt.saturating_add(1);
@@ -969,18 +972,6 @@ impl Engine {
             step_norms: Vec::new(),
         });
     }
-}
-
-/// Each class's accuracy (its diagonal count over its row), `None` for a class with no rows.
-pub fn per_class_accuracy(counts: &[Vec<u64>]) -> Vec<Option<f64>> {
-    counts
-        .iter()
-        .enumerate()
-        .map(|(k, row)| {
-            let total: u64 = row.iter().sum();
-            (total > 0).then(|| row[k] as f64 / total as f64)
-        })
-        .collect()
 }
 
 /// Consecutive failed attempts of one round from which each failure is logged as an error.

@@ -234,6 +234,7 @@ impl Server {
                             }
                         }
                         if let Some(path) = &self.opts.confusion_csv
+                            && engine.config().classes.len() <= MAX_CONFUSION_CLASSES
                             && let Some(counts) = engine.test_confusion()
                             && let Err(e) = write_confusion(path, &engine.config().classes, &counts)
                         {
@@ -394,6 +395,10 @@ async fn hand_out_final_model(
         }
     }
 }
+
+/// The most classes a confusion matrix is written for: beyond, its k² cells (80 MB of CSV at
+/// 1,000 classes) are more than anyone reads; per-class accuracy is in every round's line.
+const MAX_CONFUSION_CLASSES: usize = 1_000;
 
 /// Connection events the run loop may have waiting; connections wait beyond it.
 const EVENT_QUEUE: usize = 4096;
