@@ -29,11 +29,7 @@ async fn two_clients_train_on_real_backbone_features_over_quic() {
         return;
     };
     let backbone = Backbone::load(&model, 64).unwrap();
-    let backbone_sha: String = backbone
-        .sha256()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let backbone_sha = backbone.sha256_hex();
     let shards: Vec<(String, LocalData)> = (0..2)
         .map(|c| {
             let range = c * per_client..(c + 1) * per_client;

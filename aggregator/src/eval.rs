@@ -23,18 +23,9 @@ pub fn load_eval_set(
         .with_context(|| format!("reading the evaluation set {}", path.display()))?;
     let side = config.backbone.side as usize;
     let backbone = edge_client::Backbone::load(backbone_path, side)?;
-    let sha: String = backbone
-        .sha256()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let sha = backbone.sha256_hex();
     anyhow::ensure!(
-        config.backbone.sha256.is_empty()
-            || config
-                .backbone
-                .sha256
-                .iter()
-                .any(|h| h.eq_ignore_ascii_case(&sha)),
+        edge_client::predict::names_backbone(&config.backbone.sha256, &sha),
         "{} (sha256 {sha}) is not a backbone the run names in [backbone]; its features would \
          not be the clients'",
         backbone_path.display()

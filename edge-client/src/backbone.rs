@@ -103,6 +103,11 @@ impl Backbone {
         self.sha256
     }
 
+    /// The same, in hex: how run configs and model folders name a backbone.
+    pub fn sha256_hex(&self) -> String {
+        hex::encode(self.sha256)
+    }
+
     fn state(&self) -> Result<TypedSimpleState, BackboneError> {
         TypedSimpleState::new(&self.plan).map_err(|e| self.model_error(e))
     }

@@ -38,20 +38,19 @@ pub enum ExportError {
     },
 }
 
-/// Writes `out`: the backbone ONNX at `backbone` followed by `model`'s head and a softmax.
-/// The caller has checked that the backbone is one the model names.
-pub fn export_onnx(backbone: &Path, model: &SavedModel, out: &Path) -> Result<(), ExportError> {
-    let io = |path: &Path| {
-        let path = path.display().to_string();
-        move |source| ExportError::Io { path, source }
-    };
+/// Writes `out`: the backbone ONNX (`bytes`, read from `backbone`) followed by `model`'s head
+/// and a softmax. The caller has checked that the backbone is one the model names.
+pub fn export_onnx(
+    backbone: &Path,
+    bytes: &[u8],
+    model: &SavedModel,
+    out: &Path,
+) -> Result<(), ExportError> {
     let bad = |reason: String| ExportError::Backbone {
         path: backbone.display().to_string(),
         reason,
     };
-    let bytes = std::fs::read(backbone).map_err(io(backbone))?;
-    let mut onnx =
-        ModelProto::decode(bytes.as_slice()).map_err(|e| bad(format!("not an ONNX model: {e}")))?;
+    let mut onnx = ModelProto::decode(bytes).map_err(|e| bad(format!("not an ONNX model: {e}")))?;
     let graph = onnx.graph.as_mut().ok_or_else(|| bad("no graph".into()))?;
     let [features] = &graph.output[..] else {
         return Err(bad(format!(
@@ -148,7 +147,10 @@ pub fn export_onnx(backbone: &Path, model: &SavedModel, out: &Path) -> Result<()
         ),
     ]);
     onnx.producer_name = "wsa-fl edge-client export".into();
-    support::fs::write_atomic(out, &onnx.encode_to_vec()).map_err(io(out))
+    support::fs::write_atomic(out, &onnx.encode_to_vec()).map_err(|source| ExportError::Io {
+        path: out.display().to_string(),
+        source,
+    })
 }
 
 fn node(op: &str, input: &str, output: &str) -> NodeProto {

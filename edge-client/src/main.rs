@@ -448,7 +448,7 @@ fn main() -> Result<()> {
                 .with_context(|| format!("reading {}", backbone.display()))?;
             let sha: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&bytes).into();
             edge_client::predict::check_backbone(&model, &saved, &backbone, &sha)?;
-            edge_client::export::export_onnx(&backbone, &saved, &out)?;
+            edge_client::export::export_onnx(&backbone, &bytes, &saved, &out)?;
             println!(
                 "wrote {} ({} bytes): input \"input\" [N, 3, {side}, {side}], output \"probabilities\" [N, {}]",
                 out.display(),

@@ -131,14 +131,14 @@ pub fn check_backbone(
             ours: ours.id,
         });
     }
-    let found: String = sha256.iter().map(|b| format!("{b:02x}")).collect();
+    let found = hex::encode(sha256);
     if card.sha256.is_empty() {
         tracing::warn!(
             model = %model_dir.display(),
             "the model names no backbone; using {} unchecked",
             backbone_path.display()
         );
-    } else if !card.sha256.iter().any(|h| h.eq_ignore_ascii_case(&found)) {
+    } else if !names_backbone(&card.sha256, &found) {
         return Err(PredictError::WrongBackbone {
             model: model_dir.display().to_string(),
             expected: card.sha256.join(" or "),
@@ -147,6 +147,12 @@ pub fn check_backbone(
         });
     }
     Ok(())
+}
+
+/// Whether a list of backbone hashes (a run's `[backbone]`, a model's card) names the one
+/// with `sha256_hex`; an empty list names none and checks nothing.
+pub fn names_backbone(listed: &[String], sha256_hex: &str) -> bool {
+    listed.is_empty() || listed.iter().any(|h| h.eq_ignore_ascii_case(sha256_hex))
 }
 
 /// Probabilities from logits, shifted by the largest so that no exponential overflows.

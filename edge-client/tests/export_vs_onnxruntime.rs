@@ -42,11 +42,7 @@ fn exported_onnx_matches_the_rust_path_under_onnxruntime() {
     // A head with weights large enough that its probabilities are far from uniform.
     let dir = tempfile::tempdir().unwrap();
     let backbone = Backbone::load(&model, SIDE).unwrap();
-    let sha: String = backbone
-        .sha256()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let sha = backbone.sha256_hex();
     let head = Head::init(&HeadSpec::mlp(backbone.dim(), &[32], 10), Init::He, 5).unwrap();
     let saved = SavedModel::new(
         head,
@@ -84,7 +80,8 @@ fn exported_onnx_matches_the_rust_path_under_onnxruntime() {
     );
 
     let exported = dir.path().join("model.onnx");
-    edge_client::export::export_onnx(&model, &saved, &exported).unwrap();
+    let onnx = std::fs::read(&model).unwrap();
+    edge_client::export::export_onnx(&model, &onnx, &saved, &exported).unwrap();
     let plane = 3 * SIDE * SIDE;
     let mut input = vec![0f32; IMAGES * plane];
     for (image, out) in set.images.iter().zip(input.chunks_exact_mut(plane)) {

@@ -104,13 +104,7 @@ pub(crate) fn load_data(source: &DataSource) -> Result<Dataset> {
                 test: test_features,
                 classes: train.class_names,
                 backbone: BackboneRef {
-                    sha256: vec![
-                        backbone
-                            .sha256()
-                            .iter()
-                            .map(|b| format!("{b:02x}"))
-                            .collect(),
-                    ],
+                    sha256: vec![backbone.sha256_hex()],
                     side: *side as u32,
                 },
             })
