@@ -96,6 +96,8 @@ pub async fn run(
     let local: LocalData = data.into();
     // The rows under the run's numbering, set at each welcome before any task is accepted.
     let mut data: Arc<LabelledFeatures> = Arc::clone(local.features());
+    // The run's numbering `data` is under: the local → run map and the class count.
+    let mut numbering: Option<(Vec<u32>, usize)> = None;
     let config = protocol::quic::client_config(&opts.ca_cert, &opts.quic)
         .map_err(|e| ClientError::Setup(e.to_string()))?;
     let bind: SocketAddr = if opts.server.is_ipv6() {
@@ -143,12 +145,24 @@ pub async fn run(
                     link.tasks
                         .push(spawn_connect(&endpoint, &opts, *hello, epoch, &tx));
                 }
-                Action::UseClasses { map, classes } => match local.relabel(&map, classes) {
-                    Ok(relabelled) => data = relabelled,
-                    Err(e) => {
-                        break 'run Err(ClientError::Setup(format!("relabelling the data: {e}")));
+                // Every welcome of a run names the same classes: the rows are copied once, not
+                // at each reconnect.
+                Action::UseClasses { map, classes }
+                    if numbering.as_ref() != Some(&(map.clone(), classes)) =>
+                {
+                    match local.relabel(&map, classes) {
+                        Ok(relabelled) => {
+                            data = relabelled;
+                            numbering = Some((map, classes));
+                        }
+                        Err(e) => {
+                            break 'run Err(ClientError::Setup(format!(
+                                "relabelling the data: {e}"
+                            )));
+                        }
                     }
-                },
+                }
+                Action::UseClasses { .. } => {}
                 Action::AcceptTask => {
                     if let Some(conn) = link.conn.clone() {
                         link.tasks.push(spawn_accept(conn, opts.limits, epoch, &tx));
