@@ -15,7 +15,7 @@ use edge_client::Adversary;
 use protocol::Encoding;
 use wsa::Sgd;
 use wsa_fl::partition::PartitionKind;
-use wsa_fl::sim::{Byzantine, DataSource, FleetConfig, markdown_table, run_fleet};
+use wsa_fl::sim::{Byzantine, DataSource, FleetConfig, FleetSummary, markdown_table, run_fleet};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -215,6 +215,10 @@ struct Args {
     /// Fraction of the training images held out as the validation split (for choosing λ).
     #[arg(long, default_value_t = 0.0)]
     validation_fraction: f64,
+    /// The share of its rows each client holds out of training to measure each round's
+    /// global head on (federated evaluation; at most 0.5).
+    #[arg(long, default_value_t = 0.0)]
+    eval_fraction: f64,
     /// Run the clients in this many separate processes (0: all in this process).
     #[arg(long, default_value_t = 0)]
     client_processes: usize,
@@ -256,8 +260,12 @@ struct Args {
     /// Rerun a run exactly (same data, partition, seeds and settings) from its run folder's
     /// `config.json`; the other run flags are ignored, but --out, which defaults to the
     /// configuration's own folder.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume")]
     config: Option<PathBuf>,
+    /// Continue the sweep in this run folder where it stopped: runs whose every round is in
+    /// its rounds.csv are kept, the others run again; the other run flags are ignored.
+    #[arg(long)]
+    resume: Option<PathBuf>,
 }
 
 fn byzantine(fraction: f64, attack: Adversary) -> Result<Option<Byzantine>> {
@@ -341,6 +349,7 @@ fn config(args: Args) -> Result<FleetConfig> {
         update_encoding: args.encoding,
         target_accuracy: args.target,
         validation_fraction: args.validation_fraction,
+        eval_fraction: args.eval_fraction,
         client_processes: args.client_processes,
         out: args.out.unwrap_or_else(|| "runs/fleet".into()),
     })
@@ -375,6 +384,10 @@ fn main() -> Result<()> {
         Some(Command::Showcase(s)) => return showcase(s),
         None => {}
     }
+    if let Some(out) = &cli.run.resume {
+        let summary = wsa_fl::sim::resume_fleet(out)?;
+        return report(&summary);
+    }
     let cfg = match cli.run.config.clone() {
         Some(path) => {
             let mut cfg: FleetConfig = serde_json::from_str(
@@ -390,8 +403,12 @@ fn main() -> Result<()> {
         None => config(cli.run)?,
     };
     anyhow::ensure!(cfg.clients > 0, "need at least one client");
-    let summary = run_fleet(&cfg)?;
-    println!("{}", markdown_table(&summary));
+    report(&run_fleet(&cfg)?)
+}
+
+/// Prints a finished sweep's table and where its files are.
+fn report(summary: &FleetSummary) -> Result<()> {
+    println!("{}", markdown_table(summary));
     println!(
         "{} train / {} test rows × {} features; partition skew {:?}; {:.0} s in all ({:.0} s features)",
         summary.data_shape.0,
@@ -409,6 +426,6 @@ fn main() -> Result<()> {
         println!("peak RSS of this process: {rss:.0} MiB");
     }
     println!("plot: {}", summary.plot.display());
-    println!("run folder: {}", cfg.out.display());
+    println!("run folder: {}", summary.config.out.display());
     Ok(())
 }

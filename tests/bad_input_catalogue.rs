@@ -64,6 +64,7 @@ fn update_with(task: &RoundTask, client: &str, params: &[f32]) -> Update {
             kl: 0.0,
             steps: 4,
             train_ms: 1,
+            held_out: None,
         },
         digest: [0; 32],
     }

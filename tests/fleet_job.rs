@@ -1,6 +1,6 @@
 //! The main job's binary: a small fleet (8 clients, 3 rounds, synthetic features) through real
-//! QUIC writes a complete run folder: config, partition, per-round CSV and JSON, a summary, the
-//! markdown table and the plot.
+//! QUIC writes a complete run folder: config, partition, per-round CSV and JSON lines, a
+//! summary, the markdown table and the plot; a sweep cut short resumes where it stopped.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -93,7 +93,7 @@ fn a_small_fleet_writes_its_run_folder() {
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 5_000);
     for file in [
         "config.json",
-        "rounds.json",
+        "rounds.jsonl",
         "table.md",
         "partition-seed0.json",
     ] {
@@ -123,7 +123,7 @@ fn a_small_fleet_writes_its_run_folder() {
         std::fs::read_to_string(dir.join("rounds.csv"))
             .unwrap()
             .lines()
-            .filter(|l| l.starts_with("\"fedavg\""))
+            .filter(|l| l.starts_with("fedavg,"))
             // strategy, seed, round, test and validation accuracy: wall times differ.
             .map(|l| l.split(',').take(5).collect::<Vec<_>>().join(","))
             .collect()
@@ -251,5 +251,98 @@ fn failed_attempts_stay_in_rounds_csv() {
             .filter(|l| l.contains("\"closed_by\":\"failed\""))
             .count(),
         failed.len()
+    );
+}
+
+/// Clients hold a fifth of their rows out and report each round's head on them; the sweep is
+/// then cut short as a crash would leave it (one run finished, one half done, a torn last
+/// line) and `--resume` finishes it: the finished run's rows are kept as they were, the rest
+/// run again to the same figures.
+#[test]
+fn federated_evaluation_and_a_sweep_that_resumes_after_a_crash() {
+    let out = tempfile::tempdir().unwrap();
+    let args = [
+        &SMALL_FLEET[..],
+        &["--strategies", "fedavg,wsa:10", "--eval-fraction", "0.2"],
+    ]
+    .concat();
+    wsa_fl(&args, out.path());
+    let csv_path = out.path().join("rounds.csv");
+    let full = std::fs::read_to_string(&csv_path).unwrap();
+    let lines: Vec<&str> = full.lines().collect();
+    assert_eq!(lines.len(), 1 + 3 * 3, "{full}");
+    let column = |name: &str| lines[0].split(',').position(|c| c == name).unwrap();
+    let federated = column("federated_accuracy");
+    for line in &lines[1..] {
+        let accuracy: f64 = line.split(',').nth(federated).unwrap().parse().unwrap();
+        if line.starts_with("centralized,") {
+            assert!(accuracy.is_nan(), "{line}");
+        } else {
+            assert!(accuracy > 0.0 && accuracy <= 1.0, "{line}");
+        }
+    }
+    let jsonl = std::fs::read_to_string(out.path().join("aggregator-rounds.jsonl")).unwrap();
+    for line in jsonl.lines() {
+        let round: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(round["federated_eval"]["clients"], 4, "{line}");
+        // 1,600 rows less a tenth of validation... none here: 1,600 rows over 8 clients, a
+        // fifth of the 4 asked clients' rows held out.
+        let samples = round["federated_eval"]["samples"].as_u64().unwrap();
+        assert!((100..=500).contains(&samples), "{line}");
+    }
+    let json_rows = std::fs::read_to_string(out.path().join("rounds.jsonl")).unwrap();
+    assert_eq!(json_rows.lines().count(), 3 * 3);
+
+    // The crash: fedavg finished, wsa one round in, its second row torn.
+    let wsa_rows: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|l| l.starts_with("wsa"))
+        .collect();
+    let fedavg_rows: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|l| l.starts_with("fedavg,"))
+        .collect();
+    let torn = &wsa_rows[1][..wsa_rows[1].len() / 3];
+    let cut = [&[lines[0]][..], &fedavg_rows, &[wsa_rows[0], torn]]
+        .concat()
+        .join("\n");
+    std::fs::write(&csv_path, cut).unwrap();
+    std::fs::remove_file(out.path().join("summary.json")).unwrap();
+
+    let resumed = Command::new(env!("CARGO_BIN_EXE_wsa-fl"))
+        .arg("--resume")
+        .arg(out.path())
+        .env("RUST_LOG", "error")
+        .output()
+        .unwrap();
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    let after = std::fs::read_to_string(&csv_path).unwrap();
+    let after: Vec<&str> = after.lines().collect();
+    assert_eq!(after.len(), lines.len(), "{after:?}");
+    // Kept byte for byte, wall times included: they did not run again.
+    assert_eq!(&after[1..4], &fedavg_rows[..]);
+    // strategy, seed, round, test and validation accuracy: the rerun computes the same.
+    let figures = |rows: &[&str], prefix: &str| -> Vec<String> {
+        rows.iter()
+            .filter(|l| l.starts_with(prefix))
+            .map(|l| l.split(',').take(5).collect::<Vec<_>>().join(","))
+            .collect()
+    };
+    for prefix in ["wsa", "centralized,"] {
+        assert_eq!(figures(&after, prefix), figures(&lines, prefix), "{prefix}");
+    }
+    assert!(out.path().join("summary.json").is_file());
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("rounds.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        3 * 3
     );
 }

@@ -80,6 +80,7 @@ fn update(spec: &HeadSpec, global: &[f32], round: u64, i: usize, encoding: Encod
             kl: 0.01,
             steps: 10,
             train_ms: 100,
+            held_out: None,
         },
         digest: [0; 32],
     }

@@ -12,8 +12,8 @@ use aggregator_core::engine::{
 };
 use aggregator_core::strategy::{Aggregation, Strategy, TargetFusion, capped_weights};
 use protocol::{
-    Capabilities, EncodedParams, Encoding, Outcome, RejectReason, RoundTask, RowLayout, Update,
-    UpdateMetrics, WireScope,
+    Capabilities, EncodedParams, Encoding, HeldOutEval, Outcome, RejectReason, RoundTask,
+    RowLayout, Update, UpdateMetrics, WireScope,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -208,6 +208,7 @@ fn update_with(task: &RoundTask, client: &str, n_samples: u64, params: &[f32]) -
             kl: 0.1,
             steps: 3,
             train_ms: 5,
+            held_out: None,
         },
         digest: [0; 32],
     }
@@ -721,6 +722,55 @@ fn non_finite_parameters_scopes_and_metrics() {
     let mut u = perturbed(&task, "a", 10, 1);
     u.metrics.kl = f64::INFINITY;
     assert_eq!(sim.rejection("a", u.seal()), RejectReason::NonFinite);
+}
+
+#[test]
+fn held_out_reports_are_checked_and_summarized_in_the_round_report() {
+    let mut sim = Sim::start(config(Strategy::FedAvg), &[("a", 100), ("b", 100)]);
+    let held = |samples, loss, accuracy| {
+        Some(HeldOutEval {
+            samples,
+            loss,
+            accuracy,
+        })
+    };
+    let with = |mut u: Update, held_out| {
+        u.metrics.held_out = held_out;
+        u.seal()
+    };
+    let task = sim.task("a");
+    // Impossible figures, and more rows than the hello counted beside the training rows.
+    for bad in [
+        held(10, 0.5, 1.5),
+        held(10, -1.0, 0.5),
+        held(10, f64::NAN, 0.5),
+        held(0, 0.5, 0.5),
+        held(11, 0.5, 0.5),
+    ] {
+        let u = with(perturbed(&task, "a", 90, 1), bad);
+        assert!(
+            matches!(sim.rejection("a", u), RejectReason::Malformed(_)),
+            "{bad:?}"
+        );
+    }
+    let u = with(perturbed(&task, "a", 90, 1), held(10, 0.5, 0.9));
+    assert_eq!(sim.verdict("a", u), Outcome::Accepted);
+    let u = with(perturbed(&sim.task("b"), "b", 70, 2), held(30, 1.0, 0.5));
+    let report = reports(&sim.send("b", u)).pop().unwrap();
+    let f = report.federated_eval.expect("both clients reported");
+    assert_eq!((f.clients, f.samples), (2, 40));
+    assert!(
+        (f.accuracy - (10.0 * 0.9 + 30.0 * 0.5) / 40.0).abs() < 1e-12,
+        "{f:?}"
+    );
+    assert_eq!((f.accuracy_min, f.accuracy_max), (0.5, 0.9));
+    // A round without reports has none.
+    let task = sim.task("a");
+    sim.verdict("a", perturbed(&task, "a", 90, 3));
+    let report = reports(&sim.send("b", perturbed(&sim.task("b"), "b", 90, 4)))
+        .pop()
+        .unwrap();
+    assert_eq!(report.federated_eval, None);
 }
 
 #[test]

@@ -120,6 +120,7 @@ fn default_config() -> EngineConfig {
         MOBILENET_V2_NNEF_SHA256.to_owned(),
     ];
     config.aggregation = Aggregation::Median;
+    config.eval_fraction = 0.1;
     config.quorum = 4;
     config.min_connected = 4;
     config
@@ -146,6 +147,14 @@ const CONFIG_HEADER: &str = r#"# The aggregator's run configuration (aggregator 
 # Backbone: [backbone] names the feature extractor the clients run (the sha256 of each file
 # that produces the same features, and the input side). It goes into the final model folder
 # (run/model/model.json) so that the head is used only with the features it was trained on.
+#
+# Evaluation: eval_fraction = 0.1 has each client hold a tenth of its rows out of training
+# and measure every round's global head on them before it trains (federated evaluation: the
+# round log's federated_accuracy, rounds.jsonl's federated_eval with the weighted mean, spread,
+# median, worst and best client). These are the clients' own figures: the server checks that
+# each is possible and caps each client's weight as it caps training weights, but cannot
+# measure them; `serve --eval-data DIR` measures the head itself on a labelled set you hold.
+# 0 turns it off (every row trains); at most 0.5.
 #
 # Trust: the server weighs and bounds from what it measures, never from what a client claims.
 # - quorum = 4, min_connected = 4: a round opens with at least 4 clients connected and moves

@@ -31,4 +31,4 @@ pub use backbone::{Backbone, INPUT_SIDES};
 pub use error::{BackboneError, FeatureError};
 pub use features::cached_features;
 pub use labels::{ClassError, LocalData};
-pub use round::{ClientUpdate, TrainingTask, local_round};
+pub use round::{ClientUpdate, TrainingTask, evaluate_held_out, local_round};

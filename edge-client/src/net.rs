@@ -23,7 +23,7 @@ use wsa::LabelledFeatures;
 use crate::labels::LocalData;
 
 use crate::attack::Adversary;
-use crate::round::local_round;
+use crate::round::{evaluate_held_out, local_round};
 use crate::session::{Action, Event, Identity, Session};
 pub use crate::session::{Backoff, ClientError, ClientReport, RoundRecord, RunEnd};
 
@@ -94,10 +94,12 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<ClientReport, ClientError> {
     let local: LocalData = data.into();
-    // The rows under the run's numbering, set at each welcome before any task is accepted.
+    // The rows under the run's numbering, set at each welcome before any task is accepted:
+    // those to train on, and those held out to evaluate each round's global head.
     let mut data: Arc<LabelledFeatures> = Arc::clone(local.features());
-    // The run's numbering `data` is under: the local → run map and the class count.
-    let mut numbering: Option<(Vec<u32>, usize)> = None;
+    let mut held_out: Option<Arc<LabelledFeatures>> = None;
+    // What `data` is under: the local → run map, the class count and the held-out share.
+    let mut numbering: Option<(Vec<u32>, usize, f64)> = None;
     let config = protocol::quic::client_config(&opts.ca_cert, &opts.quic)
         .map_err(|e| ClientError::Setup(e.to_string()))?;
     let bind: SocketAddr = if opts.server.is_ipv6() {
@@ -145,19 +147,35 @@ pub async fn run(
                     link.tasks
                         .push(spawn_connect(&endpoint, &opts, *hello, epoch, &tx));
                 }
-                // Every welcome of a run names the same classes: the rows are copied once, not
-                // at each reconnect.
-                Action::UseClasses { map, classes }
-                    if numbering.as_ref() != Some(&(map.clone(), classes)) =>
-                {
-                    match local.relabel(&map, classes) {
-                        Ok(relabelled) => {
-                            data = relabelled;
-                            numbering = Some((map, classes));
+                // Every welcome of a run says the same: the rows are copied once, not at each
+                // reconnect. The split is a function of the rows, the share and this client's
+                // seed, so a reconnect never moves a held-out row into training.
+                Action::UseClasses {
+                    map,
+                    classes,
+                    eval_fraction,
+                } if numbering.as_ref() != Some(&(map.clone(), classes, eval_fraction)) => {
+                    let split = local.relabel(&map, classes).and_then(|relabelled| {
+                        if eval_fraction == 0.0 {
+                            return Ok((relabelled, None));
+                        }
+                        let (train, held) = relabelled.hold_out(eval_fraction, client_seed)?;
+                        Ok((Arc::new(train), held.map(Arc::new)))
+                    });
+                    match split {
+                        Ok((train, held)) => {
+                            tracing::info!(
+                                client = %opts.client_id,
+                                train = train.len(),
+                                held_out = held.as_ref().map_or(0, |h| h.len()),
+                                "data split for the run"
+                            );
+                            (data, held_out) = (train, held);
+                            numbering = Some((map, classes, eval_fraction));
                         }
                         Err(e) => {
                             break 'run Err(ClientError::Setup(format!(
-                                "relabelling the data: {e}"
+                                "preparing the data for the run: {e}"
                             )));
                         }
                     }
@@ -169,10 +187,14 @@ pub async fn run(
                     }
                 }
                 Action::Train(task) => {
-                    let (data, tx) = (Arc::clone(&data), tx.clone());
+                    let (data, held_out, tx) = (Arc::clone(&data), held_out.clone(), tx.clone());
                     let adversary = opts.adversary.clone();
                     let training = tokio::task::spawn_blocking(move || {
+                        let held_out = held_out
+                            .map(|rows| evaluate_held_out(&task, &rows))
+                            .transpose()?;
                         let mut update = local_round(&task, &data, client_seed)?;
+                        update.held_out = held_out;
                         if let Some(a) = &adversary {
                             a.corrupt(&task, &mut update)?;
                         }

@@ -1,5 +1,6 @@
 //! The client's side of one round, free of sockets.
 
+use protocol::HeldOutEval;
 use wsa::{Head, LabelledFeatures, Scope, TrainConfig, TrainMetrics};
 
 /// What a client trains in one round: the aggregator's round task (the wire's
@@ -25,6 +26,8 @@ pub struct ClientUpdate {
     pub scopes: Vec<Scope>,
     /// Loss, accuracy, regularizer values and sample counts.
     pub metrics: TrainMetrics,
+    /// The task's global head on the rows held out of training ([`evaluate_held_out`]).
+    pub held_out: Option<HeldOutEval>,
 }
 
 /// Trains the task's head on `data` and packages the result. `client_seed` decorrelates the
@@ -42,5 +45,20 @@ pub fn local_round(
         params: outcome.head.to_flat(),
         scopes: outcome.scopes,
         metrics: outcome.metrics,
+        held_out: None,
+    })
+}
+
+/// The task's global head on rows the client holds out of training: federated evaluation of
+/// the head the last round produced.
+pub fn evaluate_held_out(
+    task: &TrainingTask,
+    held_out: &LabelledFeatures,
+) -> wsa::Result<HeldOutEval> {
+    let e = task.global.evaluate(held_out.x(), held_out.labels())?;
+    Ok(HeldOutEval {
+        samples: held_out.len() as u64,
+        loss: e.loss,
+        accuracy: e.accuracy,
     })
 }

@@ -16,8 +16,8 @@
 use std::time::Duration;
 
 use protocol::{
-    Auth, Capabilities, EncodedParams, Goodbye, GoodbyeReason, Hello, Message, Outcome,
-    PROTOCOL_VERSION, RejectReason, RoundTask, RowLayout, Subject, Update, UpdateMetrics,
+    Auth, Capabilities, EncodedParams, Goodbye, GoodbyeReason, HeldOutEval, Hello, Message,
+    Outcome, PROTOCOL_VERSION, RejectReason, RoundTask, RowLayout, Subject, Update, UpdateMetrics,
     WireScope,
 };
 use serde::Serialize;
@@ -81,6 +81,9 @@ pub struct RoundRecord {
     pub n_samples: u64,
     /// The scopes sent with the update.
     pub scopes: Vec<WireScope>,
+    /// The task's global head on the rows held out of training, when the run holds any out.
+    #[serde(default)]
+    pub held_out: Option<HeldOutEval>,
 }
 
 /// How a client's run ended.
@@ -173,12 +176,15 @@ pub enum Action {
     /// Connect, open the control stream and send this hello on it.
     Connect(Box<Message>),
     /// From now on train on the local rows relabelled by `map` (local label → the run's
-    /// class index) into the run's `classes` classes.
+    /// class index) into the run's `classes` classes, less `eval_fraction` of them held out
+    /// to measure each task's global head on ([`crate::evaluate_held_out`]).
     UseClasses {
         /// The run's index of each local class.
         map: Vec<u32>,
         /// The run's class count.
         classes: usize,
+        /// The share of the rows to hold out of training, in `[0, 1)`.
+        eval_fraction: f64,
     },
     /// Accept the next stream the server opens and read its first message.
     AcceptTask,
@@ -380,6 +386,13 @@ impl Session {
             Phase::Hello => match message {
                 Message::Welcome(w) => {
                     self.welcomed = true;
+                    if !(0.0..1.0).contains(&w.eval_fraction) {
+                        let error = format!(
+                            "protocol: the welcome asks to hold out {} of the data",
+                            w.eval_fraction
+                        );
+                        return self.fail(now, error);
+                    }
                     let map = match class_map(&self.identity.classes, &w.classes) {
                         Ok(map) => map,
                         Err(e) => {
@@ -402,6 +415,7 @@ impl Session {
                         Action::UseClasses {
                             map,
                             classes: w.classes.len(),
+                            eval_fraction: w.eval_fraction,
                         },
                         Action::AcceptTask,
                     ]
@@ -537,6 +551,7 @@ impl Session {
                         update_bytes: 0,
                         n_samples: trained.metrics.n_samples,
                         scopes: update.scopes.clone(),
+                        held_out: trained.held_out,
                     },
                 };
                 vec![Action::SendUpdate(Box::new(Message::Update(update)))]
@@ -718,6 +733,7 @@ fn seal_update(
             kl: trained.metrics.regularizer.kl,
             steps: trained.metrics.steps,
             train_ms,
+            held_out: trained.held_out,
         },
         digest: [0; 32],
     }

@@ -9,8 +9,8 @@ use edge_client::session::{
 };
 use edge_client::{ClientUpdate, TrainingTask};
 use protocol::{
-    EncodedParams, Encoding, Goodbye, GoodbyeReason, HeadShape, Message, Outcome, RejectReason,
-    RoundTask, RowLayout, Subject, TrainSpec, Verdict, Welcome, WireScope,
+    EncodedParams, Encoding, Goodbye, GoodbyeReason, HeadShape, HeldOutEval, Message, Outcome,
+    RejectReason, RoundTask, RowLayout, Subject, TrainSpec, Verdict, Welcome, WireScope,
 };
 use support::Millis;
 use wsa::{DEFAULT_SCOPE_EPS, Head, HeadSpec, Init, ScopeSelection, TrainConfig, TrainMetrics};
@@ -75,8 +75,16 @@ fn trained(task: &TrainingTask) -> ClientUpdate {
             n_samples: 40,
             ..TrainMetrics::default()
         },
+        held_out: Some(HELD_OUT),
     }
 }
+
+/// What the held-out rows said of each task's head.
+const HELD_OUT: HeldOutEval = HeldOutEval {
+    samples: 10,
+    loss: 0.75,
+    accuracy: 0.625,
+};
 
 fn verdict(round: u64, outcome: Outcome) -> Message {
     Message::Verdict(Verdict {
@@ -100,6 +108,7 @@ fn welcome_to(classes: &[&str]) -> Message {
         run_id: RUN,
         round: 0,
         classes: classes.iter().map(|c| c.to_string()).collect(),
+        eval_fraction: 0.25,
     })
 }
 
@@ -133,7 +142,8 @@ impl Driver {
             vec![
                 Action::UseClasses {
                     map: vec![1, 0],
-                    classes: 2
+                    classes: 2,
+                    eval_fraction: 0.25,
                 },
                 Action::AcceptTask
             ]
@@ -187,6 +197,11 @@ fn a_round_from_hello_to_the_run_finished_goodbye() {
     assert_eq!(t.round, 0);
     let update = d.finish_training(&t, 250);
     assert!(update.digest_ok(), "the update is sealed");
+    assert_eq!(
+        update.metrics.held_out,
+        Some(HELD_OUT),
+        "federated evaluation goes up"
+    );
     assert_eq!((update.run_id, update.round), (RUN, 0));
     assert_eq!(update.client_id, "client-0007");
     assert_eq!(
@@ -508,7 +523,8 @@ fn a_class_the_run_does_not_know_ends_the_run_before_training() {
         actions[0],
         Action::UseClasses {
             map: vec![2, 1],
-            classes: 4
+            classes: 4,
+            eval_fraction: 0.25,
         }
     );
 }
@@ -559,4 +575,22 @@ fn the_final_model_is_kept_even_mid_round_and_the_goodbye_still_waits() {
     let end = d.at(1500, Event::Verdict(verdict(4, Outcome::Accepted)));
     assert_eq!(finish_of(&end), Some(&Ok(RunEnd::RunFinished)));
     assert_eq!(d.session.report().final_model_rounds, Some(5));
+}
+
+#[test]
+fn a_welcome_asking_to_hold_out_all_the_data_is_a_protocol_error() {
+    for fraction in [1.0, -0.1, f64::NAN] {
+        let (mut d, _) = Driver::new(None);
+        d.on(Event::Connected);
+        let Message::Welcome(mut w) = welcome() else {
+            unreachable!()
+        };
+        w.eval_fraction = fraction;
+        let actions = d.on(Event::Control(Message::Welcome(w)));
+        assert!(
+            matches!(actions[..], [Action::Close { .. }]),
+            "{fraction}: {actions:?}"
+        );
+        assert!(!d.session.is_done(), "the session ends, not the run");
+    }
 }

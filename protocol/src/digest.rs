@@ -4,7 +4,7 @@ use sha2::{Digest, Sha256};
 
 use crate::message::Update;
 
-const DOMAIN: &[u8] = b"wsa-fl update v1\0";
+const DOMAIN: &[u8] = b"wsa-fl update v3\0";
 
 impl Update {
     /// sha256 of everything but the digest itself. Run, round and client are inside, so an
@@ -36,6 +36,15 @@ impl Update {
         }
         h.update(m.steps.to_le_bytes());
         h.update(m.train_ms.to_le_bytes());
+        match &m.held_out {
+            None => h.update([0]),
+            Some(e) => {
+                h.update([1]);
+                h.update(e.samples.to_le_bytes());
+                h.update(e.loss.to_le_bytes());
+                h.update(e.accuracy.to_le_bytes());
+            }
+        }
         h.finalize().into()
     }
 

@@ -31,7 +31,7 @@ pub use frame::{
 };
 pub use limits::Limits;
 pub use message::{
-    Auth, Capabilities, FinalModel, Goodbye, GoodbyeReason, HeadShape, Hello, Message, Outcome,
-    RejectReason, RoundTask, Subject, TrainSpec, Update, UpdateMetrics, Verdict, Welcome,
+    Auth, Capabilities, FinalModel, Goodbye, GoodbyeReason, HeadShape, HeldOutEval, Hello, Message,
+    Outcome, RejectReason, RoundTask, Subject, TrainSpec, Update, UpdateMetrics, Verdict, Welcome,
     WireScope, WsaSpec, client_id, indexed_classes,
 };

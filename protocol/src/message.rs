@@ -87,7 +87,7 @@ pub struct Hello {
 }
 
 /// The aggregator's answer to an accepted hello.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Welcome {
     /// The run the client joined.
     pub run_id: u64,
@@ -96,6 +96,9 @@ pub struct Welcome {
     /// The run's class names, by class index (the head's output width). A client maps its
     /// data to these indices by name and refuses to train if it holds a class not here.
     pub classes: Vec<String>,
+    /// The fraction of its rows a client holds out of training, in `[0, 1)`, to report how
+    /// each round's global head does on them ([`UpdateMetrics::held_out`]); 0: none.
+    pub eval_fraction: f64,
 }
 
 /// The shape of the head being trained, as on the wire.
@@ -184,6 +187,32 @@ pub struct UpdateMetrics {
     pub steps: u64,
     /// Milliseconds spent training.
     pub train_ms: u64,
+    /// The task's global head on the client's held-out rows, measured before training (when
+    /// the run asks clients to hold rows out and this one has any).
+    pub held_out: Option<HeldOutEval>,
+}
+
+/// How a round's global head did on one client's held-out rows: federated evaluation, which
+/// the aggregator can only report, not check.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct HeldOutEval {
+    /// Rows evaluated.
+    pub samples: u64,
+    /// Mean cross-entropy.
+    pub loss: f64,
+    /// Fraction classified right.
+    pub accuracy: f64,
+}
+
+impl HeldOutEval {
+    /// Whether the values are possible: at least one row, a finite non-negative loss and an
+    /// accuracy in `[0, 1]`.
+    pub fn is_plausible(&self) -> bool {
+        self.samples > 0
+            && self.loss.is_finite()
+            && self.loss >= 0.0
+            && (0.0..=1.0).contains(&self.accuracy)
+    }
 }
 
 /// A client's trained head for one round.

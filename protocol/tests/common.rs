@@ -39,6 +39,7 @@ pub fn samples() -> Vec<(&'static str, Message)> {
                 run_id: 42,
                 round: 3,
                 classes: vec!["cat".into(), "dog".into()],
+                eval_fraction: 0.125,
             }),
         ),
         (
@@ -101,6 +102,11 @@ pub fn samples() -> Vec<(&'static str, Message)> {
                         kl: 0.01,
                         steps: 50,
                         train_ms: 120,
+                        held_out: Some(HeldOutEval {
+                            samples: 60,
+                            loss: 0.625,
+                            accuracy: 0.8125,
+                        }),
                     },
                     digest: [0; 32],
                 }

@@ -124,6 +124,10 @@ pub struct FleetConfig {
     /// validation split that choices like λ are made on; 0: none.
     #[serde(default)]
     pub validation_fraction: f64,
+    /// The share of its rows each client holds out of training to measure every round's
+    /// global head on (federated evaluation, `federated_accuracy` in `rounds.csv`); 0: none.
+    #[serde(default)]
+    pub eval_fraction: f64,
     /// Run the clients in this many separate processes (0: in this process). The aggregator
     /// then has this process to itself, and its memory can be measured apart.
     #[serde(default)]
@@ -145,6 +149,7 @@ pub(crate) fn engine_config(
     c.seed = seed;
     c.rounds = cfg.rounds;
     c.train = cfg.train.clone();
+    c.eval_fraction = cfg.eval_fraction;
     c.update_encoding = cfg.update_encoding;
     c.sampling = Sampling {
         fraction: cfg.per_round as f64 / cfg.clients as f64,

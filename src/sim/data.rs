@@ -160,7 +160,8 @@ pub(crate) fn seed_data(
     all_train: &LabelledFeatures,
     seed: u64,
 ) -> Result<SeedData> {
-    let (train, validation) = hold_out(all_train, cfg.validation_fraction, seed)?;
+    let (train, validation) =
+        all_train.hold_out(cfg.validation_fraction, seed ^ 0x7661_6c69_6461_7465)?;
     let split = partition(
         train.labels(),
         train.classes(),
@@ -179,28 +180,6 @@ pub(crate) fn seed_data(
         split,
         shards,
     })
-}
-
-/// Splits `fraction` of `data` off at random (seeded) as a validation set.
-fn hold_out(
-    data: &LabelledFeatures,
-    fraction: f64,
-    seed: u64,
-) -> Result<(LabelledFeatures, Option<LabelledFeatures>)> {
-    use rand::SeedableRng;
-    use rand::seq::SliceRandom;
-    let n_val = (data.len() as f64 * fraction).round() as usize;
-    if n_val == 0 {
-        return Ok((data.clone(), None));
-    }
-    let mut order: Vec<usize> = (0..data.len()).collect();
-    order.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(
-        seed ^ 0x7661_6c69_6461_7465,
-    ));
-    let (val, rest) = order.split_at(n_val);
-    let mut rest = rest.to_vec();
-    rest.sort_unstable();
-    Ok((data.select(&rest)?, Some(data.select(val)?)))
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@
 //!
 //! - [`config`]: what a run does ([`FleetConfig`]), written to the run folder;
 //! - `data`: the features and each seed's hold-out, partition and shards;
-//! - `run`: the orchestration ([`run_fleet`], and [`run_client_group`] in client processes);
+//! - `run`: the orchestration ([`run_fleet`], [`resume_fleet`], and [`run_client_group`] in client processes);
 //! - [`report`]: the rows, the summaries, the table and the plot.
 
 pub mod config;
@@ -18,4 +18,4 @@ mod run;
 
 pub use config::{Byzantine, DataSource, FleetConfig};
 pub use report::{FleetSummary, RoundRow, StrategySummary, markdown_table, peak_rss_mib};
-pub use run::{run_client_group, run_fleet};
+pub use run::{resume_fleet, run_client_group, run_fleet};

@@ -1,7 +1,9 @@
-//! What a run reports: a row per round (`rounds.csv`, `rounds.json`), a summary per strategy
-//! over the seeds, the markdown table and the plot.
+//! What a run reports: a row per round (`rounds.csv`, `rounds.jsonl`, appended as each round
+//! closes), a summary per strategy over the seeds, the markdown table and the plot.
 
 use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -41,6 +43,17 @@ pub struct RoundRow {
     /// The attempt closed below quorum: the head did not move and nothing was evaluated.
     #[serde(default)]
     pub failed: bool,
+    /// The head this round started from on the clients' held-out rows (federated
+    /// evaluation): the row-weighted mean accuracy (NaN without `eval_fraction`).
+    #[serde(default = "nan")]
+    pub federated_accuracy: f64,
+    /// The spread of the clients' held-out accuracies (weighted standard deviation).
+    #[serde(default = "nan")]
+    pub federated_accuracy_std: f64,
+}
+
+fn nan() -> f64 {
+    f64::NAN
 }
 
 /// A strategy's figures over the seeds.
@@ -188,30 +201,75 @@ pub fn markdown_table(summary: &FleetSummary) -> String {
     t
 }
 
-pub(crate) fn write_csv(path: &Path, rows: &[RoundRow]) -> Result<()> {
-    let mut out = String::from(
-        "strategy,seed,round,test_accuracy,validation_accuracy,test_loss,train_loss,mean_kl,accepted,wall_ms,bytes_in,attempt,failed\n",
-    );
-    for r in rows {
-        out.push_str(&format!(
-            "\"{}\",{},{},{},{},{},{},{},{},{},{},{},{}\n",
-            // Quoted, as CSV wants for a label that may hold a comma or a quote.
-            r.strategy.replace('"', "\"\""),
-            r.seed,
-            r.round,
-            r.test_accuracy,
-            r.validation_accuracy,
-            r.test_loss,
-            r.train_loss,
-            r.mean_kl,
-            r.accepted,
-            r.wall_ms,
-            r.bytes_in,
-            r.attempt,
-            r.failed
-        ));
+/// The rounds of a sweep as they close, appended to `rounds.csv` and `rounds.jsonl` and
+/// flushed row by row, so that a sweep stopped hours in keeps every round it finished and
+/// `--resume` can continue it.
+pub(crate) struct RoundLog {
+    csv: csv::Writer<File>,
+    jsonl: File,
+}
+
+impl RoundLog {
+    /// A new log in `out`, replacing any earlier one, holding `rows` already.
+    pub(crate) fn create(out: &Path, rows: &[RoundRow]) -> Result<Self> {
+        // Written beside and renamed over, so a resumed sweep's rows are never half-rewritten.
+        let (csv_path, jsonl_path) = (out.join("rounds.csv"), out.join("rounds.jsonl"));
+        let mut csv = csv::Writer::from_writer(Vec::new());
+        let mut jsonl = Vec::new();
+        for row in rows {
+            csv.serialize(row)?;
+            serde_json::to_writer(&mut jsonl, row)?;
+            jsonl.push(b'\n');
+        }
+        support::fs::write_atomic(&csv_path, &csv.into_inner().map_err(|e| e.into_error())?)
+            .with_context(|| format!("writing {}", csv_path.display()))?;
+        support::fs::write_atomic(&jsonl_path, &jsonl)
+            .with_context(|| format!("writing {}", jsonl_path.display()))?;
+        let append = |path: &Path| {
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(path)
+                .with_context(|| format!("opening {}", path.display()))
+        };
+        Ok(Self {
+            // An empty file gets its header with the first row.
+            csv: csv::WriterBuilder::new()
+                .has_headers(rows.is_empty())
+                .from_writer(append(&csv_path)?),
+            jsonl: append(&jsonl_path)?,
+        })
     }
-    std::fs::write(path, out).with_context(|| format!("writing {}", path.display()))
+
+    /// Appends `row` to both files and flushes them.
+    pub(crate) fn append(&mut self, row: &RoundRow) -> Result<()> {
+        self.csv.serialize(row)?;
+        self.csv.flush()?;
+        let mut line = serde_json::to_vec(row)?;
+        line.push(b'\n');
+        self.jsonl.write_all(&line)?;
+        self.jsonl.flush()?;
+        Ok(())
+    }
+}
+
+/// The rows of `rounds.csv` in `out` up to the first unreadable one (a line a crash cut
+/// short): what an interrupted sweep finished.
+pub(crate) fn read_rounds(out: &Path) -> Result<Vec<RoundRow>> {
+    let path = out.join("rounds.csv");
+    let mut reader =
+        csv::Reader::from_path(&path).with_context(|| format!("reading {}", path.display()))?;
+    let mut rows = Vec::new();
+    for (i, row) in reader.deserialize::<RoundRow>().enumerate() {
+        match row {
+            Ok(row) => rows.push(row),
+            Err(e) => {
+                tracing::warn!(line = i + 2, error = %e, "rounds.csv ends in an unreadable row; \
+                    the sweep continues from the rows before it");
+                break;
+            }
+        }
+    }
+    Ok(rows)
 }
 
 /// This process's peak resident memory (VmHWM), in MiB; `None` off Linux.

@@ -3,11 +3,11 @@
 //! run folder.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aggregator::server::RoundLine;
-use aggregator_core::engine::{ClosedBy, Engine};
+use aggregator_core::engine::{ClosedBy, Engine, RoundReport};
 use aggregator_core::strategy::{Aggregation, Strategy};
 use anyhow::{Context, Result, ensure};
 use edge_client::{Adversary, LocalData};
@@ -18,7 +18,8 @@ use wsa::{Head, HeadSpec, LabelledFeatures, Sgd, TrainConfig};
 use super::config::{FleetConfig, engine_config};
 use super::data::{Dataset, SeedData, load_data, seed_data};
 use super::report::{
-    FleetSummary, RoundRow, markdown_table, peak_rss_mib, summarize, write_csv, write_plot,
+    FleetSummary, RoundLog, RoundRow, markdown_table, peak_rss_mib, read_rounds, summarize,
+    write_plot,
 };
 use crate::fleet::{Deployment, spawn_server};
 
@@ -30,7 +31,7 @@ async fn run_strategy(
     label: &str,
     seed: u64,
     shards: &[Arc<LabelledFeatures>],
-    progress: &ProgressBar,
+    progress: &Progress,
 ) -> Result<Vec<RoundRow>> {
     // The clients name their data's classes as the run does.
     let classes = engine.config().classes.clone();
@@ -82,18 +83,15 @@ async fn run_strategy(
         }
     }
     let progress_task = {
-        let progress = progress.clone();
-        let label = label.to_owned();
+        let (progress, label) = (progress.clone(), label.to_owned());
         tokio::spawn(async move {
+            let mut rows = Vec::new();
             while let Some(line) = lines.recv().await {
-                if let Some(eval) = line.report.test_eval {
-                    progress.set_message(format!(
-                        "{label} seed {seed} round {}: test acc {:.4}",
-                        line.report.round, eval.accuracy
-                    ));
-                }
-                progress.inc(1);
+                let row = round_row(&label, seed, &line.report);
+                progress.record(&row)?;
+                rows.push(row);
             }
+            anyhow::Ok(rows)
         })
     };
     let summary = handle.await.context("aggregator task")??;
@@ -104,32 +102,54 @@ async fn run_strategy(
         let status = tokio::task::spawn_blocking(move || child.wait()).await??;
         ensure!(status.success(), "a client process failed: {status}");
     }
-    progress_task.await?;
+    let rows = progress_task.await??;
     ensure!(summary.finished, "{label}: the run did not finish");
-    Ok(summary
-        .rounds
-        .iter()
-        .map(|l| {
-            // A failed attempt (below quorum) moved nothing and has no evaluation: it is kept,
-            // with NaN accuracies, so the record shows it.
-            let eval = l.report.test_eval;
-            RoundRow {
-                strategy: label.to_owned(),
-                seed,
-                round: l.report.round,
-                test_accuracy: eval.map_or(f64::NAN, |e| e.accuracy),
-                validation_accuracy: l.report.eval.map_or(f64::NAN, |e| e.accuracy),
-                test_loss: eval.map_or(f64::NAN, |e| e.loss),
-                train_loss: l.report.train_loss.unwrap_or(f64::NAN),
-                mean_kl: l.report.mean_kl.unwrap_or(f64::NAN),
-                accepted: l.report.accepted.len(),
-                wall_ms: l.report.duration_ms,
-                bytes_in: l.report.wire_bytes_in,
-                attempt: l.report.attempt,
-                failed: l.report.closed_by == ClosedBy::Failed,
-            }
-        })
-        .collect())
+    Ok(rows)
+}
+
+/// Where finished rounds go: the round log on disk, and the progress bar.
+#[derive(Clone)]
+struct Progress {
+    bar: ProgressBar,
+    log: Arc<Mutex<RoundLog>>,
+}
+
+impl Progress {
+    /// Appends `row` to the round log and shows it.
+    fn record(&self, row: &RoundRow) -> Result<()> {
+        self.log.lock().expect("round log").append(row)?;
+        if !row.test_accuracy.is_nan() {
+            self.bar.set_message(format!(
+                "{} seed {} round {}: test acc {:.4}",
+                row.strategy, row.seed, row.round, row.test_accuracy
+            ));
+        }
+        self.bar.inc(1);
+        Ok(())
+    }
+}
+
+/// A federated round's row. A failed attempt (below quorum) moved nothing and has no
+/// evaluation: it is kept, with NaN accuracies, so the record shows it.
+fn round_row(label: &str, seed: u64, report: &RoundReport) -> RoundRow {
+    let eval = report.test_eval;
+    RoundRow {
+        strategy: label.to_owned(),
+        seed,
+        round: report.round,
+        test_accuracy: eval.map_or(f64::NAN, |e| e.accuracy),
+        validation_accuracy: report.eval.map_or(f64::NAN, |e| e.accuracy),
+        test_loss: eval.map_or(f64::NAN, |e| e.loss),
+        train_loss: report.train_loss.unwrap_or(f64::NAN),
+        mean_kl: report.mean_kl.unwrap_or(f64::NAN),
+        accepted: report.accepted.len(),
+        wall_ms: report.duration_ms,
+        bytes_in: report.wire_bytes_in,
+        attempt: report.attempt,
+        failed: report.closed_by == ClosedBy::Failed,
+        federated_accuracy: report.federated_eval.map_or(f64::NAN, |f| f.accuracy),
+        federated_accuracy_std: report.federated_eval.map_or(f64::NAN, |f| f.accuracy_std),
+    }
 }
 
 /// The centralized reference: the same head, optimizer and initial weights trained on the
@@ -146,7 +166,7 @@ fn run_centralized(
     test: &LabelledFeatures,
     validation: Option<&LabelledFeatures>,
     seed: u64,
-    progress: &ProgressBar,
+    progress: &Progress,
 ) -> Result<Vec<RoundRow>> {
     let init = engine_config(cfg, head, Strategy::FedAvg, Aggregation::Mean, seed);
     let mut model: Head<f32> = Head::init(&init.head, init.init, init.seed)?;
@@ -181,12 +201,10 @@ fn run_centralized(
             bytes_in: 0,
             attempt: 0,
             failed: false,
+            federated_accuracy: f64::NAN,
+            federated_accuracy_std: f64::NAN,
         });
-        progress.set_message(format!(
-            "centralized seed {seed} round {round}: test acc {:.4}",
-            eval.accuracy
-        ));
-        progress.inc(1);
+        progress.record(rows.last().expect("just pushed"))?;
     }
     Ok(rows)
 }
@@ -259,6 +277,42 @@ fn adversaries(cfg: &FleetConfig) -> impl Fn(&str) -> Option<Adversary> + use<> 
 
 /// Runs the whole comparison and writes the run folder.
 pub fn run_fleet(cfg: &FleetConfig) -> Result<FleetSummary> {
+    sweep(cfg, Vec::new())
+}
+
+/// Continues the sweep in the run folder `out` (its `config.json`) where it stopped: the
+/// runs (a strategy on a seed, or the centralized reference on one) whose every round is in
+/// `rounds.csv` are kept, and the others run again from their first round.
+pub fn resume_fleet(out: &Path) -> Result<FleetSummary> {
+    let path = out.join("config.json");
+    let mut cfg: FleetConfig = serde_json::from_str(
+        &std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?,
+    )
+    .with_context(|| format!("parsing {}", path.display()))?;
+    cfg.out = out.to_owned();
+    let rows = read_rounds(out)?;
+    let finished: Vec<(String, u64)> = rows
+        .iter()
+        .filter(|r| !r.failed && r.round + 1 == cfg.rounds)
+        .map(|r| (r.strategy.clone(), r.seed))
+        .collect();
+    let kept: Vec<RoundRow> = rows
+        .into_iter()
+        .filter(|r| finished.contains(&(r.strategy.clone(), r.seed)))
+        .collect();
+    tracing::info!(
+        finished_runs = finished.len(),
+        rows = kept.len(),
+        "resuming the sweep"
+    );
+    sweep(&cfg, kept)
+}
+
+/// The sweep of `cfg`, skipping the runs whose rows `done` holds (they finished).
+fn sweep(cfg: &FleetConfig, done: Vec<RoundRow>) -> Result<FleetSummary> {
+    let resuming = !done.is_empty();
+    let finished =
+        |label: &str, seed: u64| done.iter().any(|r| r.strategy == label && r.seed == seed);
     ensure!(
         cfg.clients > 0 && cfg.per_round > 0 && cfg.per_round <= cfg.clients,
         "need 0 < per_round ≤ clients"
@@ -273,7 +327,9 @@ pub fn run_fleet(cfg: &FleetConfig) -> Result<FleetSummary> {
         cfg.out.join("config.json"),
         serde_json::to_string_pretty(cfg)? + "\n",
     )?;
-    let _ = std::fs::remove_file(cfg.out.join("aggregator-rounds.jsonl"));
+    if !resuming {
+        let _ = std::fs::remove_file(cfg.out.join("aggregator-rounds.jsonl"));
+    }
 
     let Dataset {
         train,
@@ -308,7 +364,12 @@ pub fn run_fleet(cfg: &FleetConfig) -> Result<FleetSummary> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let mut rows = Vec::new();
+    progress.inc(done.len() as u64);
+    let progress = Progress {
+        bar: progress,
+        log: Arc::new(Mutex::new(RoundLog::create(&cfg.out, &done)?)),
+    };
+    let mut rows = done.clone();
     let mut skews = Vec::new();
     let mut labels = Vec::new();
     ensure!(
@@ -336,6 +397,9 @@ pub fn run_fleet(cfg: &FleetConfig) -> Result<FleetSummary> {
             if !labels.contains(&label) {
                 labels.push(label.clone());
             }
+            if finished(&label, seed) {
+                continue;
+            }
             let mut engine = Engine::with_backend(config, Arc::clone(&backend))?;
             engine.set_test(test.clone())?;
             if let Some(v) = &validation {
@@ -356,6 +420,9 @@ pub fn run_fleet(cfg: &FleetConfig) -> Result<FleetSummary> {
             if !labels.contains(&"centralized".to_owned()) {
                 labels.push("centralized".into());
             }
+            if finished("centralized", seed) {
+                continue;
+            }
             let union: Vec<usize> = split.clients.iter().flatten().copied().collect();
             let all = train.select(&union)?;
             rows.extend(run_centralized(
@@ -369,15 +436,10 @@ pub fn run_fleet(cfg: &FleetConfig) -> Result<FleetSummary> {
             )?);
         }
     }
-    progress.finish();
+    progress.bar.finish();
     // Runtime teardown may wait for idle QUIC tasks; bound it.
     runtime.shutdown_timeout(Duration::from_secs(2));
 
-    write_csv(&cfg.out.join("rounds.csv"), &rows)?;
-    std::fs::write(
-        cfg.out.join("rounds.json"),
-        serde_json::to_string(&rows)? + "\n",
-    )?;
     let plot = write_plot(cfg, &rows, &labels)?;
     let summary = FleetSummary {
         config: cfg.clone(),

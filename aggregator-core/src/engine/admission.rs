@@ -87,6 +87,16 @@ impl Engine {
         if n == 0 || n > info.n_samples || n > bounds.max_n_samples {
             return Err(RejectReason::BadSampleCount(n));
         }
+        // Held-out rows are rows the hello counted and the training did not use.
+        if let Some(e) = &update.metrics.held_out
+            && !(e.is_plausible() && e.samples.saturating_add(n) <= info.n_samples)
+        {
+            return Err(RejectReason::Malformed(format!(
+                "implausible held-out evaluation: {} rows (training {n}, hello {}), loss {}, \
+                 accuracy {}",
+                e.samples, info.n_samples, e.loss, e.accuracy
+            )));
+        }
         check_scopes(
             &checked.reported,
             &checked.measurement.scopes,
@@ -126,6 +136,7 @@ impl Engine {
                 loss: m.loss,
                 accuracy: m.accuracy,
                 kl: m.kl,
+                held_out: m.held_out,
             },
         );
         Ok(())

@@ -103,6 +103,10 @@ pub struct EngineConfig {
     /// Local training settings; the strategy adds its term and the engine a per-round seed.
     #[serde(default)]
     pub train: Sgd,
+    /// The fraction of its rows each client holds out of training to report how every
+    /// round's global head does on its own data (federated evaluation); 0: none, at most 0.5.
+    #[serde(default)]
+    pub eval_fraction: f64,
     /// Which tensors carry scopes. Biases only with WSA: the wire carries the selection only
     /// inside the WSA term, so other strategies' clients scope the weights alone.
     #[serde(default)]
@@ -179,6 +183,7 @@ impl EngineConfig {
             head,
             init: Init::default(),
             train: Sgd::default(),
+            eval_fraction: 0.0,
             scope_selection: ScopeSelection::default(),
             weighting: Weighting::default(),
             max_share: default_max_share(),
@@ -241,6 +246,12 @@ impl EngineConfig {
         }
         if let Err(wsa::Error::InvalidConfig(e)) = self.train.validate() {
             return bad(format!("train.{e}"));
+        }
+        if !(0.0..=MAX_EVAL_FRACTION).contains(&self.eval_fraction) {
+            return bad(format!(
+                "eval_fraction must be in [0, {MAX_EVAL_FRACTION}], got {}",
+                self.eval_fraction
+            ));
         }
         if let Err(e) = self.strategy.validate(self.scope_selection) {
             return bad(e);
@@ -352,6 +363,10 @@ fn validate_classes(classes: &[String], head_outputs: usize) -> Result<(), Strin
     }
     Ok(())
 }
+
+/// The most of its rows a client may be asked to hold out of training: beyond half, the
+/// evaluation would cost the run more than it tells.
+pub const MAX_EVAL_FRACTION: f64 = 0.5;
 
 /// The longest a round may stay open: a week.
 pub const MAX_ROUND_TIMEOUT_MS: u64 = 7 * 24 * 3600 * 1000;

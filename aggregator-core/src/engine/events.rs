@@ -223,6 +223,10 @@ pub struct RoundReport {
     /// set does not hold).
     #[serde(default)]
     pub test_per_class: Option<Vec<Option<f64>>>,
+    /// The head this round's tasks carried (the previous round's result), as the accepted
+    /// clients measured it on their held-out rows before training.
+    #[serde(default)]
+    pub federated_eval: Option<FederatedEval>,
     /// Parameter payload bytes of all updates received (accepted or not).
     pub payload_bytes_in: u64,
     /// Wire bytes of all updates received, as the runtime reported them.
@@ -235,6 +239,94 @@ pub struct RoundReport {
     pub closed_at: Millis,
     /// `closed_at − opened_at`.
     pub duration_ms: u64,
+}
+
+/// Federated evaluation of one global head: what the clients that hold rows out of training
+/// ([`protocol::HeldOutEval`]) measured on them. Client-reported: the aggregator checks only
+/// that each report is possible, so a lying client can move the mean by its capped weight;
+/// the median is what one liar cannot drag.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct FederatedEval {
+    /// Clients that reported.
+    pub clients: usize,
+    /// Held-out rows they reported, in all.
+    pub samples: u64,
+    /// Mean accuracy, each client weighted by its rows (capped at `max_claim_ratio` times
+    /// the median report's rows, as training weights are).
+    pub accuracy: f64,
+    /// The weighted standard deviation of the clients' accuracies: how unevenly the head
+    /// serves them.
+    pub accuracy_std: f64,
+    /// The median client's accuracy.
+    pub accuracy_median: f64,
+    /// The worst client's accuracy.
+    pub accuracy_min: f64,
+    /// The best client's accuracy.
+    pub accuracy_max: f64,
+    /// Mean loss, weighted as the accuracy.
+    pub loss: f64,
+    /// Its weighted standard deviation.
+    pub loss_std: f64,
+}
+
+impl FederatedEval {
+    /// The summary of `reports` (plausible ones: the admission checked them), or `None`
+    /// without any.
+    pub fn of(
+        reports: impl IntoIterator<Item = protocol::HeldOutEval>,
+        max_claim_ratio: f64,
+    ) -> Option<Self> {
+        let reports: Vec<protocol::HeldOutEval> = reports.into_iter().collect();
+        let median = |mut v: Vec<f64>| -> f64 {
+            v.sort_by(f64::total_cmp);
+            let mid = v.len() / 2;
+            if v.len() % 2 == 1 {
+                v[mid]
+            } else {
+                (v[mid - 1] + v[mid]) / 2.0
+            }
+        };
+        if reports.is_empty() {
+            return None;
+        }
+        let cap = max_claim_ratio * median(reports.iter().map(|r| r.samples as f64).collect());
+        let weights: Vec<f64> = reports
+            .iter()
+            .map(|r| (r.samples as f64).min(cap))
+            .collect();
+        let total: f64 = weights.iter().sum();
+        let moments = |value: fn(&protocol::HeldOutEval) -> f64| {
+            let mean = reports
+                .iter()
+                .zip(&weights)
+                .map(|(r, w)| w * value(r))
+                .sum::<f64>()
+                / total;
+            let var = reports
+                .iter()
+                .zip(&weights)
+                .map(|(r, w)| w * (value(r) - mean).powi(2))
+                .sum::<f64>()
+                / total;
+            (mean, var.sqrt())
+        };
+        let (accuracy, accuracy_std) = moments(|r| r.accuracy);
+        let (loss, loss_std) = moments(|r| r.loss);
+        let accuracies: Vec<f64> = reports.iter().map(|r| r.accuracy).collect();
+        Some(Self {
+            clients: reports.len(),
+            samples: reports
+                .iter()
+                .fold(0u64, |sum, r| sum.saturating_add(r.samples)),
+            accuracy,
+            accuracy_std,
+            accuracy_min: accuracies.iter().copied().fold(f64::INFINITY, f64::min),
+            accuracy_max: accuracies.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            accuracy_median: median(accuracies),
+            loss,
+            loss_std,
+        })
+    }
 }
 
 /// Most rejections listed by name in one report.
@@ -255,4 +347,46 @@ pub struct RoundStatus {
     pub target: usize,
     /// When it closes at the latest.
     pub deadline: Millis,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::HeldOutEval;
+
+    fn report(samples: u64, accuracy: f64, loss: f64) -> HeldOutEval {
+        HeldOutEval {
+            samples,
+            loss,
+            accuracy,
+        }
+    }
+
+    #[test]
+    fn federated_evaluation_is_the_row_weighted_mean_and_spread() {
+        // Weights 10 and 30: mean 0.25·0.6 + 0.75·0.8 = 0.75, variance
+        // 0.25·0.15² + 0.75·0.05² = 0.0075.
+        let f = FederatedEval::of([report(10, 0.6, 1.0), report(30, 0.8, 0.6)], 10.0).unwrap();
+        assert_eq!((f.clients, f.samples), (2, 40));
+        assert!((f.accuracy - 0.75).abs() < 1e-12, "{f:?}");
+        assert!((f.accuracy_std - 0.0075f64.sqrt()).abs() < 1e-12, "{f:?}");
+        assert!((f.loss - 0.7).abs() < 1e-12, "{f:?}");
+        assert!((f.accuracy_median - 0.7).abs() < 1e-12, "{f:?}");
+        assert_eq!((f.accuracy_min, f.accuracy_max), (0.6, 0.8));
+        assert_eq!(FederatedEval::of([], 10.0), None);
+    }
+
+    #[test]
+    fn a_client_claiming_huge_held_out_counts_weighs_no_more_than_the_cap() {
+        let honest = [
+            report(100, 0.8, 0.5),
+            report(100, 0.8, 0.5),
+            report(100, 0.8, 0.5),
+        ];
+        let liar = report(u64::MAX / 2, 0.0, 10.0);
+        let f = FederatedEval::of(honest.into_iter().chain([liar]), 2.0).unwrap();
+        // The liar weighs 2 × the median (100): 200 of 500.
+        assert!((f.accuracy - 0.8 * 300.0 / 500.0).abs() < 1e-12, "{f:?}");
+        assert_eq!(f.accuracy_median, 0.8);
+    }
 }

@@ -27,23 +27,23 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use protocol::{
-    Capabilities, EncodedParams, Encoding, HeadShape, Outcome, RejectReason, RoundTask, RowLayout,
-    Subject, TrainSpec, Verdict, WireScope,
+    Capabilities, EncodedParams, Encoding, HeadShape, HeldOutEval, Outcome, RejectReason,
+    RoundTask, RowLayout, Subject, TrainSpec, Verdict, WireScope,
 };
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use sha2::{Digest, Sha256};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 use wsa::{DEFAULT_SCOPE_EPS, Head, LabelledFeatures, Scope};
 
 pub use config::{
-    BackboneRef, EngineConfig, EngineError, MAX_ROUND_TIMEOUT_MS, Sampling, UpdateBounds,
-    sample_sizes,
+    BackboneRef, EngineConfig, EngineError, MAX_EVAL_FRACTION, MAX_ROUND_TIMEOUT_MS, Sampling,
+    UpdateBounds, sample_sizes,
 };
 pub use events::{
-    Action, ClosedBy, Event, MAX_LISTED_REJECTIONS, Millis, ReceivedUpdate, Rejection, RoundReport,
-    RoundStatus,
+    Action, ClosedBy, Event, FederatedEval, MAX_LISTED_REJECTIONS, Millis, ReceivedUpdate,
+    Rejection, RoundReport, RoundStatus,
 };
 
 use crate::backend::{Backend, BackendError, CpuBackend, FoldShape};
@@ -76,6 +76,7 @@ struct Reported {
     loss: f64,
     accuracy: f64,
     kl: f64,
+    held_out: Option<HeldOutEval>,
 }
 
 #[derive(Debug)]
@@ -803,6 +804,10 @@ impl Engine {
             eval,
             test_eval,
             test_per_class,
+            federated_eval: FederatedEval::of(
+                open.metrics.values().filter_map(|r| r.held_out),
+                self.config.max_claim_ratio,
+            ),
             payload_bytes_in: tally.payload_bytes,
             wire_bytes_in: tally.wire_bytes,
             accepted_payload_bytes: open.accepted_payload_bytes,
@@ -810,7 +815,7 @@ impl Engine {
             closed_at: now,
             duration_ms: now.since(open.opened_at),
         };
-        info!(
+        debug!(
             round = report.round,
             attempt = report.attempt,
             closed_by = ?report.closed_by,
@@ -819,6 +824,9 @@ impl Engine {
             rejected = report.rejected_count,
             train_loss = report.train_loss.map(|l| format!("{l:.4}")),
             eval_accuracy = report.test_eval.map(|e| format!("{:.4}", e.accuracy)),
+            federated_accuracy = report
+                .federated_eval
+                .map(|f| format!("{:.4}±{:.4}", f.accuracy, f.accuracy_std)),
             duration_ms = report.duration_ms,
             "round closed"
         );

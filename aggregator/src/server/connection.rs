@@ -76,6 +76,9 @@ pub(super) struct Shared {
     pub(super) run_id: u64,
     /// The run's class names, for every welcome.
     pub(super) classes: Vec<String>,
+    /// The share of its rows each client holds out for federated evaluation, for every
+    /// welcome.
+    pub(super) eval_fraction: f64,
     /// The round a `Welcome` announces.
     pub(super) round: AtomicU64,
     pub(super) sessions: AtomicU64,
@@ -268,6 +271,7 @@ async fn connection(
             run_id: shared.run_id,
             round: shared.round.load(Ordering::Relaxed),
             classes: shared.classes.clone(),
+            eval_fraction: shared.eval_fraction,
         }),
     )
     .await?;

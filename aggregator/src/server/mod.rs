@@ -88,6 +88,7 @@ impl Server {
             hello_timeout: self.opts.hello_timeout,
             run_id: engine.config().run_id,
             classes: engine.config().classes.clone(),
+            eval_fraction: engine.config().eval_fraction,
             round: AtomicU64::new(engine.round()),
             sessions: AtomicU64::new(0),
         });
@@ -182,13 +183,7 @@ impl Server {
                             report: *report,
                             transport: std::mem::take(&mut stats),
                         };
-                        tracing::info!(
-                            round = line.report.round,
-                            accepted = line.report.accepted.len(),
-                            selected = line.report.selected.len(),
-                            wall_ms = line.transport.wall_ms,
-                            "round closed"
-                        );
+                        log_round(&line);
                         if let Some(log) = log.as_mut() {
                             use std::io::Write;
                             serde_json::to_writer(&mut *log, &line)?;
@@ -438,6 +433,28 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 
 /// The confusion matrix as CSV: a header of predicted class names, then one row per true
 /// class, written atomically.
+/// The one line a person reads per round: how many answered, what was refused, how
+/// training and evaluation went, how long it took.
+fn log_round(line: &RoundLine) {
+    let r = &line.report;
+    let figure = |v: Option<f64>| v.map(|v| format!("{v:.4}"));
+    tracing::info!(
+        round = r.round,
+        attempt = r.attempt,
+        closed_by = ?r.closed_by,
+        accepted = format!("{}/{}", r.accepted_count, r.selected_count),
+        rejected = r.rejected_count,
+        rejections = ?r.rejected_by_reason,
+        train_loss = figure(r.train_loss),
+        test_accuracy = figure(r.test_eval.map(|e| e.accuracy)),
+        federated_accuracy = r
+            .federated_eval
+            .map(|f| format!("{:.4}±{:.4} ({} clients)", f.accuracy, f.accuracy_std, f.clients)),
+        wall_ms = line.transport.wall_ms,
+        "round closed"
+    );
+}
+
 fn write_confusion(path: &std::path::Path, classes: &[String], counts: &[Vec<u64>]) -> Result<()> {
     let mut out = csv::Writer::from_writer(Vec::new());
     out.write_record(
