@@ -283,13 +283,30 @@ fn optimize(mut model: TypedModel) -> TractResult<Arc<TypedSimplePlan>> {
 /// and before the layout transform, the same graph the ONNX path hands to [`optimize`].
 #[cfg(feature = "onnx")]
 pub fn convert_onnx_to_nnef(onnx_path: &Path, out: &Path) -> Result<(), BackboneError> {
+    let bytes = std::fs::read(onnx_path).map_err(|source| BackboneError::Io {
+        path: onnx_path.to_owned(),
+        source,
+    })?;
+    write_nnef(onnx_path, &bytes, out, &[])
+}
+
+/// Writes the ONNX model `bytes` (read from `source`, named in errors) as an NNEF archive at
+/// `out` as [`convert_onnx_to_nnef`] does, with `extra` files (name, contents) beside the graph:
+/// NNEF readers skip files they do not know.
+#[cfg(feature = "onnx")]
+pub(crate) fn write_nnef(
+    source: &Path,
+    bytes: &[u8],
+    out: &Path,
+    extra: &[(&str, &[u8])],
+) -> Result<(), BackboneError> {
     use tract_onnx::prelude::*;
     let model_err = |e: TractError| BackboneError::Model {
-        path: onnx_path.to_owned(),
+        path: source.to_owned(),
         message: format!("{e:#}"),
     };
     let mut model = tract_onnx::onnx()
-        .model_for_path(onnx_path)
+        .model_for_read(&mut &*bytes)
         .map_err(model_err)?;
     let side = model.symbols.sym(SIDE_SYMBOL);
     let typed = model
@@ -300,15 +317,38 @@ pub fn convert_onnx_to_nnef(onnx_path: &Path, out: &Path) -> Result<(), Backbone
         .and_then(|()| model.into_typed())
         .and_then(|m| m.into_decluttered())
         .map_err(model_err)?;
+    // Deterministic: the same model gives the same archive, whose sha256 names it.
+    let graph = tract_nnef::nnef()
+        .write_to_tar_with_config(&typed, Vec::new(), false, true)
+        .map_err(model_err)?;
     let io_err = |source| BackboneError::Io {
         path: out.to_owned(),
         source,
     };
     // Atomically: a converter stopped half-way leaves no truncated archive behind.
     let file = support::fs::AtomicFile::create(out).map_err(io_err)?;
-    let gz = flate2::write::GzEncoder::new(file, flate2::Compression::best());
-    let gz = tract_nnef::nnef()
-        .write_to_tar_with_config(&typed, gz, false, true)
-        .map_err(model_err)?;
-    gz.finish().and_then(|f| f.commit()).map_err(io_err)
+    let mut archive = tar::Builder::new(flate2::write::GzEncoder::new(
+        file,
+        flate2::Compression::best(),
+    ));
+    let copied = (|| {
+        let mut mtime = 0;
+        for entry in tar::Archive::new(graph.as_slice()).entries()? {
+            let mut entry = entry?;
+            let header = entry.header().clone();
+            mtime = header.mtime()?;
+            archive.append(&header, &mut entry)?;
+        }
+        for (name, contents) in extra {
+            let mut header = tar::Header::new_gnu();
+            header.set_path(name)?;
+            header.set_size(contents.len() as u64);
+            header.set_mode(0o644);
+            header.set_mtime(mtime);
+            header.set_cksum();
+            archive.append(&header, *contents)?;
+        }
+        archive.into_inner()?.finish()
+    })();
+    copied.and_then(|f| f.commit()).map_err(io_err)
 }

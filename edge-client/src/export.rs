@@ -1,8 +1,11 @@
-//! One ONNX file for runtimes other than ours: the backbone's graph with the saved head and a
+//! One file for runtimes other than ours: the backbone's graph with the saved head and a
 //! softmax appended, so `probabilities = export(preprocessed image)`. The input is the
 //! backbone's own (`input`, `[N, 3, side, side]`, preprocessed as `model.json` says); the
-//! only output is `probabilities`, `[N, classes]`. The classes, side and preprocessing ride in
-//! the file's metadata.
+//! only output is `probabilities`, `[N, classes]`.
+//! - ONNX ([`export_onnx`]): the classes, side and preprocessing ride in the file's metadata.
+//! - NNEF ([`export_nnef`], what tract and the ARM builds load): the same graph converted
+//!   as `edge-client convert-model` converts the backbone (input side symbolic, batch 1), in
+//!   a gzipped tar that also holds the model folder's `labels.txt` and `model.json`.
 
 use std::path::Path;
 
@@ -46,6 +49,45 @@ pub fn export_onnx(
     model: &SavedModel,
     out: &Path,
 ) -> Result<(), ExportError> {
+    let onnx = onnx_with_head(backbone, bytes, model)?;
+    support::fs::write_atomic(out, &onnx).map_err(|source| ExportError::Io {
+        path: out.display().to_string(),
+        source,
+    })
+}
+
+/// Writes `out`: [`export_onnx`]'s graph as an NNEF archive, with the model folder's
+/// `labels.txt` and `model.json` inside.
+pub fn export_nnef(
+    backbone: &Path,
+    bytes: &[u8],
+    model: &SavedModel,
+    out: &Path,
+) -> Result<(), ExportError> {
+    let onnx = onnx_with_head(backbone, bytes, model)?;
+    let cards = model.card_files().map_err(|e| ExportError::Backbone {
+        path: out.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    let extra: Vec<(&str, &[u8])> = cards.iter().map(|(n, b)| (*n, b.as_slice())).collect();
+    crate::backbone::write_nnef(backbone, &onnx, out, &extra).map_err(|e| match e {
+        crate::BackboneError::Io { path, source } => ExportError::Io {
+            path: path.display().to_string(),
+            source,
+        },
+        other => ExportError::Backbone {
+            path: backbone.display().to_string(),
+            reason: other.to_string(),
+        },
+    })
+}
+
+/// The backbone ONNX `bytes` with `model`'s head and a softmax appended, encoded.
+fn onnx_with_head(
+    backbone: &Path,
+    bytes: &[u8],
+    model: &SavedModel,
+) -> Result<Vec<u8>, ExportError> {
     let bad = |reason: String| ExportError::Backbone {
         path: backbone.display().to_string(),
         reason,
@@ -147,10 +189,7 @@ pub fn export_onnx(
         ),
     ]);
     onnx.producer_name = "wsa-fl edge-client export".into();
-    support::fs::write_atomic(out, &onnx.encode_to_vec()).map_err(|source| ExportError::Io {
-        path: out.display().to_string(),
-        source,
-    })
+    Ok(onnx.encode_to_vec())
 }
 
 fn node(op: &str, input: &str, output: &str) -> NodeProto {

@@ -51,9 +51,10 @@ enum Command {
     /// Classify images with a trained model folder (the aggregator's run/model): the top
     /// classes of each image with their probabilities.
     Predict(PredictArgs),
-    /// Write one ONNX file holding the backbone, the model's head and a softmax: input the
-    /// preprocessed image tensor, output the class probabilities (classes, side and
-    /// preprocessing in its metadata).
+    /// Write one file holding the backbone, the model's head and a softmax: input the
+    /// preprocessed image tensor, output the class probabilities. ONNX carries the classes,
+    /// side and preprocessing in its metadata; the NNEF archive (what tract and the ARM builds
+    /// load; input side symbolic, batch 1) carries labels.txt and model.json inside.
     #[cfg(feature = "onnx")]
     Export {
         /// The model folder.
@@ -62,8 +63,8 @@ enum Command {
         /// The backbone ONNX; it must be one the model names.
         #[arg(long, default_value = "models/mobilenet_v2_features.onnx")]
         backbone: PathBuf,
-        /// The output format (ONNX only, so far).
-        #[arg(long, default_value = "onnx", value_parser = ["onnx"])]
+        /// The output format.
+        #[arg(long, default_value = "onnx", value_parser = ["onnx", "nnef"])]
         format: String,
         /// The file to write.
         #[arg(long)]
@@ -440,7 +441,7 @@ fn main() -> Result<()> {
         Command::Export {
             model,
             backbone,
-            format: _,
+            format,
             out,
         } => {
             let saved = wsa::saved::SavedModel::load(&model)?;
@@ -448,9 +449,15 @@ fn main() -> Result<()> {
                 .with_context(|| format!("reading {}", backbone.display()))?;
             let sha: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&bytes).into();
             edge_client::predict::check_backbone(&model, &saved, &backbone, &sha)?;
-            edge_client::export::export_onnx(&backbone, &bytes, &saved, &out)?;
+            let batch = if format == "nnef" {
+                edge_client::export::export_nnef(&backbone, &bytes, &saved, &out)?;
+                "1"
+            } else {
+                edge_client::export::export_onnx(&backbone, &bytes, &saved, &out)?;
+                "N"
+            };
             println!(
-                "wrote {} ({} bytes): input \"input\" [N, 3, {side}, {side}], output \"probabilities\" [N, {}]",
+                "wrote {} ({} bytes): input \"input\" [{batch}, 3, {side}, {side}], output \"probabilities\" [{batch}, {}]",
                 out.display(),
                 std::fs::metadata(&out)?.len(),
                 saved.card.classes.len(),

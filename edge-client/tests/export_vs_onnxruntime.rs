@@ -1,5 +1,6 @@
-//! The exported ONNX (backbone + head + softmax) gives, under onnxruntime, the probabilities
-//! `edge-client predict`'s Rust path gives (tract backbone, our head) on real images.
+//! The exported files (backbone + head + softmax) give the probabilities `edge-client
+//! predict`'s Rust path gives (tract backbone, our head) on real images: the ONNX under
+//! onnxruntime, the NNEF archive under tract.
 //!
 //! Needs the model and onnxruntime from `scripts/fetch-model.sh` (its venv) and Fashion-MNIST;
 //! SKIPPED without them unless `WSA_REQUIRE_MODEL=1`.
@@ -23,8 +24,20 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-#[test]
-fn exported_onnx_matches_the_rust_path_under_onnxruntime() {
+/// A saved model on real images, with what the Rust path says of them.
+struct Fixture {
+    dir: tempfile::TempDir,
+    backbone: PathBuf,
+    saved: SavedModel,
+    class_names: Vec<String>,
+    /// The images, preprocessed, one after another.
+    input: Vec<f32>,
+    /// The Rust path's probabilities, by image, by class.
+    ours: Vec<Vec<f32>>,
+}
+
+/// `None` (the test skips) without the model, its venv or the data.
+fn fixture() -> Option<Fixture> {
     let model = root().join("models/mobilenet_v2_features.onnx");
     let python = root().join(".venv-models/bin/python");
     let data = root().join("data/fashion-mnist");
@@ -34,7 +47,7 @@ fn exported_onnx_matches_the_rust_path_under_onnxruntime() {
             "WSA_REQUIRE_MODEL=1 but the model, its venv or Fashion-MNIST is missing"
         );
         eprintln!("SKIPPED: run scripts/fetch-model.sh and scripts/fetch-fashion-mnist.sh");
-        return;
+        return None;
     }
     let mut set = read_fashion_mnist(&data, Split::Test, &Limits::default()).unwrap();
     set.images.truncate(IMAGES);
@@ -79,14 +92,45 @@ fn exported_onnx_matches_the_rust_path_under_onnxruntime() {
         "probabilities too flat to compare"
     );
 
-    let exported = dir.path().join("model.onnx");
-    let onnx = std::fs::read(&model).unwrap();
-    edge_client::export::export_onnx(&model, &onnx, &saved, &exported).unwrap();
     let plane = 3 * SIDE * SIDE;
     let mut input = vec![0f32; IMAGES * plane];
     for (image, out) in set.images.iter().zip(input.chunks_exact_mut(plane)) {
         preprocess_into(image, SIDE, out).unwrap();
     }
+    Some(Fixture {
+        dir,
+        backbone: model,
+        saved,
+        class_names: set.class_names,
+        input,
+        ours,
+    })
+}
+
+fn max_abs_diff<'a>(ours: &[Vec<f32>], theirs: impl IntoIterator<Item = &'a f32>) -> f32 {
+    ours.iter()
+        .flatten()
+        .zip(theirs)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+}
+
+#[test]
+fn exported_onnx_matches_the_rust_path_under_onnxruntime() {
+    let Some(Fixture {
+        dir,
+        backbone: model,
+        saved,
+        class_names,
+        input,
+        ours,
+    }) = fixture()
+    else {
+        return;
+    };
+    let python = root().join(".venv-models/bin/python");
+    let exported = dir.path().join("model.onnx");
+    let onnx = std::fs::read(&model).unwrap();
+    edge_client::export::export_onnx(&model, &onnx, &saved, &exported).unwrap();
     let input_file = dir.path().join("input.f32");
     let output_file = dir.path().join("output.f32");
     std::fs::write(
@@ -119,7 +163,7 @@ fn exported_onnx_matches_the_rust_path_under_onnxruntime() {
     );
     assert_eq!(
         String::from_utf8_lossy(&run.stdout).trim(),
-        set.class_names[0],
+        class_names[0],
         "the class list rides in the metadata"
     );
     let theirs: Vec<f32> = std::fs::read(&output_file)
@@ -128,14 +172,53 @@ fn exported_onnx_matches_the_rust_path_under_onnxruntime() {
         .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
         .collect();
     assert_eq!(theirs.len(), IMAGES * 10);
-    let diff = ours
-        .iter()
-        .flatten()
-        .zip(&theirs)
-        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    let diff = max_abs_diff(&ours, &theirs);
     eprintln!("exported ONNX vs the Rust path: max |Δp| = {diff:.2e} over {IMAGES} images");
     assert!(
         diff <= MAX_ABS_DIFF,
         "max abs probability difference {diff}"
     );
+}
+
+#[test]
+fn exported_nnef_matches_the_rust_path_under_tract() {
+    let Some(Fixture {
+        dir,
+        backbone,
+        saved,
+        class_names,
+        input,
+        ours,
+    }) = fixture()
+    else {
+        return;
+    };
+    let exported = dir.path().join("model.nnef.tgz");
+    let onnx = std::fs::read(&backbone).unwrap();
+    edge_client::export::export_nnef(&backbone, &onnx, &saved, &exported).unwrap();
+    // The archive is a network tract loads like any backbone: its "features" are the
+    // probabilities.
+    let network = Backbone::load(&exported, SIDE).unwrap();
+    let theirs = network.features_of_inputs(&input, 2).unwrap();
+    assert_eq!(theirs.dim(), (IMAGES, 10));
+    let diff = max_abs_diff(&ours, theirs.iter());
+    eprintln!("exported NNEF vs the Rust path: max |Δp| = {diff:.2e} over {IMAGES} images");
+    assert!(
+        diff <= MAX_ABS_DIFF,
+        "max abs probability difference {diff}"
+    );
+    // The class list and the card ride inside.
+    let mut labels = String::new();
+    let mut card = false;
+    let gz = flate2::read::GzDecoder::new(std::fs::File::open(&exported).unwrap());
+    for entry in tar::Archive::new(gz).entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let path = entry.path().unwrap().into_owned();
+        if path == Path::new("labels.txt") {
+            std::io::Read::read_to_string(&mut entry, &mut labels).unwrap();
+        }
+        card |= path == Path::new("model.json");
+    }
+    assert_eq!(labels.lines().collect::<Vec<_>>(), class_names);
+    assert!(card, "model.json missing from the archive");
 }

@@ -189,13 +189,9 @@ impl SavedModel {
             std::fs::write(&path, bytes).map_err(|e| SavedModelError::io(&path, e))
         };
         write(HEAD_FILE, &self.head_bytes(&staging)?)?;
-        write(
-            LABELS_FILE,
-            (self.card.classes.join("\n") + "\n").as_bytes(),
-        )?;
-        let card = serde_json::to_vec_pretty(&self.card)
-            .map_err(|e| SavedModelError::invalid(&staging.join(CARD_FILE), e.to_string()))?;
-        write(CARD_FILE, &card)?;
+        for (file, bytes) in self.card_files()? {
+            write(file, &bytes)?;
+        }
         for file in [HEAD_FILE, LABELS_FILE, CARD_FILE] {
             let path = staging.join(file);
             std::fs::File::open(&path)
@@ -211,6 +207,20 @@ impl SavedModel {
             let _ = std::fs::remove_dir_all(&old);
         }
         Ok(())
+    }
+
+    /// `labels.txt` and `model.json` as they are saved: what a user of the head needs beside
+    /// it (also packed into exported files).
+    pub fn card_files(&self) -> Result<[(&'static str, Vec<u8>); 2], SavedModelError> {
+        let card = serde_json::to_vec_pretty(&self.card)
+            .map_err(|e| SavedModelError::invalid(Path::new(CARD_FILE), e.to_string()))?;
+        Ok([
+            (
+                LABELS_FILE,
+                (self.card.classes.join("\n") + "\n").into_bytes(),
+            ),
+            (CARD_FILE, card),
+        ])
     }
 
     fn head_bytes(&self, dir: &Path) -> Result<Vec<u8>, SavedModelError> {
