@@ -1,5 +1,6 @@
 //! The networked round on real features: Fashion-MNIST images through the real MobileNetV2
 //! backbone (tract), two edge clients over loopback QUIC, int8 updates, two rounds; then the
+//! server-side evaluation set is read from an image folder and from a feature cache; the
 //! final model folder the run wrote classifies the same images through `Predictor`, as
 //! `edge-client predict` does, and refuses a backbone the model does not name.
 //! Needs the model (scripts/fetch-model.sh) and Fashion-MNIST (scripts/fetch-fashion-mnist.sh);
@@ -99,6 +100,31 @@ async fn two_clients_train_on_real_backbone_features_over_quic() {
     .unwrap();
     assert_eq!(eval_set.len(), eval_rows);
     assert_eq!(eval_set.classes(), 10);
+    // The same set as a feature cache file (labels already the run's indices) evaluates the
+    // same rows; one from a backbone the run does not name is refused.
+    let cache_file = dir.path().join("eval.feat");
+    let key = edge_client::cache::CacheKey {
+        backbone_sha256: backbone.sha256(),
+        side: 64,
+        preprocessing: edge_client::preprocess::PREPROCESSING_ID,
+        source_digest: [7; 32],
+    };
+    edge_client::cache::write_cache(&cache_file, &key, &eval_set).unwrap();
+    let from_cache = |config: &EngineConfig| {
+        aggregator::eval::load_eval_set(
+            config,
+            &cache_file,
+            aggregator::eval::FEATURES_FORMAT,
+            "test",
+            &model,
+            &dir.path().join("cache"),
+        )
+    };
+    assert_eq!(from_cache(&config).unwrap(), eval_set);
+    let mut other = config.clone();
+    other.backbone.sha256 = vec!["ab".repeat(32)];
+    let refused = from_cache(&other).unwrap_err().to_string();
+    assert!(refused.contains("does not name"), "{refused}");
     let mut engine = Engine::new(config.clone()).unwrap();
     engine.set_test(eval_set).unwrap();
 

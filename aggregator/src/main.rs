@@ -281,7 +281,8 @@ struct ServeArgs {
     #[arg(long)]
     eval_data: Option<PathBuf>,
     /// The evaluation set's format: image-folder, fashion-mnist (or idx), mnist, cifar10,
-    /// cifar100.
+    /// cifar100, or features (a feature cache file, `*.feat`, from the run's backbone; it
+    /// names no classes, so its label i must be the run's class i).
     #[arg(long, default_value = "image-folder")]
     eval_format: String,
     /// The evaluation set's split (IDX and CIFAR files, or an image folder holding

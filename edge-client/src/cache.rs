@@ -193,6 +193,48 @@ pub fn write_cache(
     file.commit().map_err(io(path))
 }
 
+/// The magic and the layout version.
+fn check_preamble(path: &Path, header: &[u8; HEADER_LEN]) -> Result<(), CacheError> {
+    if header[..8] != MAGIC {
+        return Err(CacheError::BadMagic {
+            path: path.to_owned(),
+        });
+    }
+    let version = u32::from_le_bytes(header[8..12].try_into().expect("4 bytes"));
+    if version != FORMAT_VERSION {
+        return Err(CacheError::UnsupportedVersion {
+            path: path.to_owned(),
+            found: version,
+        });
+    }
+    Ok(())
+}
+
+/// The key the cache at `path` says it was built under, for a cache whose source images are
+/// not at hand: check what matters to the caller (the backbone, the side), then
+/// [`read_cache`] with it checks the rest.
+pub fn read_cache_key(path: &Path) -> Result<CacheKey, CacheError> {
+    let mut file = File::open(path).map_err(io(path))?;
+    let file_len = file.metadata().map_err(io(path))?.len();
+    if file_len < HEADER_LEN as u64 {
+        return Err(CacheError::Truncated {
+            path: path.to_owned(),
+            expected: HEADER_LEN as u64,
+            found: file_len,
+        });
+    }
+    let mut header = [0u8; HEADER_LEN];
+    file.read_exact(&mut header).map_err(io(path))?;
+    check_preamble(path, &header)?;
+    let u32_at = |o: usize| u32::from_le_bytes(header[o..o + 4].try_into().expect("4 bytes"));
+    Ok(CacheKey {
+        backbone_sha256: header[40..72].try_into().expect("32 bytes"),
+        side: u32_at(16),
+        preprocessing: u32_at(12),
+        source_digest: header[72..104].try_into().expect("32 bytes"),
+    })
+}
+
 /// Reads the cache at `path` if it was built under `key` and is intact.
 pub fn read_cache(path: &Path, key: &CacheKey) -> Result<LabelledFeatures, CacheError> {
     let file = File::open(path).map_err(io(path))?;
@@ -207,18 +249,8 @@ pub fn read_cache(path: &Path, key: &CacheKey) -> Result<LabelledFeatures, Cache
         });
     }
     r.read_exact(&mut header).map_err(io(path))?;
+    check_preamble(path, &header)?;
     let u32_at = |o: usize| u32::from_le_bytes(header[o..o + 4].try_into().expect("4 bytes"));
-    if header[..8] != MAGIC {
-        return Err(CacheError::BadMagic {
-            path: path.to_owned(),
-        });
-    }
-    if u32_at(8) != FORMAT_VERSION {
-        return Err(CacheError::UnsupportedVersion {
-            path: path.to_owned(),
-            found: u32_at(8),
-        });
-    }
     let stale = |field| {
         Err(CacheError::Stale {
             path: path.to_owned(),
