@@ -312,6 +312,11 @@ struct ServeArgs {
     /// else the CPU, with a log line saying why), cpu or cuda.
     #[arg(long, default_value = "auto")]
     backend: BackendChoice,
+    /// Serve Prometheus metrics (OpenMetrics text) at http://ADDR/metrics, e.g.
+    /// 127.0.0.1:9100: rounds, their durations, updates by outcome and reason, clients,
+    /// bytes, engine time per update, accuracy, the last checkpoint's time.
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
 }
 
 /// Runs rounds until the configured number is done.
@@ -334,6 +339,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         max_per_address,
         stop_after,
         backend,
+        metrics,
     } = args;
     let backend = open_backend(backend)?;
     let config = match &config {
@@ -380,12 +386,18 @@ fn serve(args: ServeArgs) -> Result<()> {
             .is_some()
             .then(|| rounds_log.with_file_name("confusion.csv")),
         stop_after_rounds: stop_after,
+        metrics: metrics.map(|_| aggregator::server::Metrics::new()),
         ..defaults
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     let summary = runtime.block_on(async move {
+        if let (Some(addr), Some(registry)) = (metrics, opts.metrics.clone()) {
+            let listener = aggregator::server::bind_metrics(addr).await?;
+            tracing::info!(addr = %listener.local_addr()?, "metrics at /metrics");
+            tokio::spawn(aggregator::server::serve_metrics(listener, registry));
+        }
         let server = Server::bind(opts)?;
         tracing::info!(addr = %server.local_addr()?, "listening");
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -8,6 +8,7 @@
 //! Clients may not open more streams than that (QUIC flow control refuses the rest).
 
 mod connection;
+mod metrics;
 mod options;
 
 use std::collections::HashMap;
@@ -24,6 +25,7 @@ use tokio::sync::{mpsc, watch};
 use crate::auth::LiveRegistry;
 
 use connection::{FromConnection, GOODBYE_GRACE, Gate, Outbound, Shared, accept_loop};
+pub use metrics::{Metrics, bind_metrics, serve_metrics};
 pub use options::{RoundLine, RunSummary, ServerOptions, TransportStats};
 
 /// A bound, not yet running, aggregator.
@@ -131,6 +133,9 @@ impl Server {
         };
         let mut stop_now = false;
         let mut task_frame: Option<(Arc<protocol::RoundTask>, Arc<Vec<u8>>)> = None;
+        let metrics = self.opts.metrics.clone().unwrap_or_default();
+        // The (round, attempt) last counted as opened.
+        let mut opened: Option<(u64, u32)> = None;
         let mut pending = engine.handle(now(clock), Event::Tick);
         'run: loop {
             // Apply the engine's actions in order: a checkpoint is on disk before the next
@@ -167,6 +172,7 @@ impl Server {
                             checkpoint.save_atomic(path).with_context(|| {
                                 format!("writing checkpoint {}", path.display())
                             })?;
+                            metrics.checkpointed();
                         }
                         if stop_now {
                             tracing::info!(
@@ -184,6 +190,7 @@ impl Server {
                             transport: std::mem::take(&mut stats),
                         };
                         log_round(&line);
+                        metrics.round_closed(&line.report);
                         if let Some(log) = log.as_mut() {
                             use std::io::Write;
                             serde_json::to_writer(&mut *log, &line)?;
@@ -239,6 +246,12 @@ impl Server {
                     }
                 }
             }
+            let open = engine.open_round().map(|r| (r.round, r.attempt));
+            if open.is_some() && open != opened {
+                metrics.round_opened(open.map_or(0, |(round, _)| round));
+                opened = open;
+            }
+            metrics.connected(sessions.len());
             // A deadline past what the clock can hold is no deadline.
             let deadline = engine.next_deadline().and_then(|Millis(ms)| {
                 clock
@@ -280,11 +293,14 @@ impl Server {
                                     engine.handle(at, event)
                                 }
                                 Event::Update { wire_bytes, .. } => {
+                                    let wire_bytes = *wire_bytes;
                                     stats.bytes_in += wire_bytes;
                                     let t = Instant::now();
                                     let a = engine.handle(at, event);
-                                    stats.engine_update_us += t.elapsed().as_micros() as u64;
+                                    let spent = t.elapsed();
+                                    stats.engine_update_us += spent.as_micros() as u64;
                                     stats.engine_updates += 1;
+                                    metrics.update_handled(spent.as_secs_f64(), wire_bytes);
                                     a
                                 }
                                 _ => engine.handle(at, event),
@@ -292,10 +308,12 @@ impl Server {
                         }
                         FromConnection::OverLimit => {
                             stats.refused_connections += 1;
+                            metrics.connection_refused();
                             Vec::new()
                         }
                         FromConnection::Refused { reason } => {
                             stats.refused_hello_count += 1;
+                            metrics.hello_refused();
                             if stats.refused_hellos.len() < MAX_LISTED_REFUSALS {
                                 stats.refused_hellos.push(reason);
                             }
@@ -303,6 +321,7 @@ impl Server {
                         }
                         FromConnection::BytesOut(n) => {
                             stats.bytes_out += n;
+                            metrics.bytes_sent(n);
                             Vec::new()
                         }
                     };

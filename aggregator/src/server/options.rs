@@ -62,6 +62,8 @@ pub struct ServerOptions {
     pub stop_after_rounds: Option<u64>,
     /// Receives each round's line as it closes (progress bars, live plots).
     pub round_observer: Option<mpsc::UnboundedSender<RoundLine>>,
+    /// Kept up to date as the run goes, for a metrics endpoint ([`super::serve_metrics`]).
+    pub metrics: Option<super::Metrics>,
 }
 
 impl ServerOptions {
@@ -91,6 +93,7 @@ impl ServerOptions {
             confusion_csv: None,
             stop_after_rounds: None,
             round_observer: None,
+            metrics: None,
         })
     }
 }
