@@ -21,6 +21,7 @@ use wsa_fl::sim::{Byzantine, DataSource, FleetConfig, FleetSummary, markdown_tab
 #[command(
     name = "wsa-fl",
     about = "Fleet simulator: real edge clients and a real aggregator over QUIC, FedAvg vs FedProx vs WSA",
+    version,
     args_conflicts_with_subcommands = true
 )]
 struct Cli {
@@ -28,6 +29,8 @@ struct Cli {
     command: Option<Command>,
     #[command(flatten)]
     run: Args,
+    #[command(flatten)]
+    log: support::logging::LogArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -375,8 +378,9 @@ struct ClientGroup {
 }
 
 fn main() -> Result<()> {
-    support::logging::init("warn,wsa_fl=info,edge_client=info,edge_client::session=warn");
     let cli = Cli::parse();
+    cli.log
+        .init("warn,wsa_fl=info,edge_client=info,edge_client::session=warn");
     match cli.command {
         Some(Command::Clients(g)) => {
             return wsa_fl::sim::run_client_group(&g.config, g.server, g.seed, g.group, g.groups);

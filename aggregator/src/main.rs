@@ -17,10 +17,16 @@ use clap::{Parser, Subcommand};
 use wsa::{FusionRule, HeadSpec};
 
 #[derive(Parser)]
-#[command(name = "aggregator", about = "WSA federated aggregator over QUIC")]
+#[command(
+    name = "aggregator",
+    version,
+    about = "WSA federated aggregator over QUIC"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    log: support::logging::LogArgs,
 }
 
 #[derive(Subcommand)]
@@ -185,8 +191,9 @@ const CONFIG_HEADER: &str = r#"# The aggregator's run configuration (aggregator 
 
 "#;
 fn main() -> Result<()> {
-    support::logging::init("info");
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    cli.log.init("info");
+    match cli.command {
         Command::GenCerts {
             out,
             ca_dir,

@@ -15,11 +15,14 @@ use wsa::{Head, HeadSpec, Init, LabelledFeatures, Sgd, TrainConfig};
 #[derive(Parser)]
 #[command(
     name = "edge-client",
+    version,
     about = "WSA edge client: frozen MobileNetV2 features and local head training"
 )]
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    log: support::logging::LogArgs,
 }
 
 #[derive(Subcommand)]
@@ -433,8 +436,9 @@ fn features(
 }
 
 fn main() -> Result<()> {
-    support::logging::init("info");
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    cli.log.init("info");
+    match cli.command {
         Command::Join(args) => join(*args)?,
         Command::Predict(args) => predict(args)?,
         #[cfg(feature = "onnx")]
