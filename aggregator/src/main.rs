@@ -445,8 +445,9 @@ fn load_config(path: &Path) -> Result<EngineConfig> {
         let names = read_class_names(&file)?;
         table.insert("classes".into(), names.into());
     }
-    let config: EngineConfig = table
-        .try_into()
+    // The shipped configuration holds every section and key a run config may set.
+    let known = toml::Table::try_from(default_config()).context("listing the config keys")?;
+    let config: EngineConfig = support::config::from_table_strict(table, &known)
         .with_context(|| format!("parsing {}", path.display()))?;
     config
         .validate()
@@ -482,6 +483,38 @@ mod tests {
         let printed = format!("{CONFIG_HEADER}{}", toml::to_string(&config).unwrap());
         let read: EngineConfig = toml::from_str(&printed).unwrap();
         assert_eq!(read, config);
+    }
+
+    /// A misspelled key or section is an error naming it and the key meant, never a run on
+    /// the default it would have replaced.
+    #[test]
+    fn unknown_keys_are_refused_with_the_nearest_valid_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run.toml");
+        let printed = toml::to_string(&default_config()).unwrap();
+        std::fs::write(&path, &printed).unwrap();
+        assert_eq!(load_config(&path).unwrap(), default_config());
+        for (typo, named, meant) in [
+            ("[aggregation]", "agregation", "aggregation"),
+            ("max_share", "max_shares", "max_share"),
+            ("norm_ratio", "bounds.norm_raito", "bounds.norm_ratio"),
+        ] {
+            let text = printed.replacen(
+                typo,
+                &typo.replace(
+                    meant.rsplit('.').next().unwrap(),
+                    named.rsplit('.').next().unwrap(),
+                ),
+                1,
+            );
+            assert_ne!(text, printed, "{typo}");
+            std::fs::write(&path, text).unwrap();
+            let err = format!("{:#}", load_config(&path).unwrap_err());
+            assert!(
+                err.contains(&format!("unknown key `{named}` (did you mean `{meant}`?)")),
+                "{err}"
+            );
+        }
     }
 
     /// A labels file names the classes; a list whose length differs from the head's outputs

@@ -198,7 +198,6 @@ fn predict(args: PredictArgs) -> Result<()> {
 
 /// `join`'s settings: a TOML file (`--config`), overridden by flags.
 #[derive(Args, Debug, Default, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
 struct JoinArgs {
     /// TOML file with any of the settings below (flags win).
     #[arg(long)]
@@ -259,11 +258,20 @@ impl JoinArgs {
     /// Flags over the config file's values.
     fn resolve(self) -> Result<Self> {
         let file: JoinArgs = match &self.config {
-            Some(path) => toml::from_str(
-                &std::fs::read_to_string(path)
-                    .with_context(|| format!("reading {}", path.display()))?,
-            )
-            .with_context(|| format!("parsing {}", path.display()))?,
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                let table: toml::Table =
+                    toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+                // The keys a file may set: the flags' names, as the fields spell them.
+                let known: toml::Table = JoinArgs::augment_args(clap::Command::new("join"))
+                    .get_arguments()
+                    .map(|a| (a.get_id().as_str().replace('-', "_"), true.into()))
+                    .filter(|(id, _)| id != "config")
+                    .collect();
+                support::config::from_table_strict(table, &known)
+                    .with_context(|| format!("parsing {}", path.display()))?
+            }
             None => JoinArgs::default(),
         };
         Ok(JoinArgs {
