@@ -453,3 +453,39 @@ async fn a_client_asked_to_stop_says_goodbye_and_ends() {
     assert!(!summary.finished);
     assert!(summary.rounds.is_empty());
 }
+
+/// A certificate the client refuses (a name it does not hold, another deployment's CA) ends
+/// the client at once with the reason, where a network error would be retried forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_server_certificate_ends_the_client_instead_of_retrying() {
+    init_logs();
+    let ids = client_ids(1);
+    let run = Run::new(&ids);
+    let other = Run::new(&ids);
+    let server = run.server("127.0.0.1:0".parse().unwrap(), None);
+    let addr = server.local_addr().unwrap();
+    let (_handle, stop_server) = spawn_server(server, Engine::new(config(1, 2, 2)).unwrap());
+    let (_keep, stop) = watch::channel(false);
+    let mut wrong_name = run.options(addr, &client_id(0));
+    wrong_name.server_name = "not-the-aggregator".into();
+    let mut wrong_ca = run.options(addr, &client_id(0));
+    wrong_ca.ca_cert = other.options(addr, &client_id(0)).ca_cert;
+    for (mut options, says) in [
+        (wrong_name, "not valid for name"),
+        (wrong_ca, "invalid peer certificate"),
+    ] {
+        // Never giving up on errors worth retrying.
+        options.backoff.max_attempts = None;
+        let ended = tokio::time::timeout(
+            Duration::from_secs(10),
+            edge_client::net::run(options, shard(0), stop.clone()),
+        )
+        .await
+        .expect("the client ends at the first refusal");
+        match ended {
+            Err(ClientError::Handshake(reason)) => assert!(reason.contains(says), "{reason}"),
+            other => panic!("expected a handshake refusal, got {other:?}"),
+        }
+    }
+    stop_server.send(true).unwrap();
+}

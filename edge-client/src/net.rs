@@ -305,21 +305,36 @@ fn spawn_connect(
     let tx = tx.clone();
     tokio::spawn(async move {
         let connected = async {
-            let conn = connecting?.await.map_err(|e| format!("connection: {e}"))?;
+            let conn = connecting
+                .map_err(Event::ConnectFailed)?
+                .await
+                .map_err(|e| {
+                    if is_handshake_refusal(&e) {
+                        Event::HandshakeRefused(e.to_string())
+                    } else {
+                        Event::ConnectFailed(format!("connection: {e}"))
+                    }
+                })?;
             let (mut send, recv) = conn
                 .open_bi()
                 .await
-                .map_err(|e| format!("connection: {e}"))?;
+                .map_err(|e| Event::ConnectFailed(format!("connection: {e}")))?;
             write_message(&mut send, &hello)
                 .await
-                .map_err(|e| e.to_string())?;
-            Ok::<_, String>(Io::Connected(conn, send, recv))
+                .map_err(|e| Event::ConnectFailed(e.to_string()))?;
+            Ok::<_, Event>(Io::Connected(conn, send, recv))
         };
-        let io = connected
-            .await
-            .unwrap_or_else(|e| Io::Event(Event::ConnectFailed(e)));
+        let io = connected.await.unwrap_or_else(Io::Event);
         let _ = tx.send((epoch, io));
     })
+}
+
+/// Whether `e` is this side's TLS refusing the aggregator's certificate (a name the
+/// certificate does not hold, another CA, an expired certificate): settings to fix, not a
+/// network to wait out. QUIC carries TLS alerts as the crypto error codes 0x100..=0x1ff.
+fn is_handshake_refusal(e: &quinn::ConnectionError) -> bool {
+    matches!(e, quinn::ConnectionError::TransportError(t)
+        if (0x100..=0x1ff).contains(&u64::from(t.code)))
 }
 
 /// Reads the control stream until it ends or says goodbye (nothing follows a goodbye).

@@ -128,6 +128,12 @@ pub enum ClientError {
     /// The local data does not fit the run's classes; retrying would not help.
     #[error("{0}")]
     Classes(ClassError),
+    /// The aggregator's certificate was refused; retrying would not help.
+    #[error(
+        "{0}; check --server-name against the names in the aggregator's certificate and \
+         --ca-cert against the deployment's CA (creds/ca.pem)"
+    )]
+    Handshake(String),
 }
 
 /// Who the client is, and what its hello says.
@@ -150,6 +156,8 @@ pub enum Event {
     Connected,
     /// Connecting, opening the control stream or sending the hello failed.
     ConnectFailed(String),
+    /// The TLS handshake refused the aggregator's certificate: retrying would not help.
+    HandshakeRefused(String),
     /// A message arrived on the control stream.
     Control(Message),
     /// The control stream or the connection failed.
@@ -319,6 +327,7 @@ impl Session {
         }
         match event {
             Event::Connected => self.on_connected(),
+            Event::HandshakeRefused(e) => self.finish(Vec::new(), Err(ClientError::Handshake(e))),
             Event::ConnectFailed(e) | Event::ControlFailed(e) | Event::TaskFailed(e)
                 if !self.mid_task_goodbye() =>
             {
