@@ -98,6 +98,7 @@ impl Deployment {
     pub fn client_options(&self, server: SocketAddr, id: &str) -> Result<ConnectOptions> {
         let token_file = token_path(&self.creds, id);
         Ok(ConnectOptions {
+            report_file: None,
             server,
             server_name: "localhost".into(),
             ca_cert: self.creds.join(layout::CA_CERT),

@@ -397,6 +397,8 @@ async fn clients_keep_the_final_model_even_when_they_join_after_the_end() {
         let mut options = run.options(addr, id);
         let kept = run.dir.path().join(format!("model-{i}"));
         options.model_dir = Some(kept.clone());
+        let report_file = run.dir.path().join(format!("report-{i}.json"));
+        options.report_file = Some(report_file.clone());
         let (_keep, stop) = watch::channel(false);
         let report = edge_client::net::run(options, shard(i), stop)
             .await
@@ -404,6 +406,12 @@ async fn clients_keep_the_final_model_even_when_they_join_after_the_end() {
         assert_eq!(report.end, RunEnd::RunFinished);
         assert_eq!(report.final_model_rounds, Some(2), "client {i}");
         assert_eq!(report.rounds.len(), if i == 0 { 2 } else { 0 });
+        // The report kept on disk (what `edge-client status` reads) is the run's.
+        let kept_report: ClientReport =
+            serde_json::from_slice(&std::fs::read(&report_file).unwrap()).unwrap();
+        assert_eq!(kept_report.end, RunEnd::RunFinished);
+        assert_eq!(kept_report.rounds, report.rounds);
+        assert_eq!(kept_report.final_model_rounds, Some(2));
         let model = wsa::saved::SavedModel::load(&kept).unwrap();
         assert_eq!(model.head.to_flat(), checkpoint_head(), "client {i}");
         assert_eq!(model.card.classes, cfg.classes);

@@ -40,6 +40,10 @@ enum Command {
     },
     /// Join an aggregator and train on local data until the run ends (Ctrl-C stops cleanly).
     Join(Box<JoinArgs>),
+    /// Where this client stands: its last round (from the report `join --report` keeps up to
+    /// date) and whether the run's final model is in its model folder. Takes join's settings
+    /// (`--config client.toml`).
+    Status(Box<JoinArgs>),
     /// Convert the features ONNX into an NNEF archive, the format NNEF-only builds (the ARM
     /// ones) load; one archive serves every input side.
     #[cfg(feature = "onnx")]
@@ -246,7 +250,8 @@ struct JoinArgs {
     /// Give up after this many failed connection attempts in a row (default: never).
     #[arg(long)]
     max_attempts: Option<u32>,
-    /// Write the client's report (rounds, verdicts) as JSON here.
+    /// Keep the client's report (rounds, verdicts, how the run ended) as JSON here, rewritten
+    /// after every round; `edge-client status` reads it.
     #[arg(long)]
     report: Option<PathBuf>,
     /// Where to keep the run's final model when the run finishes (default: model).
@@ -370,6 +375,7 @@ fn join(args: JoinArgs) -> Result<()> {
         },
         adversary: None,
         model_dir: Some(args.model_dir.clone().unwrap_or_else(|| "model".into())),
+        report_file: args.report.clone(),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -395,9 +401,66 @@ fn join(args: JoinArgs) -> Result<()> {
         report.rounds.len(),
         report.connections
     );
-    if let Some(path) = &args.report {
-        std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")
-            .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Prints where the client configured by `args` stands.
+fn status(args: JoinArgs) -> Result<()> {
+    let args = args.resolve()?;
+    match &args.report {
+        None => println!("report: none configured (join --report FILE keeps one)"),
+        Some(path) if !path.exists() => {
+            println!(
+                "report {}: not written yet (no round answered)",
+                path.display()
+            )
+        }
+        Some(path) => {
+            let report: edge_client::net::ClientReport = serde_json::from_slice(
+                &std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+            )
+            .with_context(|| format!("parsing {}", path.display()))?;
+            let accepted = report
+                .rounds
+                .iter()
+                .filter(|r| r.outcome == "accepted")
+                .count();
+            println!(
+                "report {}: {:?}, {} rounds answered ({accepted} accepted), {} connections",
+                path.display(),
+                report.end,
+                report.rounds.len(),
+                report.connections
+            );
+            if let Some(r) = report.rounds.last() {
+                let held_out = r.held_out.map_or(String::new(), |h| {
+                    format!(
+                        ", held-out accuracy {:.4} on {} rows",
+                        h.accuracy, h.samples
+                    )
+                });
+                println!(
+                    "last round {}: {}, loss {:.4}, {} samples, {} bytes sent, {} ms training{held_out}",
+                    r.round, r.outcome, r.loss, r.n_samples, r.update_bytes, r.train_ms
+                );
+            }
+        }
+    }
+    let dir = args.model_dir.unwrap_or_else(|| "model".into());
+    if !dir.exists() {
+        println!("final model: none yet in {}", dir.display());
+        return Ok(());
+    }
+    match wsa::saved::SavedModel::load(&dir) {
+        Ok(model) => println!(
+            "final model {}: {} rounds of {}, {} classes, backbone side {}",
+            dir.display(),
+            model.card.provenance.rounds,
+            model.card.provenance.strategy,
+            model.card.classes.len(),
+            model.card.backbone.side
+        ),
+        Err(e) => println!("final model {}: unreadable: {e}", dir.display()),
     }
     Ok(())
 }
@@ -448,6 +511,7 @@ fn main() -> Result<()> {
     cli.log.init("info");
     match cli.command {
         Command::Join(args) => join(*args)?,
+        Command::Status(args) => status(*args)?,
         Command::Predict(args) => predict(args)?,
         #[cfg(feature = "onnx")]
         Command::Export {

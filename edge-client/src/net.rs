@@ -51,6 +51,10 @@ pub struct ConnectOptions {
     /// Where the run's final model is kept when it arrives (`docs/model-format.md`); `None`:
     /// not kept.
     pub model_dir: Option<PathBuf>,
+    /// Where the client's report (its rounds, verdicts, the final model's arrival) is kept,
+    /// rewritten atomically after every round, so `edge-client status` can say where a
+    /// running client stands.
+    pub report_file: Option<PathBuf>,
 }
 
 /// What the I/O tasks report: the session's events, and the QUIC handles the loop keeps.
@@ -259,14 +263,33 @@ pub async fn run(
                     }
                     Io::Event(event) => event,
                 };
+                let verdict = matches!(event, Event::Verdict(_));
                 pending = session.handle(now(), event);
+                if verdict {
+                    keep_report(&session.report(), opts.report_file.as_deref());
+                }
             }
         }
     };
     link.close(0, b"");
     endpoint.wait_idle().await;
     let report = session.report();
-    result.map(|end| ClientReport { end, ..report })
+    let result = result.map(|end| ClientReport { end, ..report });
+    if let Ok(report) = &result {
+        keep_report(report, opts.report_file.as_deref());
+    }
+    result
+}
+
+/// Writes `report` to `file`; a failure is logged: the run goes on without it.
+pub fn keep_report(report: &ClientReport, file: Option<&std::path::Path>) {
+    let Some(file) = file else { return };
+    let written = serde_json::to_vec_pretty(report)
+        .map_err(std::io::Error::other)
+        .and_then(|json| support::fs::write_atomic(file, &json));
+    if let Err(e) = written {
+        tracing::warn!(file = %file.display(), error = %e, "cannot keep the client's report");
+    }
 }
 
 /// Writes the final model to `dir`; a failure is logged, since the run itself is over and

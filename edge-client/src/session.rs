@@ -86,9 +86,11 @@ pub struct RoundRecord {
     pub held_out: Option<HeldOutEval>,
 }
 
-/// How a client's run ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// How a client's run ended (or that it goes on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub enum RunEnd {
+    /// Still in the run: a report written as it goes.
+    Running,
     /// The aggregator finished the run.
     RunFinished,
     /// Shut down on request.
@@ -96,7 +98,7 @@ pub enum RunEnd {
 }
 
 /// What a client did over its run.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct ClientReport {
     /// One record per task answered.
     pub rounds: Vec<RoundRecord>,
@@ -104,7 +106,7 @@ pub struct ClientReport {
     pub connections: u32,
     /// The rounds of the final model received, if one was.
     pub final_model_rounds: Option<u64>,
-    /// Why it stopped.
+    /// Why it stopped, or [`RunEnd::Running`].
     pub end: RunEnd,
 }
 
@@ -316,7 +318,7 @@ impl Session {
             rounds: self.rounds.clone(),
             connections: self.connections,
             final_model_rounds: self.final_model_rounds,
-            end: self.end.unwrap_or(RunEnd::Shutdown),
+            end: self.end.unwrap_or(RunEnd::Running),
         }
     }
 
@@ -592,11 +594,9 @@ impl Session {
             {
                 record.outcome = match v.outcome {
                     Outcome::Accepted => "accepted".to_owned(),
-                    Outcome::Rejected(reason) => {
-                        tracing::warn!(client = %self.identity.client_id, round = record.round, %reason, "update rejected");
-                        format!("rejected: {reason}")
-                    }
+                    Outcome::Rejected(reason) => format!("rejected: {reason}"),
                 };
+                log_round(&self.identity.client_id, &record);
             }
             other => {
                 return self.fail(
@@ -711,6 +711,27 @@ impl Session {
         self.phase = Phase::Done;
         out.push(Action::Finish(result));
         out
+    }
+}
+
+/// The one line a person reads per round on a device: the verdict, the training, what went
+/// out, and how the round's starting head did on the held-out rows.
+fn log_round(client: &str, r: &RoundRecord) {
+    let held_out = r
+        .held_out
+        .map(|h| format!("{:.4} ({} rows)", h.accuracy, h.samples));
+    if r.outcome == "accepted" {
+        tracing::info!(
+            client, round = r.round, outcome = %r.outcome, loss = format!("{:.4}", r.loss),
+            samples = r.n_samples, bytes_sent = r.update_bytes, train_ms = r.train_ms,
+            held_out_accuracy = held_out, "round done"
+        );
+    } else {
+        tracing::warn!(
+            client, round = r.round, outcome = %r.outcome, loss = format!("{:.4}", r.loss),
+            samples = r.n_samples, bytes_sent = r.update_bytes, train_ms = r.train_ms,
+            held_out_accuracy = held_out, "update rejected"
+        );
     }
 }
 
