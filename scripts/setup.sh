@@ -3,7 +3,27 @@
 # checks first and does nothing when its tool is already there.
 set -euo pipefail
 
-as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+# Root runs apt-get itself; anyone else needs sudo, or is told what to install.
+as_root() {
+  if [ "$(id -u)" = 0 ]; then
+    "$@"
+  elif command -v sudo >/dev/null 2>&1; then
+    sudo "$@"
+  else
+    echo "setup: '$*' needs root, and this user is not root and has no sudo; run this script" \
+      "as root, or have an administrator install: ${need_apt[*]}" >&2
+    exit 1
+  fi
+}
+
+# The oldest Rust the workspace builds with (Cargo.toml's rust-version).
+required_rust=$(sed -n 's/^rust-version = "\(.*\)"/\1/p' "$(dirname "$0")/../Cargo.toml" | head -1)
+# Whether `cargo` on PATH is at least $required_rust.
+cargo_recent_enough() {
+  local have
+  have=$(cargo --version 2>/dev/null | sed -n 's/^cargo \([0-9][0-9.]*\).*/\1/p')
+  [ -n "$have" ] && [ "$(printf '%s\n%s\n' "$required_rust" "$have" | sort -V | head -1)" = "$required_rust" ]
+}
 
 need_apt=()
 command -v cc >/dev/null 2>&1 && command -v c++ >/dev/null 2>&1 || need_apt+=(build-essential)
@@ -22,11 +42,29 @@ fi
 if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
   export PATH="$HOME/.cargo/bin:$PATH"
 fi
+if command -v cargo >/dev/null 2>&1 && ! cargo_recent_enough; then
+  if command -v rustup >/dev/null 2>&1; then
+    echo "setup: $(cargo --version) is older than Rust $required_rust; updating stable with rustup"
+    rustup update stable && rustup default stable
+  else
+    # A distribution's cargo (Debian's apt package, say): rustup's goes first on PATH.
+    echo "setup: $(cargo --version) (from $(command -v cargo)) is older than Rust $required_rust;" \
+      "installing rustup's stable in ~/.cargo, ahead of it on PATH"
+    export PATH="$HOME/.cargo/bin:$PATH"
+    if ! cargo_recent_enough; then
+      curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal \
+        --component rustfmt,clippy --no-modify-path || {
+        echo "setup: rustup could not be fetched; install Rust >= $required_rust and retry" >&2
+        exit 1
+      }
+    fi
+  fi
+fi
 if ! command -v cargo >/dev/null 2>&1; then
   echo "setup: no Rust toolchain found; installing stable with rustup"
   curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal \
     --component rustfmt,clippy || {
-    echo "setup: rustup could not be fetched; install Rust >= 1.90 (edition 2024) and retry" >&2
+    echo "setup: rustup could not be fetched; install Rust >= $required_rust (edition 2024) and retry" >&2
     exit 1
   }
   export PATH="$HOME/.cargo/bin:$PATH"

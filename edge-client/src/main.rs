@@ -210,7 +210,7 @@ struct JoinArgs {
     /// Aggregator address, host:port.
     #[arg(long)]
     server: Option<String>,
-    /// Name in the aggregator's certificate (default: the host part of --server).
+    /// Name in the aggregator's certificate [default: the host part of --server].
     #[arg(long)]
     server_name: Option<String>,
     /// The deployment's CA certificate (PEM).
@@ -226,35 +226,36 @@ struct JoinArgs {
     /// of IDX or CIFAR files (`--data-format`).
     #[arg(long)]
     data: Option<PathBuf>,
-    /// image-folder (default), fashion-mnist (or idx), mnist, cifar10 or cifar100.
+    /// image-folder, fashion-mnist (or idx), mnist, cifar10 or cifar100 [default: image-folder].
     #[arg(long)]
     data_format: Option<String>,
-    /// `train` or `test` (default train).
+    /// `train` or `test` [default: train].
     #[arg(long)]
     split: Option<String>,
-    /// Use only the first N images (0: all).
+    /// Use only the first N images (0: all) [default: 0].
     #[arg(long)]
     limit: Option<usize>,
-    /// The backbone: the features ONNX or its NNEF archive.
+    /// The backbone: the features ONNX or its NNEF archive [default:
+    /// models/mobilenet_v2_features.onnx; .nnef.tgz on builds without ONNX].
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Backbone input side.
+    /// Backbone input side [default: 96].
     #[arg(long)]
     side: Option<usize>,
-    /// Where feature caches live.
+    /// Where feature caches live [default: cache].
     #[arg(long)]
     cache_dir: Option<PathBuf>,
-    /// Threads for feature extraction.
+    /// Threads for feature extraction [default: every core].
     #[arg(long)]
     threads: Option<usize>,
-    /// Give up after this many failed connection attempts in a row (default: never).
+    /// Give up after this many failed connection attempts in a row [default: never].
     #[arg(long)]
     max_attempts: Option<u32>,
     /// Keep the client's report (rounds, verdicts, how the run ended) as JSON here, rewritten
     /// after every round; `edge-client status` reads it.
     #[arg(long)]
     report: Option<PathBuf>,
-    /// Where to keep the run's final model when the run finishes (default: model).
+    /// Where to keep the run's final model when the run finishes [default: model].
     #[arg(long)]
     model_dir: Option<PathBuf>,
 }
