@@ -316,7 +316,8 @@ impl Session {
     pub fn report(&self) -> ClientReport {
         ClientReport {
             rounds: self.rounds.clone(),
-            connections: self.connections,
+            // The connection in progress counts once it was welcomed.
+            connections: self.connections + u32::from(self.welcomed),
             final_model_rounds: self.final_model_rounds,
             end: self.end.unwrap_or(RunEnd::Running),
         }
