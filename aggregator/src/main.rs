@@ -515,6 +515,20 @@ mod tests {
                 "{err}"
             );
         }
+        // Inside a rule's own table (an internally tagged enum, which the key check does not
+        // see into), serde refuses the key and lists the valid ones.
+        let text = printed.replacen(
+            "[aggregation]\nkind = \"median\"",
+            "[aggregation]\nkind = \"trimmed-mean\"\ntrimm = 0.2",
+            1,
+        );
+        assert_ne!(text, printed);
+        std::fs::write(&path, text).unwrap();
+        let err = format!("{:#}", load_config(&path).unwrap_err());
+        assert!(
+            err.contains("unknown field `trimm`, expected `trim`"),
+            "{err}"
+        );
     }
 
     /// A labels file names the classes; a list whose length differs from the head's outputs

@@ -168,7 +168,7 @@ pub async fn run(
                     });
                     match split {
                         Ok((train, held)) => {
-                            tracing::info!(
+                            tracing::debug!(
                                 client = %opts.client_id,
                                 train = train.len(),
                                 held_out = held.as_ref().map_or(0, |h| h.len()),

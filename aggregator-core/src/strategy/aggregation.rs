@@ -21,7 +21,7 @@ use wsa::Real;
 /// [`crate::backend::Backend::accumulator`]) and ignores the weights, so a client cannot buy
 /// influence over a robust rule by claiming more samples.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", tag = "kind")]
+#[serde(rename_all = "kebab-case", tag = "kind", deny_unknown_fields)]
 pub enum Aggregation {
     /// The weighted mean `Σ p·w / Σ p` (FedAvg's average).
     #[default]

@@ -27,7 +27,7 @@ pub use targets::{TargetFusion, TargetPolicy, layer_scales};
 
 /// How a round trains: the term a client adds to its cross-entropy, and how scopes fuse.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", tag = "kind")]
+#[serde(rename_all = "kebab-case", tag = "kind", deny_unknown_fields)]
 pub enum Strategy {
     /// Plain local SGD and weighted averaging.
     FedAvg,

@@ -18,7 +18,7 @@ use wsa::{Head, Scope, ScopeSelection, TensorKind};
 
 /// How the clients' scopes become the next targets.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", tag = "kind")]
+#[serde(rename_all = "kebab-case", tag = "kind", deny_unknown_fields)]
 pub enum TargetFusion {
     /// Per tensor, the median of the clients' μ and of their σ (weights ignored).
     #[default]
