@@ -484,6 +484,8 @@ async fn a_refused_server_certificate_ends_the_client_instead_of_retrying() {
     ] {
         // Never giving up on errors worth retrying.
         options.backoff.max_attempts = None;
+        let report_file = run.dir.path().join("report.json");
+        options.report_file = Some(report_file.clone());
         let ended = tokio::time::timeout(
             Duration::from_secs(10),
             edge_client::net::run(options, shard(0), stop.clone()),
@@ -494,6 +496,11 @@ async fn a_refused_server_certificate_ends_the_client_instead_of_retrying() {
             Err(ClientError::Handshake(reason)) => assert!(reason.contains(says), "{reason}"),
             other => panic!("expected a handshake refusal, got {other:?}"),
         }
+        // What `edge-client status` reads says so.
+        let kept: ClientReport =
+            serde_json::from_slice(&std::fs::read(&report_file).unwrap()).unwrap();
+        assert_eq!(kept.end, RunEnd::Failed);
+        assert!(kept.error.unwrap().contains(says));
     }
     stop_server.send(true).unwrap();
 }

@@ -726,7 +726,9 @@ fn non_finite_parameters_scopes_and_metrics() {
 
 #[test]
 fn held_out_reports_are_checked_and_summarized_in_the_round_report() {
-    let mut sim = Sim::start(config(Strategy::FedAvg), &[("a", 100), ("b", 100)]);
+    let mut c = config(Strategy::FedAvg);
+    c.eval_fraction = 0.3;
+    let mut sim = Sim::start(c, &[("a", 100), ("b", 100)]);
     let held = |samples, loss, accuracy| {
         Some(HeldOutEval {
             samples,
@@ -746,6 +748,7 @@ fn held_out_reports_are_checked_and_summarized_in_the_round_report() {
         held(10, f64::NAN, 0.5),
         held(0, 0.5, 0.5),
         held(11, 0.5, 0.5),
+        held(10, 1e4, 0.5),
     ] {
         let u = with(perturbed(&task, "a", 90, 1), bad);
         assert!(
@@ -759,8 +762,9 @@ fn held_out_reports_are_checked_and_summarized_in_the_round_report() {
     let report = reports(&sim.send("b", u)).pop().unwrap();
     let f = report.federated_eval.expect("both clients reported");
     assert_eq!((f.clients, f.samples), (2, 40));
+    // Weighted by rows, each capped at max_claim_ratio (2) × the lower median (10): 10 and 20.
     assert!(
-        (f.accuracy - (10.0 * 0.9 + 30.0 * 0.5) / 40.0).abs() < 1e-12,
+        (f.accuracy - (10.0 * 0.9 + 20.0 * 0.5) / 30.0).abs() < 1e-12,
         "{f:?}"
     );
     assert_eq!((f.accuracy_min, f.accuracy_max), (0.5, 0.9));
@@ -771,6 +775,16 @@ fn held_out_reports_are_checked_and_summarized_in_the_round_report() {
         .pop()
         .unwrap();
     assert_eq!(report.federated_eval, None);
+
+    // More rows than the run's share of the hello, or a report the run did not ask for.
+    let mut c = config(Strategy::FedAvg);
+    c.eval_fraction = 0.1;
+    let mut sim = Sim::start(c, &[("a", 100), ("b", 100)]);
+    let u = with(perturbed(&sim.task("a"), "a", 60, 1), held(40, 0.5, 0.5));
+    assert!(matches!(sim.rejection("a", u), RejectReason::Malformed(_)));
+    let mut sim = Sim::start(config(Strategy::FedAvg), &[("a", 100), ("b", 100)]);
+    let u = with(perturbed(&sim.task("a"), "a", 90, 1), held(10, 0.5, 0.5));
+    assert!(matches!(sim.rejection("a", u), RejectReason::Malformed(_)));
 }
 
 #[test]

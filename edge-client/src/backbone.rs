@@ -333,7 +333,8 @@ pub(crate) fn write_nnef(
     ));
     let copied = (|| {
         let mut mtime = 0;
-        for entry in tar::Archive::new(graph.as_slice()).entries()? {
+        // Raw: a long file name's own GNU entry is copied as it is, not cut to 100 bytes.
+        for entry in tar::Archive::new(graph.as_slice()).entries()?.raw(true) {
             let mut entry = entry?;
             let header = entry.header().clone();
             mtime = header.mtime()?;

@@ -433,6 +433,9 @@ fn status(args: JoinArgs) -> Result<()> {
                 report.rounds.len(),
                 report.connections
             );
+            if let Some(error) = &report.error {
+                println!("gave up: {error}");
+            }
             if let Some(r) = report.rounds.last() {
                 let held_out = r.held_out.map_or(String::new(), |h| {
                     format!(

@@ -274,11 +274,23 @@ pub async fn run(
     link.close(0, b"");
     endpoint.wait_idle().await;
     let report = session.report();
-    let result = result.map(|end| ClientReport { end, ..report });
-    if let Ok(report) = &result {
-        keep_report(report, opts.report_file.as_deref());
+    match result {
+        Ok(end) => {
+            let report = ClientReport { end, ..report };
+            keep_report(&report, opts.report_file.as_deref());
+            Ok(report)
+        }
+        Err(e) => {
+            // Kept too, so that `status` does not call a client that gave up running.
+            let failed = ClientReport {
+                end: RunEnd::Failed,
+                error: Some(e.to_string()),
+                ..report
+            };
+            keep_report(&failed, opts.report_file.as_deref());
+            Err(e)
+        }
     }
-    result
 }
 
 /// Writes `report` to `file`; a failure is logged: the run goes on without it.
@@ -353,11 +365,15 @@ fn spawn_connect(
 }
 
 /// Whether `e` is this side's TLS refusing the aggregator's certificate (a name the
-/// certificate does not hold, another CA, an expired certificate): settings to fix, not a
-/// network to wait out. QUIC carries TLS alerts as the crypto error codes 0x100..=0x1ff.
+/// certificate does not hold, another CA): settings to fix, not a network to wait out. QUIC
+/// carries TLS alerts as the crypto error codes 0x100..=0x1ff. An expired or not yet valid
+/// certificate (alert 45) is retried: a board that boots before its clock is set sees every
+/// certificate so, and a renewed server certificate ends it.
 fn is_handshake_refusal(e: &quinn::ConnectionError) -> bool {
+    const CERTIFICATE_EXPIRED: u64 = 0x100 + 45;
     matches!(e, quinn::ConnectionError::TransportError(t)
-        if (0x100..=0x1ff).contains(&u64::from(t.code)))
+        if (0x100..=0x1ff).contains(&u64::from(t.code))
+            && u64::from(t.code) != CERTIFICATE_EXPIRED)
 }
 
 /// Reads the control stream until it ends or says goodbye (nothing follows a goodbye).

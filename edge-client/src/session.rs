@@ -91,6 +91,8 @@ pub struct RoundRecord {
 pub enum RunEnd {
     /// Still in the run: a report written as it goes.
     Running,
+    /// Gave up with an error (the report's `error`).
+    Failed,
     /// The aggregator finished the run.
     RunFinished,
     /// Shut down on request.
@@ -108,6 +110,9 @@ pub struct ClientReport {
     pub final_model_rounds: Option<u64>,
     /// Why it stopped, or [`RunEnd::Running`].
     pub end: RunEnd,
+    /// What made it give up, when it did ([`RunEnd::Failed`]).
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 /// Why a client gave up.
@@ -320,6 +325,7 @@ impl Session {
             connections: self.connections + u32::from(self.welcomed),
             final_model_rounds: self.final_model_rounds,
             end: self.end.unwrap_or(RunEnd::Running),
+            error: None,
         }
     }
 

@@ -205,14 +205,18 @@ pub struct HeldOutEval {
 }
 
 impl HeldOutEval {
-    /// Whether the values are possible: at least one row, a finite non-negative loss and an
-    /// accuracy in `[0, 1]`.
+    /// Whether the values are possible: at least one row, a non-negative loss up to
+    /// [`HeldOutEval::MAX_LOSS`] and an accuracy in `[0, 1]`.
     pub fn is_plausible(&self) -> bool {
         self.samples > 0
-            && self.loss.is_finite()
-            && self.loss >= 0.0
+            && (0.0..=Self::MAX_LOSS).contains(&self.loss)
             && (0.0..=1.0).contains(&self.accuracy)
     }
+
+    /// The largest mean cross-entropy accepted: a head that puts e^-1000 on the right class
+    /// is already as wrong as a head gets, and the bound keeps one report from swamping the
+    /// round's mean.
+    pub const MAX_LOSS: f64 = 1e3;
 }
 
 /// A client's trained head for one round.

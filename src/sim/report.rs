@@ -252,12 +252,21 @@ impl RoundLog {
     }
 }
 
-/// The rows of `rounds.csv` in `out` up to the first unreadable one (a line a crash cut
-/// short): what an interrupted sweep finished.
+/// The rows of `rounds.csv` in `out` up to the first unreadable one: what an interrupted
+/// sweep finished. A last line without its newline is one a crash cut short (it may still
+/// parse, with a number cut), so it is dropped; no file is no rows.
 pub(crate) fn read_rounds(out: &Path) -> Result<Vec<RoundRow>> {
     let path = out.join("rounds.csv");
-    let mut reader =
-        csv::Reader::from_path(&path).with_context(|| format!("reading {}", path.display()))?;
+    let mut text = match std::fs::read(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    if !text.ends_with(b"\n") {
+        let whole = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        text.truncate(whole);
+    }
+    let mut reader = csv::Reader::from_reader(text.as_slice());
     let mut rows = Vec::new();
     for (i, row) in reader.deserialize::<RoundRow>().enumerate() {
         match row {
@@ -324,4 +333,60 @@ pub(crate) fn write_plot(
         &series,
     )?;
     Ok(plot)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(round: u64) -> RoundRow {
+        RoundRow {
+            strategy: "wsa:10:mean-std".into(),
+            seed: 0,
+            round,
+            test_accuracy: 0.5,
+            validation_accuracy: f64::NAN,
+            test_loss: 1.0,
+            train_loss: 1.0,
+            mean_kl: 0.0,
+            accepted: 4,
+            wall_ms: 10,
+            bytes_in: 100,
+            attempt: 0,
+            failed: false,
+            federated_accuracy: 0.625,
+            federated_accuracy_std: 0.125,
+        }
+    }
+
+    #[test]
+    fn the_log_appends_and_a_line_a_crash_cut_is_not_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(
+            read_rounds(dir.path()).unwrap().is_empty(),
+            "no file, no rows"
+        );
+        let mut log = RoundLog::create(dir.path(), &[]).unwrap();
+        log.append(&row(0)).unwrap();
+        log.append(&row(1)).unwrap();
+        drop(log);
+        let back = read_rounds(dir.path()).unwrap();
+        assert_eq!(back.iter().map(|r| r.round).collect::<Vec<_>>(), [0, 1]);
+        assert_eq!(back[1].federated_accuracy_std, 0.125);
+        // Cut inside the last number: still a well-formed row, but not a whole line.
+        let path = dir.path().join("rounds.csv");
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, &text[..text.len() - 3]).unwrap();
+        let back = read_rounds(dir.path()).unwrap();
+        assert_eq!(back.len(), 1);
+        // A resumed log keeps the rows it is given, header once, and appends after them.
+        let mut log = RoundLog::create(dir.path(), &back).unwrap();
+        log.append(&row(1)).unwrap();
+        drop(log);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.matches("strategy,").count(), 1, "{text}");
+        assert_eq!(read_rounds(dir.path()).unwrap().len(), 2);
+        let jsonl = std::fs::read_to_string(dir.path().join("rounds.jsonl")).unwrap();
+        assert_eq!(jsonl.lines().count(), 2);
+    }
 }

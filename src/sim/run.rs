@@ -282,7 +282,8 @@ pub fn run_fleet(cfg: &FleetConfig) -> Result<FleetSummary> {
 
 /// Continues the sweep in the run folder `out` (its `config.json`) where it stopped: the
 /// runs (a strategy on a seed, or the centralized reference on one) whose every round is in
-/// `rounds.csv` are kept, and the others run again from their first round.
+/// `rounds.csv` are kept, and the others run again from their first round. The aggregator's
+/// own log (`aggregator-rounds.jsonl`) keeps the lines of the interrupted attempt too.
 pub fn resume_fleet(out: &Path) -> Result<FleetSummary> {
     let path = out.join("config.json");
     let mut cfg: FleetConfig = serde_json::from_str(

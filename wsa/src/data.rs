@@ -77,8 +77,9 @@ impl LabelledFeatures {
 
     /// Splits `round(fraction · n)` rows off at random (seeded by `seed`) as a held-out set,
     /// leaving at least one row to train on: `(rest, held_out)`, `None` when the fraction
-    /// rounds to no row. The same data, fraction and seed always give the same split, so rows
-    /// held out once are never trained on later.
+    /// rounds to no row. The same rows (in the same order), fraction and seed always give the
+    /// same split, so reconnects and restarts on unchanged data never train on a held-out row;
+    /// data that changes (new images, another limit) is split afresh.
     pub fn hold_out(&self, fraction: f64, seed: u64) -> Result<(Self, Option<Self>)> {
         use rand::SeedableRng;
         use rand::seq::SliceRandom;

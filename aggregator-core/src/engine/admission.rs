@@ -87,9 +87,14 @@ impl Engine {
         if n == 0 || n > info.n_samples || n > bounds.max_n_samples {
             return Err(RejectReason::BadSampleCount(n));
         }
-        // Held-out rows are rows the hello counted and the training did not use.
+        // Held-out rows are rows the hello counted and the training did not use, about the
+        // share the run asked for (a client holds out round(share · rows)), and only when it
+        // asked.
+        let most_held_out = (self.config.eval_fraction * info.n_samples as f64).ceil() as u64;
         if let Some(e) = &update.metrics.held_out
-            && !(e.is_plausible() && e.samples.saturating_add(n) <= info.n_samples)
+            && !(e.is_plausible()
+                && e.samples <= most_held_out
+                && e.samples.saturating_add(n) <= info.n_samples)
         {
             return Err(RejectReason::Malformed(format!(
                 "implausible held-out evaluation: {} rows (training {n}, hello {}), loss {}, \

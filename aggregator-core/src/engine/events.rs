@@ -277,6 +277,12 @@ impl FederatedEval {
         max_claim_ratio: f64,
     ) -> Option<Self> {
         let reports: Vec<protocol::HeldOutEval> = reports.into_iter().collect();
+        // The lower median for the cap, as for training weights: with two reports, one huge
+        // claim cannot lift the cap it is measured against.
+        let lower_median = |mut v: Vec<f64>| -> f64 {
+            v.sort_by(f64::total_cmp);
+            v[(v.len() - 1) / 2]
+        };
         let median = |mut v: Vec<f64>| -> f64 {
             v.sort_by(f64::total_cmp);
             let mid = v.len() / 2;
@@ -289,7 +295,8 @@ impl FederatedEval {
         if reports.is_empty() {
             return None;
         }
-        let cap = max_claim_ratio * median(reports.iter().map(|r| r.samples as f64).collect());
+        let cap =
+            max_claim_ratio * lower_median(reports.iter().map(|r| r.samples as f64).collect());
         let weights: Vec<f64> = reports
             .iter()
             .map(|r| (r.samples as f64).min(cap))
@@ -388,5 +395,8 @@ mod tests {
         // The liar weighs 2 × the median (100): 200 of 500.
         assert!((f.accuracy - 0.8 * 300.0 / 500.0).abs() < 1e-12, "{f:?}");
         assert_eq!(f.accuracy_median, 0.8);
+        // With two reports the cap comes from the lower one, not from the liar's own claim.
+        let f = FederatedEval::of([honest[0], liar], 2.0).unwrap();
+        assert!((f.accuracy - 0.8 * 100.0 / 300.0).abs() < 1e-12, "{f:?}");
     }
 }

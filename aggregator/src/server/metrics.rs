@@ -26,8 +26,11 @@ type Labels = Vec<(&'static str, String)>;
 
 /// The largest request head read before answering.
 const MAX_REQUEST: usize = 8 * 1024;
-/// How long a scraper may take to send its request.
+/// How long one scrape may take, request and response.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Scrapes answered at once; more connections are closed at once, so that a flood of idle
+/// connections cannot use up the descriptors the run loop needs for its checkpoints.
+const MAX_SCRAPES: usize = 16;
 
 /// The metrics of one aggregator. Cheap to clone: every metric is shared.
 #[derive(Debug, Clone)]
@@ -246,15 +249,28 @@ impl Metrics {
 
 /// Serves `GET /metrics` on `listener` until the task is dropped.
 pub async fn serve_metrics(listener: TcpListener, metrics: Metrics) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPES));
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors, say: wait instead of spinning on the error.
+                tracing::debug!(error = %e, "metrics accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
             continue;
         };
         let metrics = metrics.clone();
         tokio::spawn(async move {
-            if let Err(e) = answer(stream, &metrics).await {
-                tracing::debug!(error = %e, "metrics request failed");
+            match tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &metrics)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(error = %e, "metrics request failed"),
+                Err(_) => tracing::debug!("metrics request timed out"),
             }
+            drop(slot);
         });
     }
 }
@@ -279,9 +295,7 @@ async fn answer(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()>
         }
         std::io::Result::Ok(())
     };
-    tokio::time::timeout(REQUEST_TIMEOUT, read)
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "request head"))??;
+    read.await?;
     let request_line = head.split(|&b| b == b'\n').next().unwrap_or_default();
     let mut words = request_line.split(|&b| b == b' ');
     let (method, path) = (words.next(), words.next());
