@@ -391,17 +391,7 @@ fn join(args: JoinArgs) -> Result<()> {
         });
         edge_client::net::run(opts, data, stop_rx).await
     })?;
-    let accepted = report
-        .rounds
-        .iter()
-        .filter(|r| r.outcome == "accepted")
-        .count();
-    println!(
-        "{:?} after {} rounds ({accepted} updates accepted, {} connections)",
-        report.end,
-        report.rounds.len(),
-        report.connections
-    );
+    println!("{}", report.summary());
     Ok(())
 }
 
@@ -421,18 +411,7 @@ fn status(args: JoinArgs) -> Result<()> {
                 &std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
             )
             .with_context(|| format!("parsing {}", path.display()))?;
-            let accepted = report
-                .rounds
-                .iter()
-                .filter(|r| r.outcome == "accepted")
-                .count();
-            println!(
-                "report {}: {:?}, {} rounds answered ({accepted} accepted), {} connections",
-                path.display(),
-                report.end,
-                report.rounds.len(),
-                report.connections
-            );
+            println!("report {}: {}", path.display(), report.summary());
             if let Some(error) = &report.error {
                 println!("gave up: {error}");
             }

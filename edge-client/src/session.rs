@@ -115,6 +115,23 @@ pub struct ClientReport {
     pub error: Option<String>,
 }
 
+impl ClientReport {
+    /// One line: how the run stands, the rounds answered and accepted, the connections.
+    pub fn summary(&self) -> String {
+        let accepted = self
+            .rounds
+            .iter()
+            .filter(|r| r.outcome == "accepted")
+            .count();
+        format!(
+            "{:?}, {} rounds answered ({accepted} accepted), {} connections",
+            self.end,
+            self.rounds.len(),
+            self.connections
+        )
+    }
+}
+
 /// Why a client gave up.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ClientError {

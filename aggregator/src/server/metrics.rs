@@ -61,9 +61,9 @@ impl Default for Metrics {
 impl Metrics {
     /// Every metric registered under the `wsa_` prefix, at zero.
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("wsa");
-        let m = Self {
-            registry: Arc::new(Registry::default()),
+        // The metrics first, then each registered by a handle (they share their values).
+        let mut m = Self {
+            registry: Arc::default(),
             rounds_opened: Counter::default(),
             rounds_closed: Family::default(),
             // 10 ms to ~3 h.
@@ -81,6 +81,7 @@ impl Metrics {
             federated_accuracy: Gauge::default(),
             checkpoint_time: Gauge::default(),
         };
+        let mut registry = Registry::with_prefix("wsa");
         let r = &mut registry;
         r.register(
             "rounds_opened",
@@ -155,10 +156,8 @@ impl Metrics {
         );
         m.test_accuracy.set(f64::NAN);
         m.federated_accuracy.set(f64::NAN);
-        Self {
-            registry: Arc::new(registry),
-            ..m
-        }
+        m.registry = Arc::new(registry);
+        m
     }
 
     /// A round attempt opened.
