@@ -194,8 +194,17 @@ async fn child_flood() {
     }
 }
 
-fn start_flood(addr: SocketAddr, deployment: &Deployment) -> Child {
-    Command::new(std::env::current_exe().unwrap())
+/// The flood in its child process, and its latest counts as it prints them: hello-less
+/// connection attempts, replayed Initials.
+struct Flood {
+    child: Child,
+    counts: Arc<std::sync::Mutex<Option<(u64, u64)>>>,
+    reader: std::thread::JoinHandle<()>,
+}
+
+fn start_flood(addr: SocketAddr, deployment: &Deployment) -> Flood {
+    use std::io::BufRead;
+    let mut child = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "child_flood", "--nocapture", "--test-threads=1"])
         .env(
             FLOOD_ENV,
@@ -207,27 +216,60 @@ fn start_flood(addr: SocketAddr, deployment: &Deployment) -> Child {
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
-        .unwrap()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let counts = Arc::new(std::sync::Mutex::new(None));
+    let reader = std::thread::spawn({
+        let counts = Arc::clone(&counts);
+        move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let parsed = line.strip_prefix("FLOOD ").and_then(|l| {
+                    let mut parts = l.split_whitespace().map(|x| x.parse().ok());
+                    Some((parts.next()??, parts.next()??))
+                });
+                if parsed.is_some() {
+                    *counts.lock().unwrap() = parsed;
+                }
+            }
+        }
+    });
+    Flood {
+        child,
+        counts,
+        reader,
+    }
 }
 
-/// The flood's last counts: hello-less connection attempts, replayed Initials.
-fn flood_counts(child: Child) -> (u64, u64) {
-    use std::io::Read;
-    let mut child = child;
-    let _ = child.kill();
-    let mut out = String::new();
-    if let Some(mut stdout) = child.stdout.take() {
-        let _ = stdout.read_to_string(&mut out);
+impl Flood {
+    fn counts(&self) -> Option<(u64, u64)> {
+        *self.counts.lock().unwrap()
     }
-    let _ = child.wait();
-    out.lines()
-        .rev()
-        .find_map(|l| l.strip_prefix("FLOOD "))
-        .and_then(|l| {
-            let mut parts = l.split_whitespace().map(|x| x.parse().ok());
-            Some((parts.next()??, parts.next()??))
-        })
-        .unwrap_or((0, 0))
+
+    /// Waits until the flood is under way: it captures its Initials first, which takes
+    /// seconds on a loaded machine, and the honest clients must meet the flood, not its set-up.
+    async fn under_way(&self) {
+        let started = Instant::now();
+        while self.counts().is_none_or(|(_, replayed)| replayed == 0) {
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "the flood did not start within 120 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Stops the flood; its last counts.
+    fn finish(mut self) -> (u64, u64) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let last = Arc::clone(&self.counts);
+        let _ = self.reader.join();
+        let counts = *last.lock().unwrap();
+        counts.unwrap_or((0, 0))
+    }
 }
 
 /// Honest joins quiet and flooded against a server with `options`; the figures as JSON.
@@ -253,6 +295,7 @@ async fn measure(deployment: &Deployment, ids: &[String], options: ServerOptions
     }
     let flood = start_flood(addr, deployment);
     // Let the flood fill the gate before the honest clients come, then join them twice.
+    flood.under_way().await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let mut flooded = Vec::new();
     for _ in 0..2 {
@@ -261,7 +304,7 @@ async fn measure(deployment: &Deployment, ids: &[String], options: ServerOptions
         }
     }
     let rss_flooded = rss_kib();
-    let (attempts, replayed) = flood_counts(flood);
+    let (attempts, replayed) = flood.finish();
     let _ = stop.send(true);
     handle.await.unwrap().unwrap();
     // Milliseconds to the welcome, or null for a client locked out.
