@@ -61,14 +61,8 @@ fn run(clients: usize, encoding: Encoding, rounds: u64, head: HeadSpec) -> Row {
                 )
             })
             .collect();
-        let mut config = EngineConfig::new(
-            1,
-            head.clone(),
-            Strategy::Wsa {
-                lambda: 10.0,
-                rule: FusionRule::MeanStd,
-            },
-        );
+        let mut config =
+            EngineConfig::new(1, head.clone(), Strategy::wsa(10.0, FusionRule::MeanStd));
         config.rounds = rounds;
         config.min_connected = clients;
         config.quorum = clients;

@@ -8,7 +8,8 @@
 use std::path::PathBuf;
 
 use aggregator::backends::BackendChoice;
-use aggregator_core::strategy::{Aggregation, Strategy};
+use aggregator_core::engine::UpdateBounds;
+use aggregator_core::strategy::{Aggregation, Strategy, TargetFusion, TargetPolicy};
 use anyhow::{Context, Result, ensure};
 use clap::{Parser, Subcommand};
 use edge_client::Adversary;
@@ -162,9 +163,20 @@ struct Args {
     /// Shards: classes per client.
     #[arg(long, default_value_t = 2)]
     classes_per_client: usize,
-    /// Strategies, comma-separated (empty: only the centralized bound): `fedavg`, `fedprox:MU`, `wsa:LAMBDA[:mean-std|root-mean-var|mixture]`.
+    /// Strategies, comma-separated (empty: only the centralized bound): `fedavg`,
+    /// `fedprox:MU`, `wsa:LAMBDA[:mean-std|root-mean-var|mixture][:mu=MU][:warmup=ROUNDS]`
+    /// (`mu` adds FedProx's term to WSA's; `warmup` trains the first rounds without WSA's).
     #[arg(long, value_delimiter = ',', default_value = "fedavg,wsa:10")]
     strategies: Vec<String>,
+    /// How each round's target scopes are formed: `median` of the clients' scopes,
+    /// `trimmed:TRIM`, `follow-rule` (the strategy's σ̃ rule, weighted), `global-head` (the
+    /// new head's own scopes) or `fixed` (the initial head's).
+    #[arg(long, default_value = "median")]
+    target_fusion: TargetFusion,
+    /// Rescale the merged head's tensors to the new targets before broadcasting
+    /// (server-side scope alignment).
+    #[arg(long)]
+    align_head: bool,
     /// Aggregation rules, comma-separated; every strategy runs with each: `mean`, `median`,
     /// `trimmed:TRIM` (the fraction cut from each end), `clip:MAX_NORM` (each step's L2 bound).
     #[arg(long, value_delimiter = ',', default_value = "mean")]
@@ -175,6 +187,11 @@ struct Args {
     /// Accepted updates a round needs to count (default: every client asked).
     #[arg(long)]
     quorum: Option<usize>,
+    /// The most a client's measured σ of a tensor may differ from the global head's, as a
+    /// factor, before its update is refused (the run config's `bounds.max_scope_ratio`).
+    /// Round 0 under strong label skew can take an honest logits layer past the shipped 4.
+    #[arg(long, default_value_t = UpdateBounds::default().max_scope_ratio)]
+    max_scope_ratio: f64,
     /// The share of clients that attack (robustness experiments), with `--attack`.
     #[arg(long, default_value_t = 0.0)]
     byzantine: f64,
@@ -336,9 +353,15 @@ fn config(args: Args) -> Result<FleetConfig> {
             .map(|s| s.parse::<Strategy>().map_err(anyhow::Error::msg))
             .collect::<Result<_>>()?,
         aggregations: args.aggregations,
+        targets: TargetPolicy {
+            fusion: args.target_fusion,
+            align_head: args.align_head,
+            ..TargetPolicy::default()
+        },
         backend: args.backend,
         byzantine: byzantine(args.byzantine, args.attack)?,
         quorum: args.quorum,
+        max_scope_ratio: args.max_scope_ratio,
         centralized: !args.no_centralized,
         seeds: args.seeds,
         hidden,

@@ -79,10 +79,7 @@ fn check_target(arch: &str, set: &datasets::ImageSet, reference: &ndarray::Array
     let mut config = EngineConfig::new(
         5,
         HeadSpec::mlp(1280, &[16], 10),
-        Strategy::Wsa {
-            lambda: 10.0,
-            rule: FusionRule::MeanStd,
-        },
+        Strategy::wsa(10.0, FusionRule::MeanStd),
     );
     config.classes = datasets::FASHION_MNIST_CLASSES.map(String::from).to_vec();
     config.rounds = ROUNDS;

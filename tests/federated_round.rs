@@ -24,24 +24,21 @@ fn a_wsa_round_averages_heads_and_fuses_scopes() {
     let targets = global
         .scopes(ScopeSelection::default(), wsa::DEFAULT_SCOPE_EPS)
         .unwrap();
-    let strategy = Strategy::Wsa {
-        lambda: 5.0,
-        rule: FusionRule::Mixture,
-    };
+    let strategy = Strategy::wsa(5.0, FusionRule::Mixture);
     let sgd = Sgd {
         epochs: 2,
         batch_size: 16,
         ..Sgd::default()
     };
     let selection = ScopeSelection::default();
+    let shape = FoldShape::of_head(&spec, selection, DEFAULT_SCOPE_EPS);
     let task = TrainingTask {
         round: 0,
         global: global.clone(),
-        train: strategy.client_config(&sgd, 0, &targets, selection, DEFAULT_SCOPE_EPS),
+        train: strategy.client_config(&sgd, 0, 0, &targets, selection, &shape),
     };
     assert!(task.train.wsa.is_some());
 
-    let shape = FoldShape::of_head(&spec, selection, DEFAULT_SCOPE_EPS);
     // The plain definition: no share cap, the paper's weighted fusion, and bounds wide enough
     // not to bind.
     let policy = FoldPolicy {
@@ -53,6 +50,7 @@ fn a_wsa_round_averages_heads_and_fuses_scopes() {
             max_std_ratio: 1e6,
             max_mean_shift: 1e6,
             std_floor: 0.0,
+            align_head: false,
         },
         floors: vec![0.0; targets.len()],
     };
@@ -93,7 +91,8 @@ fn a_wsa_round_averages_heads_and_fuses_scopes() {
     assert_eq!(fold.accepted(), 4);
     let folded = fold.finish().unwrap();
     let next = Head::from_flat(&spec, &folded.params).unwrap();
-    let fused = folded.targets;
+    let fused = folded.targets.clone();
+    check_drift(&folded, &global.to_flat(), &updates);
 
     let total: f64 = updates.iter().map(|u| u.metrics.n_samples as f64).sum();
     for (i, &got) in next.to_flat().iter().enumerate() {
@@ -131,4 +130,58 @@ fn a_wsa_round_averages_heads_and_fuses_scopes() {
             .zip(&fused)
             .any(|(a, f)| kl(*a, *f) > 0.0)
     );
+}
+
+/// The fold's drift figures against a direct computation from the updates.
+fn check_drift(
+    folded: &aggregator_core::strategy::Folded,
+    global: &[f32],
+    updates: &[edge_client::ClientUpdate],
+) {
+    let step = |w: &[f32]| -> Vec<f64> {
+        w.iter()
+            .zip(global)
+            .map(|(&w, &g)| f64::from(w) - f64::from(g))
+            .collect()
+    };
+    let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let round_step = step(&folded.params);
+    let cosines: Vec<f64> = updates
+        .iter()
+        .map(|u| {
+            let s = step(&u.params);
+            let dot: f64 = s.iter().zip(&round_step).map(|(a, b)| a * b).sum();
+            dot / (norm(&s) * norm(&round_step))
+        })
+        .collect();
+    let want_cosine = cosines.iter().sum::<f64>() / cosines.len() as f64;
+    let mean_norm =
+        updates.iter().map(|u| norm(&step(&u.params))).sum::<f64>() / updates.len() as f64;
+    let want_agreement = norm(&round_step) / mean_norm;
+    let drift = &folded.drift;
+    let cosine = drift.step_cosine.unwrap();
+    let agreement = drift.step_agreement.unwrap();
+    assert!(
+        (cosine - want_cosine).abs() < 1e-6,
+        "{cosine} vs {want_cosine}"
+    );
+    assert!(
+        (agreement - want_agreement).abs() < 1e-6,
+        "{agreement} vs {want_agreement}"
+    );
+    // Non-IID shards: the clients neither agree fully nor cancel.
+    assert!(cosine > 0.0 && cosine < 1.0, "{cosine}");
+    for (t, (&m, &s)) in drift.mean_spread.iter().zip(&drift.std_spread).enumerate() {
+        let means: Vec<f64> = updates.iter().map(|u| u.scopes[t].mean).collect();
+        let stds: Vec<f64> = updates.iter().map(|u| u.scopes[t].std).collect();
+        let avg = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+        let sd = |v: &[f64]| {
+            let a = avg(v);
+            (v.iter().map(|x| (x - a) * (x - a)).sum::<f64>() / v.len() as f64).sqrt()
+        };
+        // The fold measures scopes in f32 sums; the clients in f64.
+        assert!((m - sd(&means) / avg(&stds)).abs() < 1e-4, "tensor {t}");
+        assert!((s - sd(&stds) / avg(&stds)).abs() < 1e-4, "tensor {t}");
+    }
+    assert_eq!(drift.mean_spread.len(), updates[0].scopes.len());
 }

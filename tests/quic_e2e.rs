@@ -40,10 +40,7 @@ fn config(rounds: u64, min_connected: usize, quorum: usize) -> EngineConfig {
     let mut c = EngineConfig::new(
         7,
         HeadSpec::mlp(DIM, &[8], CLASSES),
-        Strategy::Wsa {
-            lambda: 5.0,
-            rule: FusionRule::MeanStd,
-        },
+        Strategy::wsa(5.0, FusionRule::MeanStd),
     );
     c.seed = 11;
     c.rounds = rounds;

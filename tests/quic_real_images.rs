@@ -51,10 +51,7 @@ async fn two_clients_train_on_real_backbone_features_over_quic() {
     let mut config = EngineConfig::new(
         3,
         HeadSpec::mlp(1280, &[32], 10),
-        Strategy::Wsa {
-            lambda: 10.0,
-            rule: FusionRule::MeanStd,
-        },
+        Strategy::wsa(10.0, FusionRule::MeanStd),
     );
     config.rounds = 2;
     config.min_connected = 2;

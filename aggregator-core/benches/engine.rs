@@ -119,14 +119,8 @@ fn main() {
     );
     let mut rows = Vec::new();
     for encoding in [Encoding::F32, Encoding::F16, Encoding::Int8RowScaled] {
-        let mut config = EngineConfig::new(
-            1,
-            spec.clone(),
-            Strategy::Wsa {
-                lambda: 1.0,
-                rule: FusionRule::MeanStd,
-            },
-        );
+        let mut config =
+            EngineConfig::new(1, spec.clone(), Strategy::wsa(1.0, FusionRule::MeanStd));
         config.rounds = 1;
         config.update_encoding = encoding;
         // One extra client never answers, so the round closes on the Tick, timed apart.

@@ -178,7 +178,7 @@ fn global_of(task: &RoundTask) -> Vec<f32> {
 
 fn selection_of(task: &RoundTask) -> ScopeSelection {
     ScopeSelection {
-        include_biases: task.train.wsa.is_some_and(|w| w.include_biases),
+        include_biases: task.train.wsa.as_ref().is_some_and(|w| w.include_biases),
     }
 }
 
@@ -955,10 +955,7 @@ fn rejected_updates_leave_the_fold_untouched() {
 #[test]
 fn f16_and_int8_updates_of_trained_heads_pass_the_scope_check() {
     for encoding in [Encoding::F16, Encoding::Int8RowScaled] {
-        let mut c = config(Strategy::Wsa {
-            lambda: 1.0,
-            rule: FusionRule::MeanStd,
-        });
+        let mut c = config(Strategy::wsa(1.0, FusionRule::MeanStd));
         c.update_encoding = encoding;
         c.bounds.scope_tolerance = 0.02;
         c.min_connected = 2;
@@ -1164,7 +1161,7 @@ fn wsa_targets_are_the_scope_fusion_of_the_client_scopes() {
         FusionRule::Mixture,
     ] {
         for weighting in [Weighting::Uniform, Weighting::SampleCount] {
-            let mut c = config(Strategy::Wsa { lambda: 0.5, rule });
+            let mut c = config(Strategy::wsa(0.5, rule));
             c.weighting = weighting;
             c.targets.fusion = TargetFusion::FollowRule;
             c.min_connected = 3;
@@ -1175,7 +1172,7 @@ fn wsa_targets_are_the_scope_fusion_of_the_client_scopes() {
                 sim.connect(id, d.len() as u64);
             }
             let task = sim.task("a");
-            let wsa = task.train.wsa.unwrap();
+            let wsa = task.train.wsa.clone().unwrap();
             assert_eq!(wsa.lambda, 0.5);
             assert!(!wsa.include_biases);
             let mut sent = Vec::new();
@@ -1220,14 +1217,11 @@ fn wsa_targets_are_the_scope_fusion_of_the_client_scopes() {
 
 #[test]
 fn wsa_with_bias_scopes_tells_clients_and_checks_four_scopes() {
-    let mut c = config(Strategy::Wsa {
-        lambda: 0.1,
-        rule: FusionRule::MeanStd,
-    });
+    let mut c = config(Strategy::wsa(0.1, FusionRule::MeanStd));
     c.scope_selection.include_biases = true;
     let mut sim = Sim::start(c, &[("a", 10)]);
     let task = sim.task("a");
-    assert!(task.train.wsa.unwrap().include_biases);
+    assert!(task.train.wsa.as_ref().unwrap().include_biases);
     assert_eq!(task.targets.len(), 4);
     let u = perturbed(&task, "a", 10, 1);
     assert_eq!(u.scopes.len(), 4);
@@ -1350,10 +1344,7 @@ fn run_rounds(sim: &mut Sim, data: &[LabelledFeatures], rounds: u64) {
 }
 
 fn resumable_config() -> EngineConfig {
-    let mut c = config(Strategy::Wsa {
-        lambda: 1.0,
-        rule: FusionRule::Mixture,
-    });
+    let mut c = config(Strategy::wsa(1.0, FusionRule::Mixture));
     c.sampling.fraction = 0.6;
     c.quorum = 2;
     c.min_connected = 5;
@@ -1487,6 +1478,14 @@ fn configurations_out_of_domain_are_refused_with_the_field_named() {
     let mut c = config(Strategy::FedAvg);
     c.head.classes = 1;
     assert!(Engine::new(c).is_err());
+    // λ on one scoped tensor: the head's two weight matrices are 0 and 1.
+    for (text, ok) in [
+        ("wsa:10:mean-std:only=1", true),
+        ("wsa:10:mean-std:only=2", false),
+    ] {
+        let made = Engine::new(config(text.parse().unwrap()));
+        assert_eq!(made.is_ok(), ok, "{text}");
+    }
 }
 
 #[test]
@@ -1519,10 +1518,7 @@ fn the_config_hash_changes_with_any_field_and_round_trips_through_json() {
 #[test]
 fn a_scope_collapsing_liar_cannot_drive_the_targets_to_zero() {
     let data = shards(5, 60);
-    let mut c = config(Strategy::Wsa {
-        lambda: 100.0,
-        rule: FusionRule::MeanStd,
-    });
+    let mut c = config(Strategy::wsa(100.0, FusionRule::MeanStd));
     c.rounds = 6;
     c.bounds.max_scope_ratio = 1e9;
     let mut ids: Vec<(String, u64)> = (0..4)
@@ -1581,10 +1577,7 @@ fn targets_are_the_median_of_the_measured_scopes() {
 
 fn targets_are_the_median_under(aggregation: Aggregation, fusion: TargetFusion) {
     let clients = [("a", 10u64), ("b", 10), ("c", 10), ("d", 10), ("e", 10)];
-    let mut c = config(Strategy::Wsa {
-        lambda: 1.0,
-        rule: FusionRule::MeanStd,
-    });
+    let mut c = config(Strategy::wsa(1.0, FusionRule::MeanStd));
     c.aggregation = aggregation;
     c.targets.fusion = fusion;
     let mut sim = Sim::start(c, &clients);
@@ -1630,10 +1623,7 @@ fn targets_are_the_median_under(aggregation: Aggregation, fusion: TargetFusion) 
 /// their layer's weights set, instead of √ε.
 #[test]
 fn bias_targets_start_at_their_layers_floor() {
-    let mut c = config(Strategy::Wsa {
-        lambda: 10.0,
-        rule: FusionRule::MeanStd,
-    });
+    let mut c = config(Strategy::wsa(10.0, FusionRule::MeanStd));
     c.scope_selection = ScopeSelection {
         include_biases: true,
     };
@@ -1683,10 +1673,7 @@ fn rounds_that_cannot_be_held_or_timed_are_refused_up_front() {
 fn wsa_with_biases_trains_from_zero_biases() {
     let data = shards(4, 60);
     for lambda in [10.0, 100.0] {
-        let mut c = config(Strategy::Wsa {
-            lambda,
-            rule: FusionRule::MeanStd,
-        });
+        let mut c = config(Strategy::wsa(lambda, FusionRule::MeanStd));
         c.scope_selection = ScopeSelection {
             include_biases: true,
         };

@@ -115,10 +115,7 @@ fn default_config() -> EngineConfig {
     let mut config = EngineConfig::new(
         1,
         HeadSpec::mlp(1280, &[256], 10),
-        Strategy::Wsa {
-            lambda: 10.0,
-            rule: FusionRule::MeanStd,
-        },
+        Strategy::wsa(10.0, FusionRule::MeanStd),
     );
     config.classes = datasets::FASHION_MNIST_CLASSES.map(String::from).to_vec();
     config.backbone.sha256 = vec![

@@ -65,6 +65,7 @@ impl From<&TrainConfig> for TrainSpec {
                 lambda: w.lambda,
                 include_biases: w.selection.include_biases,
                 eps: w.eps,
+                tensor_lambdas: w.tensor_lambdas.clone(),
             }),
         }
     }
@@ -74,7 +75,7 @@ impl TrainSpec {
     /// The core's training config with the WSA `targets` of the task; `wsa::train` validates
     /// the numbers before it runs.
     pub fn to_config(&self, targets: &[WireScope]) -> wsa::Result<TrainConfig> {
-        let wsa = match self.wsa {
+        let wsa = match &self.wsa {
             Some(w) => Some(WsaTerm {
                 lambda: w.lambda,
                 targets: WireScope::to_scopes(targets)?,
@@ -82,6 +83,7 @@ impl TrainSpec {
                     include_biases: w.include_biases,
                 },
                 eps: w.eps,
+                tensor_lambdas: w.tensor_lambdas.clone(),
             }),
             None => None,
         };

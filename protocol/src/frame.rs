@@ -10,7 +10,7 @@ use crate::message::Message;
 /// The first bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"WSA1";
 /// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 /// Bytes of the fixed header.
 pub const HEADER_LEN: usize = 10;
 

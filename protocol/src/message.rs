@@ -122,7 +122,7 @@ pub struct WireScope {
 }
 
 /// The WSA term a client adds to its loss.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WsaSpec {
     /// λ.
     pub lambda: f64,
@@ -130,10 +130,12 @@ pub struct WsaSpec {
     pub include_biases: bool,
     /// ε in `σ = sqrt(var + ε)`.
     pub eps: f64,
+    /// A λ per scoped tensor in place of `lambda` (one per target); empty: `lambda` for all.
+    pub tensor_lambdas: Vec<f64>,
 }
 
 /// Local training settings for one round.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainSpec {
     /// Passes over the local data.
     pub epochs: u32,

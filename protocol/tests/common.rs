@@ -71,6 +71,7 @@ pub fn samples() -> Vec<(&'static str, Message)> {
                         lambda: 10.0,
                         include_biases: false,
                         eps: 1e-8,
+                        tensor_lambdas: vec![10.0, 0.0],
                     }),
                 },
                 encoding: Encoding::Int8RowScaled,

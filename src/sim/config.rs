@@ -4,8 +4,8 @@
 use std::path::PathBuf;
 
 use aggregator::backends::BackendChoice;
-use aggregator_core::engine::{EngineConfig, Sampling};
-use aggregator_core::strategy::{Aggregation, Strategy};
+use aggregator_core::engine::{EngineConfig, Sampling, UpdateBounds};
+use aggregator_core::strategy::{Aggregation, Strategy, TargetPolicy};
 use edge_client::Adversary;
 use protocol::Encoding;
 use serde::{Deserialize, Serialize};
@@ -99,12 +99,18 @@ pub struct FleetConfig {
     /// Aggregation rules: every strategy runs with each (empty: the plain mean).
     #[serde(default)]
     pub aggregations: Vec<Aggregation>,
+    /// How targets are formed and whether the merged head is aligned to them.
+    #[serde(default)]
+    pub targets: TargetPolicy,
     /// Where the aggregator folds updates.
     #[serde(default)]
     pub backend: BackendChoice,
     /// Accepted updates a round needs (default: `per_round`, every asked client).
     #[serde(default)]
     pub quorum: Option<usize>,
+    /// The aggregator's bound on a tensor's σ change in one update (`bounds.max_scope_ratio`).
+    #[serde(default = "default_max_scope_ratio")]
+    pub max_scope_ratio: f64,
     /// Clients that attack (robustness experiments); none by default.
     #[serde(default)]
     pub byzantine: Option<Byzantine>,
@@ -137,6 +143,10 @@ pub struct FleetConfig {
 }
 
 /// The engine configuration of one run: `strategy` under `aggregation` on `seed`'s data.
+fn default_max_scope_ratio() -> f64 {
+    UpdateBounds::default().max_scope_ratio
+}
+
 pub(crate) fn engine_config(
     cfg: &FleetConfig,
     head: &HeadSpec,
@@ -146,6 +156,8 @@ pub(crate) fn engine_config(
 ) -> EngineConfig {
     let mut c = EngineConfig::new(seed.wrapping_add(1), head.clone(), strategy);
     c.aggregation = aggregation;
+    c.targets = cfg.targets;
+    c.bounds.max_scope_ratio = cfg.max_scope_ratio;
     c.seed = seed;
     c.rounds = cfg.rounds;
     c.train = cfg.train.clone();

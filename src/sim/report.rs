@@ -50,6 +50,19 @@ pub struct RoundRow {
     /// The spread of the clients' held-out accuracies (weighted standard deviation).
     #[serde(default = "nan")]
     pub federated_accuracy_std: f64,
+    /// Client drift: the mean cosine between a client's step and the round's step (NaN for a
+    /// failed attempt; per-tensor figures are in `aggregator-rounds.jsonl`).
+    #[serde(default = "nan")]
+    pub step_cosine: f64,
+    /// The round's step length over the clients' mean step length.
+    #[serde(default = "nan")]
+    pub step_agreement: f64,
+    /// The spread of the clients' scope means (in units of their σ), averaged over tensors.
+    #[serde(default = "nan")]
+    pub mean_spread: f64,
+    /// The coefficient of variation of the clients' σ, averaged over tensors.
+    #[serde(default = "nan")]
+    pub std_spread: f64,
 }
 
 fn nan() -> f64 {
@@ -294,34 +307,60 @@ pub fn peak_rss_mib() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-/// Plots the mean test accuracy over the seeds, round by round, of every run in `labels` into
-/// the run folder's `accuracy.png`.
+/// A figure of every round, as plotted: its file in the run folder, its axis and its value.
+pub(crate) struct Plotted {
+    file: &'static str,
+    y_label: &'static str,
+    value: fn(&RoundRow) -> f64,
+}
+
+/// The run folder's plots: test accuracy, and client drift (the mean cosine between the
+/// clients' steps and the round's step, issue 17).
+pub(crate) const PLOTS: [Plotted; 2] = [
+    Plotted {
+        file: "accuracy.png",
+        y_label: "test accuracy",
+        value: |r| r.test_accuracy,
+    },
+    Plotted {
+        file: "drift.png",
+        y_label: "mean cosine of client step to round step",
+        value: |r| r.step_cosine,
+    },
+];
+
+/// Plots `plotted`'s mean over the seeds, round by round, of every run in `labels` into the
+/// run folder.
 pub(crate) fn write_plot(
     cfg: &FleetConfig,
     rows: &[RoundRow],
     labels: &[String],
+    plotted: &Plotted,
 ) -> Result<PathBuf> {
     let mut series = Vec::new();
     for label in labels {
         // The mean over seeds, round by round.
         let mut by_round: BTreeMap<u64, Vec<f64>> = BTreeMap::new();
         for r in rows.iter().filter(|r| &r.strategy == label && !r.failed) {
-            by_round.entry(r.round).or_default().push(r.test_accuracy);
+            by_round
+                .entry(r.round)
+                .or_default()
+                .push((plotted.value)(r));
         }
         series.push(Series {
             name: label.clone(),
             points: by_round
                 .iter()
-                .map(|(round, accs)| {
+                .map(|(round, values)| {
                     (
                         (round + 1) as f64,
-                        accs.iter().sum::<f64>() / accs.len() as f64,
+                        values.iter().sum::<f64>() / values.len() as f64,
                     )
                 })
                 .collect(),
         });
     }
-    let plot = cfg.out.join("accuracy.png");
+    let plot = cfg.out.join(plotted.file);
     line_plot(
         &plot,
         &format!(
@@ -329,7 +368,7 @@ pub(crate) fn write_plot(
             cfg.clients, cfg.per_round, cfg.partition
         ),
         "round",
-        "test accuracy",
+        plotted.y_label,
         &series,
     )?;
     Ok(plot)
@@ -356,6 +395,10 @@ mod tests {
             failed: false,
             federated_accuracy: 0.625,
             federated_accuracy_std: 0.125,
+            step_cosine: 0.5,
+            step_agreement: 0.25,
+            mean_spread: f64::NAN,
+            std_spread: 0.1,
         }
     }
 

@@ -18,7 +18,7 @@ use wsa::{Head, HeadSpec, LabelledFeatures, Sgd, TrainConfig};
 use super::config::{FleetConfig, engine_config};
 use super::data::{Dataset, SeedData, load_data, seed_data};
 use super::report::{
-    FleetSummary, RoundLog, RoundRow, markdown_table, peak_rss_mib, read_rounds, summarize,
+    FleetSummary, PLOTS, RoundLog, RoundRow, markdown_table, peak_rss_mib, read_rounds, summarize,
     write_plot,
 };
 use crate::fleet::{Deployment, spawn_server};
@@ -133,6 +133,7 @@ impl Progress {
 /// evaluation: it is kept, with NaN accuracies, so the record shows it.
 fn round_row(label: &str, seed: u64, report: &RoundReport) -> RoundRow {
     let eval = report.test_eval;
+    let drift = report.drift.as_ref();
     RoundRow {
         strategy: label.to_owned(),
         seed,
@@ -149,7 +150,16 @@ fn round_row(label: &str, seed: u64, report: &RoundReport) -> RoundRow {
         failed: report.closed_by == ClosedBy::Failed,
         federated_accuracy: report.federated_eval.map_or(f64::NAN, |f| f.accuracy),
         federated_accuracy_std: report.federated_eval.map_or(f64::NAN, |f| f.accuracy_std),
+        step_cosine: drift.and_then(|d| d.step_cosine).unwrap_or(f64::NAN),
+        step_agreement: drift.and_then(|d| d.step_agreement).unwrap_or(f64::NAN),
+        mean_spread: drift.map_or(f64::NAN, |d| average(&d.mean_spread)),
+        std_spread: drift.map_or(f64::NAN, |d| average(&d.std_spread)),
     }
+}
+
+/// The mean of `values`; NaN for none.
+fn average(values: &[f64]) -> f64 {
+    values.iter().sum::<f64>() / values.len() as f64
 }
 
 /// The centralized reference: the same head, optimizer and initial weights trained on the
@@ -203,6 +213,10 @@ fn run_centralized(
             failed: false,
             federated_accuracy: f64::NAN,
             federated_accuracy_std: f64::NAN,
+            step_cosine: f64::NAN,
+            step_agreement: f64::NAN,
+            mean_spread: f64::NAN,
+            std_spread: f64::NAN,
         });
         progress.record(rows.last().expect("just pushed"))?;
     }
@@ -441,7 +455,16 @@ fn sweep(cfg: &FleetConfig, done: Vec<RoundRow>) -> Result<FleetSummary> {
     // Runtime teardown may wait for idle QUIC tasks; bound it.
     runtime.shutdown_timeout(Duration::from_secs(2));
 
-    let plot = write_plot(cfg, &rows, &labels)?;
+    let plot = write_plot(cfg, &rows, &labels, &PLOTS[0])?;
+    // The centralized run has no clients to drift.
+    let federated: Vec<String> = labels
+        .iter()
+        .filter(|l| l.as_str() != "centralized")
+        .cloned()
+        .collect();
+    if !federated.is_empty() {
+        write_plot(cfg, &rows, &federated, &PLOTS[1])?;
+    }
     let summary = FleetSummary {
         config: cfg.clone(),
         strategies: labels

@@ -25,6 +25,9 @@ pub struct WsaTerm {
     pub selection: ScopeSelection,
     /// ε in `σ = sqrt(var + ε)`.
     pub eps: f64,
+    /// A λ per scoped tensor, in place of `lambda`; empty: `lambda` for every tensor.
+    #[serde(default)]
+    pub tensor_lambdas: Vec<f64>,
 }
 
 impl WsaTerm {
@@ -35,7 +38,13 @@ impl WsaTerm {
             targets,
             selection: ScopeSelection::default(),
             eps: DEFAULT_SCOPE_EPS,
+            tensor_lambdas: Vec::new(),
         }
+    }
+
+    /// The λ of scoped tensor `t`.
+    pub fn lambda_of(&self, t: usize) -> f64 {
+        self.tensor_lambdas.get(t).copied().unwrap_or(self.lambda)
     }
 }
 
@@ -117,6 +126,22 @@ impl<F: Real> Regularizers<'_, F> {
             for t in &wsa.targets {
                 t.validate()?;
             }
+            if !wsa.tensor_lambdas.is_empty() {
+                ensure_len(
+                    "WSA per-tensor λ",
+                    wsa.targets.len(),
+                    wsa.tensor_lambdas.len(),
+                )?;
+            }
+            if let Some(bad) = wsa
+                .tensor_lambdas
+                .iter()
+                .find(|l| !(l.is_finite() && **l >= 0.0))
+            {
+                return Err(Error::InvalidConfig(format!(
+                    "a tensor's WSA λ must be finite and >= 0, got {bad}"
+                )));
+            }
         }
         Ok(())
     }
@@ -174,18 +199,21 @@ impl<F: Real> Regularizers<'_, F> {
             }
         }
         if let Some(wsa) = self.wsa {
-            for ((w, g), &target) in head
+            for (t, ((w, g), &target)) in head
                 .tensors(wsa.selection)
                 .into_iter()
                 .zip(grad.tensors_mut(wsa.selection))
                 .zip(&wsa.targets)
+                .enumerate()
             {
-                value.kl += match self.step {
-                    Some(lr) => add_kl_grad_for_step(w, target, wsa.eps, wsa.lambda, lr, g)?,
-                    None => add_kl_grad(w, target, wsa.eps, wsa.lambda, g)?,
+                let lambda = wsa.lambda_of(t);
+                let kl = match self.step {
+                    Some(lr) => add_kl_grad_for_step(w, target, wsa.eps, lambda, lr, g)?,
+                    None => add_kl_grad(w, target, wsa.eps, lambda, g)?,
                 };
+                value.kl += kl;
+                value.wsa += lambda * kl;
             }
-            value.wsa = wsa.lambda * value.kl;
         }
         Ok(value)
     }

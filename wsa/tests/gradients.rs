@@ -123,6 +123,7 @@ proptest! {
     fn full_objective_gradient_matches_finite_differences(
         (seed, input, hidden, classes, batch) in shapes(),
         lambda in 0.0..20.0f64, mu in 0.0..1.0f64, wd in 0.0..0.1f64, include_biases: bool,
+        per_tensor: bool,
     ) {
         let c = case(seed, input, hidden, classes, batch);
         prop_assume!(min_hidden_preactivation(&c.head, &c.x) > 1e-3);
@@ -137,7 +138,15 @@ proptest! {
         let targets = (0..spec.scoped_tensor_count(selection))
             .map(|_| Scope::new(r.random_range(-0.3..0.3), r.random_range(0.1..1.0)).unwrap())
             .collect();
-        let wsa = WsaTerm { lambda, targets, selection, eps: 1e-8 };
+        // Per tensor: a λ of its own, zero for some (the per-layer ablations).
+        let tensor_lambdas = if per_tensor {
+            (0..spec.scoped_tensor_count(selection))
+                .map(|t| if t % 3 == 1 { 0.0 } else { r.random_range(0.0..20.0) })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let wsa = WsaTerm { lambda, targets, selection, eps: 1e-8, tensor_lambdas };
         let anchor = Head::<f64>::init(&spec, Init::Xavier, seed ^ 9).unwrap();
         let regs = Regularizers { weight_decay: wd, prox: Some((mu, &anchor)), wsa: Some(&wsa), step: None };
         let objective = |p: &[f64]| {

@@ -6,7 +6,7 @@ use sha2::{Digest, Sha256};
 use wsa::{HeadSpec, Init, ScopeSelection, Sgd, Weighting};
 
 use crate::backend::BackendError;
-use crate::strategy::{Aggregation, Strategy, TargetPolicy};
+use crate::strategy::{Aggregation, Strategy, TargetPolicy, TensorLambdas};
 use protocol::Encoding;
 
 /// Which connected clients a round asks.
@@ -255,6 +255,19 @@ impl EngineConfig {
         }
         if let Err(e) = self.strategy.validate(self.scope_selection) {
             return bad(e);
+        }
+        if let Strategy::Wsa {
+            tensors: TensorLambdas::Only { index },
+            ..
+        } = self.strategy
+        {
+            let scoped = self.head.scoped_tensor_count(self.scope_selection);
+            if index as usize >= scoped {
+                return bad(format!(
+                    "strategy {}: the head has {scoped} scoped tensors, numbered from 0",
+                    self.strategy
+                ));
+            }
         }
         if let Err(e) = self.aggregation.validate() {
             return bad(format!("aggregation: {e}"));

@@ -6,9 +6,10 @@ use std::sync::Arc;
 
 use protocol::{Capabilities, RejectReason, RoundTask, Update, Verdict};
 use serde::{Deserialize, Serialize};
-use wsa::Evaluation;
+use wsa::{Evaluation, Scope};
 
 use crate::checkpoint::Checkpoint;
+use crate::strategy::Drift;
 pub use support::Millis;
 
 /// An update as it came off the wire, with its digest already checked.
@@ -223,6 +224,13 @@ pub struct RoundReport {
     /// set does not hold).
     #[serde(default)]
     pub test_per_class: Option<Vec<Option<f64>>>,
+    /// The target scope (μ̃, σ̃) of each scoped tensor after the round: what the next round's
+    /// tasks carry (unchanged by a failed attempt).
+    #[serde(default)]
+    pub targets: Vec<Scope>,
+    /// How far apart the accepted clients pulled (when the round counted).
+    #[serde(default)]
+    pub drift: Option<Drift>,
     /// The head this round's tasks carried (the previous round's result), as the accepted
     /// clients measured it on their held-out rows before training.
     #[serde(default)]

@@ -704,10 +704,15 @@ impl Engine {
             Some(folded) => folded.weights.clone(),
             None => open.fold.weights(),
         };
+        let mut drift = None;
         if let Some(Folded {
-            params, targets, ..
+            params,
+            targets,
+            drift: round_drift,
+            ..
         }) = fold
         {
+            drift = Some(round_drift);
             self.global_norm = l2_norm(&params);
             self.global = params;
             match self
@@ -804,6 +809,8 @@ impl Engine {
             eval,
             test_eval,
             test_per_class,
+            targets: self.targets.clone(),
+            drift,
             federated_eval: FederatedEval::of(
                 open.metrics.values().filter_map(|r| r.held_out),
                 self.config.max_claim_ratio,
@@ -911,9 +918,10 @@ impl Engine {
         let train = self.config.strategy.client_config(
             &self.config.train,
             u64_seed(b"train", self.config.seed, self.next_round, self.attempt),
+            self.next_round,
             &self.targets,
             self.config.scope_selection,
-            self.eps,
+            &self.fold_shape,
         );
         let template = RoundTask {
             run_id: self.config.run_id,

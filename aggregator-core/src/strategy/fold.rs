@@ -13,6 +13,7 @@
 
 use std::collections::BTreeMap;
 
+use serde::{Deserialize, Serialize};
 use wsa::{FusionRule, Scope, ScopeFusion, Weighting};
 
 use super::targets::{TargetFusion, TargetPolicy};
@@ -60,6 +61,9 @@ pub struct RoundFold {
     fusion: FusionRule,
     previous: Vec<Scope>,
     len: usize,
+    /// Where the scoped tensors lie, and the scopes' ε.
+    tensors: Vec<std::ops::Range<usize>>,
+    eps: f64,
     /// Accepted clients by id: fused at the finish in client order, so the targets do not
     /// depend on the order updates arrived in (f64 sums are not associative, and a resumed
     /// run must reproduce an uninterrupted one bit for bit).
@@ -68,6 +72,32 @@ pub struct RoundFold {
     /// they can be cut: more than `⌊1/max_share⌋` clients cannot all exceed the cap.
     held: Vec<Held>,
     hold: usize,
+    /// The round's global head, which every step is measured from.
+    global: Vec<f32>,
+    /// `Σ (w_i − g)/‖w_i − g‖` over the accepted updates with a non-zero step, and how many.
+    unit_steps: Vec<f64>,
+    moved: usize,
+    /// `Σ ‖w_i − g‖` over the same updates.
+    step_norm_sum: f64,
+}
+
+/// How far apart a round's clients pulled: measured from their parameters, never reported.
+/// What the write-up uses to say *why* a strategy wins (issue 17).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Drift {
+    /// The mean over clients of the cosine between a client's step `w_i − g` and the round's
+    /// step `g' − g`: 1 when all clients move the same way, near 0 when their directions
+    /// disagree so much that averaging cancels them. `None` when the head did not move.
+    pub step_cosine: Option<f64>,
+    /// `‖g' − g‖` over the clients' mean `‖w_i − g‖`: how much of the clients' movement
+    /// survived the aggregation (1: none cancelled).
+    pub step_agreement: Option<f64>,
+    /// Per scoped tensor, the spread of the clients' means: their standard deviation in units
+    /// of the clients' mean σ.
+    pub mean_spread: Vec<f64>,
+    /// Per scoped tensor, the spread of the clients' σ: their standard deviation over their
+    /// mean (coefficient of variation).
+    pub std_spread: Vec<f64>,
 }
 
 /// What a finished round gives.
@@ -79,6 +109,8 @@ pub struct Folded {
     pub targets: Vec<Scope>,
     /// Each accepted client's weight after the cap.
     pub weights: BTreeMap<String, f64>,
+    /// How far apart the accepted clients pulled.
+    pub drift: Drift,
 }
 
 impl RoundFold {
@@ -119,9 +151,15 @@ impl RoundFold {
             fusion: strategy.fusion_rule(),
             previous: previous.to_vec(),
             len: shape.len,
+            tensors: shape.tensors.clone(),
+            eps: shape.eps,
             clients: BTreeMap::new(),
             held: Vec::new(),
             hold,
+            global: global.to_vec(),
+            unit_steps: vec![0.0; shape.len],
+            moved: 0,
+            step_norm_sum: 0.0,
         })
     }
 
@@ -177,7 +215,59 @@ impl RoundFold {
                 weight,
             },
         );
+        self.add_step(params, measured.distance);
         Ok(weight)
+    }
+
+    /// Adds the unit direction of an accepted update's step (its length `distance`, as the
+    /// backend measured it) to the drift sums.
+    fn add_step(&mut self, params: &[f32], distance: f64) {
+        if !(distance.is_finite() && distance > 0.0) || params.len() != self.global.len() {
+            return;
+        }
+        let inv = 1.0 / distance;
+        for ((u, &w), &g) in self.unit_steps.iter_mut().zip(params).zip(&self.global) {
+            *u += (f64::from(w) - f64::from(g)) * inv;
+        }
+        self.moved += 1;
+        self.step_norm_sum += distance;
+    }
+
+    /// The drift of the accepted updates around the round's step to `params`.
+    fn drift(&self, params: &[f32]) -> Drift {
+        let (mut dot, mut norm_sq) = (0.0, 0.0);
+        for ((&u, &w), &g) in self.unit_steps.iter().zip(params).zip(&self.global) {
+            let step = f64::from(w) - f64::from(g);
+            dot += u * step;
+            norm_sq += step * step;
+        }
+        let norm = norm_sq.sqrt();
+        let moved = self.moved as f64;
+        let step_cosine = (self.moved > 0 && norm > 0.0).then(|| dot / (moved * norm));
+        let step_agreement =
+            (self.moved > 0 && self.step_norm_sum > 0.0).then(|| norm * moved / self.step_norm_sum);
+        let spread = |values: &[f64], unit: f64| -> f64 {
+            let n = values.len() as f64;
+            let mean = values.iter().sum::<f64>() / n;
+            let var = values.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / n;
+            if unit > 0.0 { var.sqrt() / unit } else { 0.0 }
+        };
+        let (mut mean_spread, mut std_spread) = (Vec::new(), Vec::new());
+        if !self.clients.is_empty() {
+            for t in 0..self.previous.len() {
+                let means: Vec<f64> = self.clients.values().map(|a| a.scopes[t].mean).collect();
+                let stds: Vec<f64> = self.clients.values().map(|a| a.scopes[t].std).collect();
+                let mean_std = stds.iter().sum::<f64>() / stds.len() as f64;
+                mean_spread.push(spread(&means, mean_std));
+                std_spread.push(spread(&stds, mean_std));
+            }
+        }
+        Drift {
+            step_cosine,
+            step_agreement,
+            mean_spread,
+            std_spread,
+        }
     }
 
     fn hold_back(&mut self, client: &str, params: &[f32], measured: &Measurement, weight: f64) {
@@ -230,20 +320,54 @@ impl RoundFold {
                 .into(),
             ));
         }
-        let mut targets = self.fuse(&weights).map_err(FoldError::Scopes)?;
+        let mut params = params;
+        let mut targets = self.fuse(&weights, &params).map_err(FoldError::Scopes)?;
         self.policy
             .targets
             .apply(&self.previous, &mut targets, &self.policy.floors);
+        let drift = self.drift(&params);
+        if self.policy.targets.align_head {
+            self.align(&mut params, &targets);
+        }
         Ok(Folded {
             params,
             targets,
             weights,
+            drift,
         })
     }
 
-    /// The clients' scopes fused as the policy says.
-    fn fuse(&self, weights: &BTreeMap<String, f64>) -> wsa::Result<Vec<Scope>> {
+    /// Moves each scoped tensor of `params` to its target: `w ← μ̃ + (w − μ)·d̃/d`, with `d`
+    /// the tensor's std and `d̃ = √(σ̃² − ε)` (σ carries ε, the spread of the weights does
+    /// not). A constant tensor has no spread to scale and only moves to μ̃.
+    fn align(&self, params: &mut [f32], targets: &[Scope]) {
+        for (range, target) in self.tensors.iter().zip(targets) {
+            let w = &mut params[range.clone()];
+            // The parameters are finite (checked): only a constant tensor at ε = 0 fails.
+            let (mean, d) = match Scope::of(w, self.eps) {
+                Ok(s) => (s.mean, (s.std * s.std - self.eps).max(0.0).sqrt()),
+                Err(_) => (f64::from(w[0]), 0.0),
+            };
+            let d_target = (target.std * target.std - self.eps).max(0.0).sqrt();
+            let scale = if d > 0.0 { d_target / d } else { 0.0 };
+            for x in w.iter_mut() {
+                *x = (target.mean + (f64::from(*x) - mean) * scale) as f32;
+            }
+        }
+    }
+
+    /// The clients' scopes fused as the policy says (or the new head's own, `params`, or the
+    /// last round's, for the ablations that do not fuse).
+    fn fuse(&self, weights: &BTreeMap<String, f64>, params: &[f32]) -> wsa::Result<Vec<Scope>> {
         let column = match (self.policy.targets.fusion, self.plan) {
+            (TargetFusion::Fixed, _) => return Ok(self.previous.clone()),
+            (TargetFusion::GlobalHead, _) => {
+                return self
+                    .tensors
+                    .iter()
+                    .map(|range| Scope::of(&params[range.clone()], self.eps))
+                    .collect();
+            }
             (TargetFusion::Median, _) => Some(ColumnRule::Median),
             (TargetFusion::TrimmedMean { trim }, _) => Some(ColumnRule::TrimmedMean { trim }),
             (TargetFusion::FollowRule, Plan::Columns(rule)) => Some(rule),
@@ -336,6 +460,126 @@ mod tests {
 
     fn share_of(w: &[f64], i: usize) -> f64 {
         w[i] / w.iter().sum::<f64>()
+    }
+
+    /// Two updates of a small MLP head folded under `targets`, with the round's global head,
+    /// the previous targets and the result.
+    fn fold_two(targets: TargetPolicy) -> (Vec<f32>, Vec<Scope>, Folded, FoldShape) {
+        use wsa::{Head, HeadSpec, Init, ScopeSelection};
+        let spec = HeadSpec::mlp(12, &[8], 5);
+        let eps = wsa::DEFAULT_SCOPE_EPS;
+        let shape = FoldShape::of_head(&spec, ScopeSelection::default(), eps);
+        let global = Head::<f32>::init(&spec, Init::Standard, 1)
+            .unwrap()
+            .to_flat();
+        let previous = Head::<f32>::from_flat(&spec, &global)
+            .unwrap()
+            .scopes(ScopeSelection::default(), eps)
+            .unwrap();
+        let policy = FoldPolicy {
+            weighting: Weighting::Uniform,
+            max_share: 1.0,
+            max_weight: f64::INFINITY,
+            targets,
+            floors: vec![0.0; previous.len()],
+        };
+        let backend = crate::backend::CpuBackend::default();
+        let mut fold = RoundFold::open(
+            &backend,
+            &shape,
+            &global,
+            &previous,
+            Strategy::wsa(1.0, FusionRule::MeanStd),
+            Aggregation::Mean,
+            policy,
+            2,
+        )
+        .unwrap();
+        for (c, seed) in [("a", 2), ("b", 3)] {
+            let update = Head::<f32>::init(&spec, Init::Standard, seed)
+                .unwrap()
+                .to_flat();
+            let measured = fold.measure(&update).unwrap();
+            fold.add(c, &update, &measured, 10).unwrap();
+        }
+        let folded = fold.finish().unwrap();
+        (global, previous, folded, shape)
+    }
+
+    fn scopes_of(params: &[f32], shape: &FoldShape) -> Vec<Scope> {
+        shape
+            .tensors
+            .iter()
+            .map(|r| Scope::of(&params[r.clone()], shape.eps).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn the_ablation_targets_are_the_heads_own_or_the_last_rounds() {
+        let wide = |fusion| TargetPolicy {
+            fusion,
+            max_std_ratio: 1e6,
+            max_mean_shift: 1e6,
+            std_floor: 0.0,
+            align_head: false,
+        };
+        let (_, previous, folded, _) = fold_two(wide(TargetFusion::Fixed));
+        assert_eq!(folded.targets, previous);
+        let (_, _, folded, shape) = fold_two(wide(TargetFusion::GlobalHead));
+        assert_eq!(folded.targets, scopes_of(&folded.params, &shape));
+        // Averaging two independent heads shrinks σ by about √2: the fused targets do not.
+        let (_, _, fused, _) = fold_two(wide(TargetFusion::FollowRule));
+        assert!(fused.targets[0].std > 1.3 * folded.targets[0].std);
+    }
+
+    #[test]
+    fn an_aligned_head_has_the_targets_scopes_and_keeps_its_shape() {
+        let policy = |align_head| TargetPolicy {
+            fusion: TargetFusion::FollowRule,
+            max_std_ratio: 1e6,
+            max_mean_shift: 1e6,
+            std_floor: 0.0,
+            align_head,
+        };
+        let (_, _, plain, shape) = fold_two(policy(false));
+        let (_, _, aligned, _) = fold_two(policy(true));
+        assert_eq!(plain.targets, aligned.targets);
+        assert_eq!(
+            plain.drift, aligned.drift,
+            "drift is the aggregation's, before alignment"
+        );
+        for (got, want) in scopes_of(&aligned.params, &shape)
+            .iter()
+            .zip(&aligned.targets)
+        {
+            assert!(
+                (got.mean - want.mean).abs() < 1e-6 * want.std,
+                "{got:?} {want:?}"
+            );
+            assert!((got.std / want.std - 1.0).abs() < 1e-5, "{got:?} {want:?}");
+        }
+        // An affine map per tensor: the standardized weights are unchanged.
+        for range in &shape.tensors {
+            let z = |p: &[f32]| -> Vec<f64> {
+                let s = Scope::of(p, 0.0).unwrap();
+                p.iter().map(|&x| (f64::from(x) - s.mean) / s.std).collect()
+            };
+            let (a, b) = (
+                z(&plain.params[range.clone()]),
+                z(&aligned.params[range.clone()]),
+            );
+            assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() < 1e-4));
+        }
+        // Parameters outside the scoped tensors (biases) are untouched.
+        let outside: Vec<usize> = (0..shape.len)
+            .filter(|i| !shape.tensors.iter().any(|r| r.contains(i)))
+            .collect();
+        assert!(!outside.is_empty());
+        assert!(
+            outside
+                .iter()
+                .all(|&i| plain.params[i] == aligned.params[i])
+        );
     }
 
     #[test]

@@ -13,6 +13,9 @@
 //! tensor's initial scale — which also gives zero-initialised biases (σ = √ε ≈ 1e-4) a target
 //! their training can follow.
 
+use std::fmt;
+use std::str::FromStr;
+
 use serde::{Deserialize, Serialize};
 use wsa::{Head, Scope, ScopeSelection, TensorKind};
 
@@ -31,6 +34,54 @@ pub enum TargetFusion {
     /// The strategy's σ̃ rule over the clients' capped weights (the paper's fusion), or the
     /// aggregation's column rule when the parameters use one.
     FollowRule,
+    /// The new global head's own scopes (the clients' scopes are not used): an ablation of
+    /// fusion, since averaging shrinks σ.
+    GlobalHead,
+    /// The initial head's scopes, never moved: an ablation of target updates.
+    Fixed,
+}
+
+impl fmt::Display for TargetFusion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TargetFusion::Median => f.write_str("median"),
+            TargetFusion::TrimmedMean { trim } => write!(f, "trimmed:{trim}"),
+            TargetFusion::FollowRule => f.write_str("follow-rule"),
+            TargetFusion::GlobalHead => f.write_str("global-head"),
+            TargetFusion::Fixed => f.write_str("fixed"),
+        }
+    }
+}
+
+impl FromStr for TargetFusion {
+    type Err = String;
+
+    /// `median`, `trimmed:TRIM`, `follow-rule`, `global-head` or `fixed`.
+    fn from_str(text: &str) -> Result<Self, String> {
+        let fusion = match text.trim().split(':').collect::<Vec<_>>().as_slice() {
+            ["median"] => TargetFusion::Median,
+            ["trimmed", trim] => TargetFusion::TrimmedMean {
+                trim: trim
+                    .parse()
+                    .map_err(|e| format!("bad trim {trim:?} in {text:?}: {e}"))?,
+            },
+            ["follow-rule"] => TargetFusion::FollowRule,
+            ["global-head"] => TargetFusion::GlobalHead,
+            ["fixed"] => TargetFusion::Fixed,
+            _ => {
+                return Err(format!(
+                    "unknown target fusion {text:?}: median, trimmed:TRIM, follow-rule, \
+                     global-head or fixed"
+                ));
+            }
+        };
+        TargetPolicy {
+            fusion,
+            ..TargetPolicy::default()
+        }
+        .validate()?;
+        Ok(fusion)
+    }
 }
 
 /// How a round's targets are formed and bounded.
@@ -45,6 +96,10 @@ pub struct TargetPolicy {
     pub max_mean_shift: f64,
     /// σ̃ never falls below this fraction of the initial std of its layer's weights (≥ 0).
     pub std_floor: f64,
+    /// Rescale each scoped tensor of the merged head to its new target (μ̃, σ̃) before it is
+    /// broadcast: restores the scale averaging shrinks (server-side scope alignment).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub align_head: bool,
 }
 
 impl Default for TargetPolicy {
@@ -54,6 +109,7 @@ impl Default for TargetPolicy {
             max_std_ratio: 2.0,
             max_mean_shift: 1.0,
             std_floor: 0.1,
+            align_head: false,
         }
     }
 }
@@ -157,6 +213,22 @@ mod tests {
             prev = f;
         }
         assert_eq!(prev[0].std, 0.004);
+    }
+
+    #[test]
+    fn the_fusion_grammar_round_trips() {
+        for text in [
+            "median",
+            "trimmed:0.2",
+            "follow-rule",
+            "global-head",
+            "fixed",
+        ] {
+            assert_eq!(text.parse::<TargetFusion>().unwrap().to_string(), text);
+        }
+        for bad in ["mean", "trimmed:0.5", "trimmed", "fixed:1"] {
+            assert!(bad.parse::<TargetFusion>().is_err(), "{bad}");
+        }
     }
 
     #[test]
