@@ -13,8 +13,9 @@
 #                                          FedProx control grid, WSA + FedProx, per-tensor λ,
 #                                          warm-up, target choice and server-side alignment
 #                                          (default PART: a0.1)
-#   scripts/experiment.sh finals PART STRATEGIES  the full protocol (3 seeds, 100 rounds) for
-#                                          the screening's finalists
+#   scripts/experiment.sh finals PART STRATEGIES [FLAGS...]  the full protocol (3 seeds, 100
+#                                          rounds) for the screening's finalists; FLAGS go to
+#                                          wsa-fl (--align-head) and name the run folder
 #   scripts/experiment.sh trust [PART] [ATTACKS]  lying clients (docs/reliability.md): FedAvg
 #                                          and WSA λ = 100 under each rule, clean and with 1 or
 #                                          4 of 20 clients claiming 10 M samples while they
@@ -121,13 +122,19 @@ case "${1:-}" in
     target/release/wsa-fl "${screen[@]}" $(partition_args "$part") \
       --strategies fedavg,wsa:100,wsa:100:mean-std:mu=0.1 --align-head \
       --out "runs/screen-$part/align"
+    # shellcheck disable=SC2046
+    target/release/wsa-fl "${screen[@]}" $(partition_args "$part") \
+      --strategies fedprox:0.1,fedprox:0.3 --align-head --out "runs/screen-$part/align-fedprox"
     ;;
   finals)
     part="${2:?usage: experiment.sh finals PART STRATEGIES [FLAGS...]}"
     strategies="${3:?usage: experiment.sh finals PART STRATEGIES [FLAGS...]}"
+    # Extra flags (aggregator settings such as --align-head) name the run folder too.
+    tag=$(printf '%s' "${*:4}" | tr -c 'a-z0-9.' '-' | sed 's/^-*//; s/-*$//')
     # shellcheck disable=SC2046
     target/release/wsa-fl "${common[@]}" $(partition_args "$part") --no-centralized \
-      "${variant_bounds[@]}" --strategies "$strategies" "${@:4}" --out "runs/finals-$part"
+      "${variant_bounds[@]}" --strategies "$strategies" "${@:4}" \
+      --out "runs/finals-$part${tag:+-$tag}"
     ;;
   *) echo "usage: $0 sweep | grid LAMBDA [PART] | bound [PART] | byzantine [PART] | screen [PART] | finals PART STRATEGIES | trust [PART] [ATTACKS]" >&2; exit 2 ;;
 esac

@@ -89,7 +89,7 @@ fn a_small_fleet_writes_its_run_folder() {
     let config: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.path().join("config.json")).unwrap()).unwrap();
     assert_eq!(config["validation_fraction"].as_f64(), Some(0.1));
-    for plot in ["accuracy.png", "drift.png"] {
+    for plot in ["accuracy.png", "drift.png", "targets.png"] {
         let png = std::fs::read(out.path().join(plot)).unwrap();
         assert!(
             png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 5_000,

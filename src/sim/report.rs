@@ -63,6 +63,13 @@ pub struct RoundRow {
     /// The coefficient of variation of the clients' σ, averaged over tensors.
     #[serde(default = "nan")]
     pub std_spread: f64,
+    /// The target σ̃ of the first scoped tensor after the round (the input-side layer; μ̃ and
+    /// σ̃ of every tensor are in `aggregator-rounds.jsonl`).
+    #[serde(default = "nan")]
+    pub target_std_first: f64,
+    /// The target σ̃ of the last scoped tensor (the logits layer, where label skew acts).
+    #[serde(default = "nan")]
+    pub target_std_last: f64,
 }
 
 fn nan() -> f64 {
@@ -307,25 +314,37 @@ pub fn peak_rss_mib() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-/// A figure of every round, as plotted: its file in the run folder, its axis and its value.
+/// A figure of every round, as plotted: its file in the run folder, its axis, and the
+/// values drawn for each run (one line each, named after the run and the part).
 pub(crate) struct Plotted {
     file: &'static str,
     y_label: &'static str,
-    value: fn(&RoundRow) -> f64,
+    parts: &'static [(&'static str, RowValue)],
 }
 
-/// The run folder's plots: test accuracy, and client drift (the mean cosine between the
-/// clients' steps and the round's step, issue 17).
-pub(crate) const PLOTS: [Plotted; 2] = [
+/// One figure of a round's row.
+type RowValue = fn(&RoundRow) -> f64;
+
+/// The run folder's plots: test accuracy; client drift (the mean cosine between the clients'
+/// steps and the round's step) and the target σ̃ of the first and last tensors (issue 17).
+pub(crate) const PLOTS: [Plotted; 3] = [
     Plotted {
         file: "accuracy.png",
         y_label: "test accuracy",
-        value: |r| r.test_accuracy,
+        parts: &[("", |r| r.test_accuracy)],
     },
     Plotted {
         file: "drift.png",
         y_label: "mean cosine of client step to round step",
-        value: |r| r.step_cosine,
+        parts: &[("", |r| r.step_cosine)],
+    },
+    Plotted {
+        file: "targets.png",
+        y_label: "target σ̃",
+        parts: &[
+            ("first tensor", |r| r.target_std_first),
+            ("last tensor", |r| r.target_std_last),
+        ],
     },
 ];
 
@@ -339,26 +358,26 @@ pub(crate) fn write_plot(
 ) -> Result<PathBuf> {
     let mut series = Vec::new();
     for label in labels {
-        // The mean over seeds, round by round.
-        let mut by_round: BTreeMap<u64, Vec<f64>> = BTreeMap::new();
-        for r in rows.iter().filter(|r| &r.strategy == label && !r.failed) {
-            by_round
-                .entry(r.round)
-                .or_default()
-                .push((plotted.value)(r));
-        }
-        series.push(Series {
-            name: label.clone(),
-            points: by_round
+        for (part, value) in plotted.parts {
+            // The mean over seeds, round by round.
+            let mut by_round: BTreeMap<u64, Vec<f64>> = BTreeMap::new();
+            for r in rows.iter().filter(|r| &r.strategy == label && !r.failed) {
+                by_round.entry(r.round).or_default().push(value(r));
+            }
+            let points = by_round
                 .iter()
                 .map(|(round, values)| {
-                    (
-                        (round + 1) as f64,
-                        values.iter().sum::<f64>() / values.len() as f64,
-                    )
+                    let mean = values.iter().sum::<f64>() / values.len() as f64;
+                    ((round + 1) as f64, mean)
                 })
-                .collect(),
-        });
+                .collect();
+            let name = if part.is_empty() {
+                label.clone()
+            } else {
+                format!("{label}: {part}")
+            };
+            series.push(Series { name, points });
+        }
     }
     let plot = cfg.out.join(plotted.file);
     line_plot(
@@ -399,6 +418,8 @@ mod tests {
             step_agreement: 0.25,
             mean_spread: f64::NAN,
             std_spread: 0.1,
+            target_std_first: 0.03,
+            target_std_last: 0.06,
         }
     }
 

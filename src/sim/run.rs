@@ -154,6 +154,8 @@ fn round_row(label: &str, seed: u64, report: &RoundReport) -> RoundRow {
         step_agreement: drift.and_then(|d| d.step_agreement).unwrap_or(f64::NAN),
         mean_spread: drift.map_or(f64::NAN, |d| average(&d.mean_spread)),
         std_spread: drift.map_or(f64::NAN, |d| average(&d.std_spread)),
+        target_std_first: report.targets.first().map_or(f64::NAN, |t| t.std),
+        target_std_last: report.targets.last().map_or(f64::NAN, |t| t.std),
     }
 }
 
@@ -217,6 +219,8 @@ fn run_centralized(
             step_agreement: f64::NAN,
             mean_spread: f64::NAN,
             std_spread: f64::NAN,
+            target_std_first: f64::NAN,
+            target_std_last: f64::NAN,
         });
         progress.record(rows.last().expect("just pushed"))?;
     }
@@ -463,7 +467,9 @@ fn sweep(cfg: &FleetConfig, done: Vec<RoundRow>) -> Result<FleetSummary> {
         .cloned()
         .collect();
     if !federated.is_empty() {
-        write_plot(cfg, &rows, &federated, &PLOTS[1])?;
+        for plotted in &PLOTS[1..] {
+            write_plot(cfg, &rows, &federated, plotted)?;
+        }
     }
     let summary = FleetSummary {
         config: cfg.clone(),
