@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The main job: set up, fetch the model and Fashion-MNIST, build optimized, then run the fleet
-# simulator's demo (20 clients over QUIC, Dirichlet α = 0.1, FedAvg vs WSA, 20 rounds, plus a
-# centralized bound), and end by classifying a dozen test images with the WSA run's final model
-# through `edge-client predict` (the run folder's predictions.png). Extra flags go to the
-# simulator (`target/release/wsa-fl --help`).
+# simulator's demo (20 clients over QUIC, Dirichlet α = 0.1, 40 rounds of FedAvg, FedProx and
+# the shipped WSA + FedProx, plus a centralized bound), and end by classifying a dozen test
+# images with the WSA run's final model through `edge-client predict` (the run folder's
+# predictions.png). Extra flags go to the simulator (`target/release/wsa-fl --help`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh

@@ -18,7 +18,9 @@ def mean_std(values):
     if not values:
         return float("nan"), float("nan")
     m = sum(values) / len(values)
-    return m, math.sqrt(sum((v - m) ** 2 for v in values) / len(values))
+    # The sample std over seeds, as wsa-fl's tables give it.
+    n = max(len(values) - 1, 1)
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / n)
 
 
 def flags(config):

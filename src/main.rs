@@ -149,7 +149,7 @@ struct Args {
     #[arg(long, default_value_t = 10)]
     per_round: usize,
     /// Rounds per strategy.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 40)]
     rounds: u64,
     /// `dirichlet`, `shards` or `iid`.
     #[arg(long, default_value = "dirichlet")]
@@ -166,7 +166,11 @@ struct Args {
     /// Strategies, comma-separated (empty: only the centralized bound): `fedavg`,
     /// `fedprox:MU`, `wsa:LAMBDA[:mean-std|root-mean-var|mixture][:mu=MU][:warmup=ROUNDS]`
     /// (`mu` adds FedProx's term to WSA's; `warmup` trains the first rounds without WSA's).
-    #[arg(long, value_delimiter = ',', default_value = "fedavg,wsa:10")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "fedavg,fedprox:0.1,wsa:100:mean-std:mu=0.1"
+    )]
     strategies: Vec<String>,
     /// How each round's target scopes are formed: `median` of the clients' scopes,
     /// `trimmed:TRIM`, `follow-rule` (the strategy's σ̃ rule, weighted), `global-head` (the
