@@ -117,7 +117,8 @@ pub struct FleetSummary {
     pub plot: PathBuf,
 }
 
-fn mean_std(values: &[f64]) -> (f64, f64) {
+/// The mean and the sample std of `values` (NaN mean for none).
+pub(crate) fn mean_std(values: &[f64]) -> (f64, f64) {
     let n = values.len() as f64;
     let mean = values.iter().sum::<f64>() / n;
     let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);

@@ -18,8 +18,8 @@ use wsa::{Head, HeadSpec, LabelledFeatures, Sgd, TrainConfig};
 use super::config::{FleetConfig, engine_config};
 use super::data::{Dataset, SeedData, load_data, seed_data};
 use super::report::{
-    FleetSummary, PLOTS, RoundLog, RoundRow, markdown_table, peak_rss_mib, read_rounds, summarize,
-    write_plot,
+    FleetSummary, PLOTS, RoundLog, RoundRow, markdown_table, mean_std, peak_rss_mib, read_rounds,
+    summarize, write_plot,
 };
 use crate::fleet::{Deployment, spawn_server};
 
@@ -152,16 +152,11 @@ fn round_row(label: &str, seed: u64, report: &RoundReport) -> RoundRow {
         federated_accuracy_std: report.federated_eval.map_or(f64::NAN, |f| f.accuracy_std),
         step_cosine: drift.and_then(|d| d.step_cosine).unwrap_or(f64::NAN),
         step_agreement: drift.and_then(|d| d.step_agreement).unwrap_or(f64::NAN),
-        mean_spread: drift.map_or(f64::NAN, |d| average(&d.mean_spread)),
-        std_spread: drift.map_or(f64::NAN, |d| average(&d.std_spread)),
+        mean_spread: drift.map_or(f64::NAN, |d| mean_std(&d.mean_spread).0),
+        std_spread: drift.map_or(f64::NAN, |d| mean_std(&d.std_spread).0),
         target_std_first: report.targets.first().map_or(f64::NAN, |t| t.std),
         target_std_last: report.targets.last().map_or(f64::NAN, |t| t.std),
     }
-}
-
-/// The mean of `values`; NaN for none.
-fn average(values: &[f64]) -> f64 {
-    values.iter().sum::<f64>() / values.len() as f64
 }
 
 /// The centralized reference: the same head, optimizer and initial weights trained on the
