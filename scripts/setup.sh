@@ -69,6 +69,29 @@ if ! command -v cargo >/dev/null 2>&1; then
   }
   export PATH="$HOME/.cargo/bin:$PATH"
 fi
+# rust-toolchain.toml pins the release the tests pass with. Every cargo call inside the
+# repository goes to that toolchain, so it must be there before the first one: installed with
+# rustup, or, where toolchains cannot be downloaded and the installed stable is that very
+# release, the stable one under the pinned name.
+pinned=$(sed -n 's/^channel = "\(.*\)"/\1/p' "$(dirname "$0")/../rust-toolchain.toml")
+if command -v rustup >/dev/null 2>&1 && [ -n "$pinned" ] &&
+  ! RUSTUP_AUTO_INSTALL=0 rustup toolchain list | grep -q "^$pinned-"; then
+  host=$(RUSTUP_TOOLCHAIN=stable rustc -vV | sed -n 's/^host: //p')
+  stable_version=$(RUSTUP_TOOLCHAIN=stable rustc --version 2>/dev/null | cut -d' ' -f2)
+  toolchains="${RUSTUP_HOME:-$HOME/.rustup}/toolchains"
+  if [ "$stable_version" = "$pinned" ] && [ -d "$toolchains/stable-$host" ]; then
+    echo "setup: using the installed stable ($stable_version) as the pinned $pinned"
+    ln -s "stable-$host" "$toolchains/$pinned-$host"
+  else
+    echo "setup: installing Rust $pinned (rust-toolchain.toml) with rustup"
+    rustup toolchain install "$pinned" --profile minimal --component rustfmt,clippy || {
+      echo "setup: could not install Rust $pinned; install it (rustup toolchain install" \
+        "$pinned) or, to build with another release at your own risk, set" \
+        "RUSTUP_TOOLCHAIN=stable" >&2
+      exit 1
+    }
+  fi
+fi
 if command -v rustup >/dev/null 2>&1; then
   for component in rustfmt clippy; do
     rustup component list --installed 2>/dev/null | grep -q "^$component" ||
