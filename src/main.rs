@@ -9,6 +9,7 @@ use std::path::PathBuf;
 
 use aggregator::backends::BackendChoice;
 use aggregator_core::engine::UpdateBounds;
+use aggregator_core::privacy::{Clip, Privacy};
 use aggregator_core::strategy::{Aggregation, Strategy, TargetFusion, TargetPolicy};
 use anyhow::{Context, Result, ensure};
 use clap::{Parser, Subcommand};
@@ -196,6 +197,25 @@ struct Args {
     /// Round 0 under strong label skew can take an honest logits layer past the shipped 4.
     #[arg(long, default_value_t = UpdateBounds::default().max_scope_ratio)]
     max_scope_ratio: f64,
+    /// Client-level differential privacy (docs/privacy.md) with this noise multiplier z: each
+    /// round clips every client's step and scope offsets, adds Gaussian noise to their sums
+    /// and charges the RDP accountant (ε in rounds.csv). Off when not given.
+    #[arg(long)]
+    dp_noise: Option<f64>,
+    /// The DP clip norm: a number (fixed) or `adaptive:INITIAL` (moved each round toward the
+    /// median client step, with noise on the count of unclipped clients of
+    /// max(per-round/20, z) as Andrew et al. suggest).
+    #[arg(long, default_value = "adaptive:1")]
+    dp_clip: String,
+    /// The δ that ε is stated at [default: 1/clients].
+    #[arg(long)]
+    dp_delta: Option<f64>,
+    /// End each federated run before a round that would take ε past this.
+    #[arg(long)]
+    dp_budget: Option<f64>,
+    /// The clip of a client's scope offsets, as a share of the step's clip.
+    #[arg(long, default_value_t = 0.1)]
+    dp_scope_share: f64,
     /// The share of clients that attack (robustness experiments), with `--attack`.
     #[arg(long, default_value_t = 0.0)]
     byzantine: f64,
@@ -292,6 +312,37 @@ struct Args {
     resume: Option<PathBuf>,
 }
 
+/// The run's DP settings from the `--dp-*` flags (none without `--dp-noise`), checked.
+fn privacy(args: &Args) -> Result<Option<Privacy>> {
+    let Some(z) = args.dp_noise else {
+        return Ok(None);
+    };
+    let number = |s: &str| -> Result<f64> {
+        s.parse::<f64>()
+            .map_err(|_| anyhow::anyhow!("--dp-clip {:?}: {s:?} is not a number", args.dp_clip))
+    };
+    let clip = match args.dp_clip.strip_prefix("adaptive:") {
+        Some(initial) => Clip::Adaptive {
+            initial: number(initial)?,
+            quantile: 0.5,
+            learning_rate: 0.2,
+            count_noise: (args.per_round.min(args.clients) as f64 / 20.0).max(z),
+        },
+        None => Clip::Fixed {
+            norm: number(&args.dp_clip)?,
+        },
+    };
+    let privacy = Privacy {
+        noise_multiplier: z,
+        clip,
+        delta: args.dp_delta.unwrap_or(1.0 / args.clients.max(1) as f64),
+        scope_share: args.dp_scope_share,
+        epsilon_budget: args.dp_budget,
+    };
+    privacy.check().map_err(anyhow::Error::msg)?;
+    Ok(Some(privacy))
+}
+
 fn byzantine(fraction: f64, attack: Adversary) -> Result<Option<Byzantine>> {
     if fraction == 0.0 {
         return Ok(None);
@@ -304,6 +355,7 @@ fn byzantine(fraction: f64, attack: Adversary) -> Result<Option<Byzantine>> {
 }
 
 fn config(args: Args) -> Result<FleetConfig> {
+    let privacy = privacy(&args)?;
     let partition = args
         .partition
         .scheme(args.alpha, args.min_size, args.classes_per_client);
@@ -364,6 +416,7 @@ fn config(args: Args) -> Result<FleetConfig> {
         },
         backend: args.backend,
         byzantine: byzantine(args.byzantine, args.attack)?,
+        privacy,
         quorum: args.quorum,
         max_scope_ratio: args.max_scope_ratio,
         centralized: !args.no_centralized,

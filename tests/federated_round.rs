@@ -53,6 +53,7 @@ fn a_wsa_round_averages_heads_and_fuses_scopes() {
             align_head: false,
         },
         floors: vec![0.0; targets.len()],
+        dp: None,
     };
     let mut fold = RoundFold::open(
         &CpuBackend::default(),

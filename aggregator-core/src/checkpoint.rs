@@ -23,10 +23,14 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use wsa::Scope;
 
+use crate::privacy::PrivacyState;
+
 /// The first four bytes of a checkpoint file.
 pub const MAGIC: [u8; 4] = *b"WSAC";
-/// The format version this build writes and reads.
-pub const FORMAT_VERSION: u16 = 1;
+/// The format version this build writes (and the newest it reads).
+pub const FORMAT_VERSION: u16 = 2;
+/// The oldest format version this build reads: version 1 lacks the trailing `privacy`.
+pub const OLDEST_FORMAT_VERSION: u16 = 1;
 /// Bytes before the payload: magic, version, payload length, sha256.
 pub const HEADER_LEN: usize = 4 + 2 + 8 + 32;
 
@@ -62,6 +66,8 @@ pub struct Checkpoint {
     pub targets: Vec<Scope>,
     /// Run-wide counters.
     pub history: History,
+    /// Under client-level DP: the clip norm and the privacy spent (format version 2).
+    pub privacy: Option<PrivacyState>,
 }
 
 /// Why a checkpoint could not be written or read.
@@ -90,7 +96,9 @@ pub enum CheckpointError {
     #[error("not a checkpoint file (magic {0:02x?}, expected \"WSAC\")")]
     BadMagic([u8; 4]),
     /// Written by a build with another format.
-    #[error("checkpoint format version {found}, this build reads {FORMAT_VERSION}")]
+    #[error(
+        "checkpoint format version {found}, this build reads {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}"
+    )]
     BadVersion {
         /// The version in the file.
         found: u16,
@@ -141,7 +149,7 @@ impl Checkpoint {
         };
         let (version, rest) = header[4..].split_at(2);
         let version = u16::from_le_bytes([version[0], version[1]]);
-        if version != FORMAT_VERSION {
+        if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
             return Err(CheckpointError::BadVersion { found: version });
         }
         let (len, digest) = rest.split_at(8);
@@ -158,6 +166,15 @@ impl Checkpoint {
         if Sha256::digest(payload).as_slice() != digest {
             return Err(CheckpointError::DigestMismatch);
         }
+        // Version 1 is version 2 without its last field, an `Option`: postcard writes `None`
+        // as one zero byte, so appending it reads a version-1 payload as "no privacy".
+        let widened;
+        let payload = if version == 1 {
+            widened = [payload, &[0]].concat();
+            &widened[..]
+        } else {
+            payload
+        };
         let (checkpoint, left) = postcard::take_from_bytes::<Checkpoint>(payload)
             .map_err(|e| CheckpointError::Undecodable(e.to_string()))?;
         if !left.is_empty() {
@@ -214,7 +231,35 @@ mod tests {
                 updates_accepted: 12,
                 updates_rejected: 2,
             },
+            privacy: None,
         }
+    }
+
+    #[test]
+    fn privacy_state_round_trips_and_version_1_files_still_load() {
+        let mut private = sample();
+        let mut state = crate::privacy::PrivacyState::new(&crate::privacy::Privacy {
+            noise_multiplier: 1.0,
+            clip: crate::privacy::Clip::Fixed { norm: 0.5 },
+            delta: 1e-5,
+            scope_share: 0.1,
+            epsilon_budget: Some(8.0),
+        });
+        state.accountant.compose(0.1, 1.0, 7);
+        private.privacy = Some(state);
+        let bytes = private.to_bytes().unwrap();
+        assert_eq!(Checkpoint::from_bytes(&bytes).unwrap(), private);
+
+        // A version-1 file: the payload without the trailing `None`, under its own header.
+        let v2 = postcard::to_stdvec(&sample()).unwrap();
+        let payload = &v2[..v2.len() - 1];
+        let mut v1 = Vec::new();
+        v1.extend_from_slice(&MAGIC);
+        v1.extend_from_slice(&1u16.to_le_bytes());
+        v1.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        v1.extend_from_slice(&Sha256::digest(payload));
+        v1.extend_from_slice(payload);
+        assert_eq!(Checkpoint::from_bytes(&v1).unwrap(), sample());
     }
 
     #[test]
@@ -261,11 +306,13 @@ mod tests {
             Err(CheckpointError::BadMagic(m)) if &m == b"XSAC"
         ));
         let mut bytes = sample().to_bytes().unwrap();
-        bytes[4..6].copy_from_slice(&2u16.to_le_bytes());
-        assert!(matches!(
-            Checkpoint::from_bytes(&bytes),
-            Err(CheckpointError::BadVersion { found: 2 })
-        ));
+        for version in [0u16, 3] {
+            bytes[4..6].copy_from_slice(&version.to_le_bytes());
+            assert!(matches!(
+                Checkpoint::from_bytes(&bytes),
+                Err(CheckpointError::BadVersion { found }) if found == version
+            ));
+        }
     }
 
     #[test]

@@ -13,10 +13,12 @@
 //!   [`Accumulator`](backend::Accumulator)) and the threaded
 //!   [`CpuBackend`](backend::CpuBackend), the reference other backends are tested against.
 //! - [`checkpoint`]: the state a run resumes from, and its file format.
+//! - [`privacy`]: client-level differential privacy (DP-FedAvg) and its Rényi-DP accountant.
 #![warn(missing_docs, unreachable_pub)]
 #![forbid(unsafe_code)]
 
 pub mod backend;
 pub mod checkpoint;
 pub mod engine;
+pub mod privacy;
 pub mod strategy;

@@ -10,6 +10,7 @@ use aggregator_core::engine::{
     Action, ClosedBy, Engine, EngineConfig, EngineError, Event, Millis, RoundReport, Sampling,
     sample_sizes,
 };
+use aggregator_core::privacy::{Clip, Privacy, RdpAccountant};
 use aggregator_core::strategy::{Aggregation, Strategy, TargetFusion, capped_weights};
 use protocol::{
     Capabilities, EncodedParams, Encoding, HeldOutEval, Outcome, RejectReason, RoundTask,
@@ -1729,4 +1730,207 @@ fn a_round_that_keeps_failing_is_retried_with_growing_waits() {
     // Capped by the round timeout (1 s here), else by 30 s.
     assert_eq!(waits, [0, 250, 500, 1_000, 1_000, 1_000]);
     assert_eq!(sim.engine.attempt(), 6);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client-level differential privacy
+
+fn private_config(noise_multiplier: f64, clip: f64, budget: Option<f64>) -> EngineConfig {
+    let mut c = config(Strategy::wsa(1.0, FusionRule::MeanStd));
+    c.weighting = Weighting::Uniform;
+    // Bounds wide enough not to bind, so the targets are the released sums themselves.
+    c.targets.max_std_ratio = 1e6;
+    c.targets.max_mean_shift = 1e6;
+    c.targets.std_floor = 0.0;
+    c.privacy = Some(Privacy {
+        noise_multiplier,
+        clip: Clip::Fixed { norm: clip },
+        delta: 1e-5,
+        scope_share: 0.5,
+        epsilon_budget: budget,
+    });
+    c
+}
+
+/// `v` scaled down to L2 norm at most `bound`.
+fn clipped(v: Vec<f64>, bound: f64) -> Vec<f64> {
+    let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let scale = if norm > bound { bound / norm } else { 1.0 };
+    v.into_iter().map(|x| x * scale).collect()
+}
+
+/// One DP round of four clients, steps of different lengths: the released head and targets
+/// against the definition computed here, `g + Σ clip(w − g)/m` and
+/// `targets + Σ clip(scope offsets)/m`, plus the noise.
+fn private_round(noise_multiplier: f64) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
+    let clients = [("a", 1u64), ("b", 2), ("c", 3), ("d", 4)];
+    let clip = 0.2;
+    let mut sim = Sim::start(private_config(noise_multiplier, clip, None), &clients);
+    let task = sim.task("a");
+    let global = global_of(&task);
+    let previous = sim.engine.targets().to_vec();
+    let spec = task.shape.to_spec().unwrap();
+    let (mut step_sum, mut scope_sum) = (vec![0.0; global.len()], vec![0.0; 2 * previous.len()]);
+    for (i, &(client, n)) in clients.iter().enumerate() {
+        // Steps of about 0.05·√75 ≈ 0.43·(i + 1)/4 in norm: the first is inside the clip.
+        let mut rng = ChaCha8Rng::seed_from_u64(i as u64);
+        let scale = 0.25 * (i as f32 + 1.0);
+        let params: Vec<f32> = global
+            .iter()
+            .map(|&w| w + scale * rng.random_range(-0.1f32..0.1))
+            .collect();
+        let step = params
+            .iter()
+            .zip(&global)
+            .map(|(&w, &g)| f64::from(w) - f64::from(g));
+        for (s, d) in step_sum.iter_mut().zip(clipped(step.collect(), clip)) {
+            *s += d;
+        }
+        let scopes = Head::from_flat(&spec, &params)
+            .unwrap()
+            .scopes(ScopeSelection::default(), DEFAULT_SCOPE_EPS)
+            .unwrap();
+        let offsets: Vec<f64> = scopes
+            .iter()
+            .zip(&previous)
+            .flat_map(|(s, p)| [s.mean - p.mean, s.std - p.std])
+            .collect();
+        for (s, d) in scope_sum.iter_mut().zip(clipped(offsets, 0.5 * clip)) {
+            *s += d;
+        }
+        let u = update_with(&task, client, n, &params);
+        assert_eq!(sim.verdict(client, u), Outcome::Accepted);
+    }
+    let m = 4.0;
+    let expected_head: Vec<f64> = global
+        .iter()
+        .zip(&step_sum)
+        .map(|(&g, s)| f64::from(g) + s / m)
+        .collect();
+    let expected_targets: Vec<f64> = previous
+        .iter()
+        .flat_map(|p| [p.mean, p.std])
+        .zip(&scope_sum)
+        .map(|(p, s)| p + s / m)
+        .collect();
+    let head: Vec<f64> = sim
+        .engine
+        .global_params()
+        .iter()
+        .map(|&w| f64::from(w))
+        .collect();
+    let targets: Vec<f64> = sim
+        .engine
+        .targets()
+        .iter()
+        .flat_map(|t| [t.mean, t.std])
+        .collect();
+    let report = reports(&sim.log).pop().unwrap();
+    let privacy = report.privacy.expect("a DP round reports its privacy");
+    assert_eq!(privacy.clip, clip);
+    assert_eq!(privacy.sampling_rate, 1.0);
+    (head, expected_head, targets, expected_targets)
+}
+
+#[test]
+fn a_private_round_releases_the_clipped_sum_over_the_target_count() {
+    // Noise far below f32 resolution: the release is the definition.
+    let (head, expected_head, targets, expected_targets) = private_round(1e-12);
+    for (h, e) in head.iter().zip(&expected_head) {
+        assert!((h - e).abs() < 1e-6, "{h} vs {e}");
+    }
+    // The backend measures scopes with its own summation order.
+    for (t, e) in targets.iter().zip(&expected_targets) {
+        assert!((t - e).abs() < 1e-7, "{t} vs {e}");
+    }
+}
+
+#[test]
+fn a_private_round_adds_noise_of_the_stated_spread() {
+    // z = 1: each coordinate of the sums gets N(0, (C·√(1 + s²))²), then / m = 4.
+    let (head, expected_head, targets, expected_targets) = private_round(1.0);
+    let std = 0.2 * (1.0f64 + 0.25).sqrt() / 4.0;
+    let z: Vec<f64> = head
+        .iter()
+        .zip(&expected_head)
+        .chain(targets.iter().zip(&expected_targets))
+        .map(|(h, e)| (h - e) / std)
+        .collect();
+    let n = z.len() as f64;
+    let mean = z.iter().sum::<f64>() / n;
+    let var = z.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+    // 79 draws of N(0, 1): the sample variance lies in [0.55, 1.5] with overwhelming odds.
+    assert!(mean.abs() < 0.5, "mean {mean}");
+    assert!((0.55..1.5).contains(&var), "variance {var}");
+}
+
+#[test]
+fn epsilon_is_accounted_per_round_and_the_budget_ends_the_run() {
+    // Two of four clients a round: q = 0.5. With z = 2, find a budget that two rounds fit
+    // and three do not.
+    let mut accountant = RdpAccountant::default();
+    accountant.compose(0.5, 2.0, 2);
+    let two = accountant.epsilon(1e-5);
+    let three = accountant.epsilon_after(0.5, 2.0, 1e-5);
+    let budget = (two + three) / 2.0;
+    let mut c = private_config(2.0, 1.0, Some(budget));
+    c.rounds = 10;
+    c.sampling = Sampling {
+        fraction: 0.5,
+        min_clients: 2,
+        over_selection: 1.0,
+    };
+    c.quorum = 2;
+    c.min_connected = 4;
+    let clients = [("a", 1u64), ("b", 1), ("c", 1), ("d", 1)];
+    let mut sim = Sim::start(c.clone(), &clients);
+    for round in 0..2u64 {
+        let asked: Vec<String> = sim
+            .tasks
+            .iter()
+            .filter(|(_, t)| t.round == round)
+            .map(|(c, _)| c.clone())
+            .collect();
+        assert_eq!(asked.len(), 2);
+        for client in asked {
+            let u = perturbed(&sim.task(&client), &client, 1, round);
+            assert_eq!(sim.verdict(&client, u), Outcome::Accepted);
+        }
+    }
+    let rounds = reports(&sim.log);
+    assert_eq!(rounds.len(), 2);
+    let mut expected = RdpAccountant::default();
+    for r in &rounds {
+        expected.compose(0.5, 2.0, 1);
+        let p = r.privacy.unwrap();
+        assert_eq!(p.sampling_rate, 0.5);
+        assert!((p.epsilon - expected.epsilon(1e-5)).abs() < 1e-12);
+    }
+    assert!(
+        sim.engine.is_finished(),
+        "a third round would pass the budget"
+    );
+    assert!(matches!(sim.log.last(), Some(Action::Finished)));
+    assert_eq!(sim.engine.epsilon(), Some(two));
+
+    // The checkpoint carries what was spent: a resumed run is over too.
+    let resumed = Engine::resume(c, sim.engine.checkpoint()).unwrap();
+    assert!(resumed.is_finished());
+    assert_eq!(resumed.epsilon(), Some(two));
+}
+
+#[test]
+fn privacy_refuses_robust_rules_and_claimed_weights() {
+    let mut c = private_config(1.0, 1.0, None);
+    c.aggregation = Aggregation::Median;
+    let e = Engine::new(c).unwrap_err().to_string();
+    assert!(e.contains("aggregation = mean"), "{e}");
+    let mut c = private_config(1.0, 1.0, None);
+    c.weighting = Weighting::SampleCount;
+    let e = Engine::new(c).unwrap_err().to_string();
+    assert!(e.contains("uniform"), "{e}");
+    let mut c = private_config(-1.0, 1.0, None);
+    c.rounds = 1;
+    let e = Engine::new(c).unwrap_err().to_string();
+    assert!(e.contains("noise_multiplier"), "{e}");
 }

@@ -200,6 +200,21 @@ const CONFIG_HEADER: &str = r#"# The aggregator's run configuration (aggregator 
 #   "mean" is the paper's weighted mean, for fleets whose every client you trust;
 #   "trimmed-mean" (trim = 0.2) sits between; "norm-clipped" (max_norm) bounds each step's
 #   length but not its direction.
+#
+# Privacy (off here; docs/privacy.md): a [privacy] table turns on client-level differential
+# privacy (DP-FedAvg). Each round clips every client's step to C and its scope offsets to
+# scope_share * C, adds Gaussian noise of std noise_multiplier * C * sqrt(1 + scope_share^2)
+# to the sums, divides by the round's target, and reports epsilon at delta after every round
+# (rounds.jsonl's privacy); the run ends before a round that would pass epsilon_budget. It
+# needs aggregation kind = "mean" and weighting = "uniform" (robust rules and claimed sample
+# counts are not DP mechanisms), and enough clients a round for the noise to average out:
+#   [privacy]
+#   noise_multiplier = 1.0
+#   delta = 1e-5
+#   epsilon_budget = 8.0
+#   [privacy.clip]
+#   kind = "fixed"      # or kind = "adaptive", initial = 1.0, quantile = 0.5, count_noise = 5
+#   norm = 1.0
 
 "#;
 fn main() -> Result<()> {

@@ -5,11 +5,12 @@ use std::path::PathBuf;
 
 use aggregator::backends::BackendChoice;
 use aggregator_core::engine::{EngineConfig, Sampling, UpdateBounds};
+use aggregator_core::privacy::Privacy;
 use aggregator_core::strategy::{Aggregation, Strategy, TargetPolicy};
 use edge_client::Adversary;
 use protocol::Encoding;
 use serde::{Deserialize, Serialize};
-use wsa::{HeadSpec, Sgd};
+use wsa::{HeadSpec, Sgd, Weighting};
 
 use crate::partition::Scheme;
 
@@ -114,6 +115,10 @@ pub struct FleetConfig {
     /// Clients that attack (robustness experiments); none by default.
     #[serde(default)]
     pub byzantine: Option<Byzantine>,
+    /// Client-level differential privacy for every federated run (the run config's
+    /// `[privacy]`); none by default.
+    #[serde(default)]
+    pub privacy: Option<Privacy>,
     /// Also train centrally on the union of the client data.
     pub centralized: bool,
     /// One full comparison per seed (partition, initial head, sampling, shuffles).
@@ -158,6 +163,11 @@ pub(crate) fn engine_config(
     c.aggregation = aggregation;
     c.targets = cfg.targets;
     c.bounds.max_scope_ratio = cfg.max_scope_ratio;
+    if cfg.privacy.is_some() {
+        // DP clips and noises the mean, and a claimed sample count must not scale a client.
+        c.privacy = cfg.privacy;
+        c.weighting = Weighting::Uniform;
+    }
     c.seed = seed;
     c.rounds = cfg.rounds;
     c.train = cfg.train.clone();

@@ -70,6 +70,12 @@ pub struct RoundRow {
     /// The target σ̃ of the last scoped tensor (the logits layer, where label skew acts).
     #[serde(default = "nan")]
     pub target_std_last: f64,
+    /// Under client-level DP, ε spent so far at the run's δ (NaN without DP).
+    #[serde(default = "nan")]
+    pub epsilon: f64,
+    /// Under DP, the clip norm the round used.
+    #[serde(default = "nan")]
+    pub dp_clip: f64,
 }
 
 fn nan() -> f64 {
@@ -421,6 +427,8 @@ mod tests {
             std_spread: 0.1,
             target_std_first: 0.03,
             target_std_last: 0.06,
+            epsilon: f64::NAN,
+            dp_clip: f64::NAN,
         }
     }
 

@@ -156,6 +156,8 @@ fn round_row(label: &str, seed: u64, report: &RoundReport) -> RoundRow {
         std_spread: drift.map_or(f64::NAN, |d| mean_std(&d.std_spread).0),
         target_std_first: report.targets.first().map_or(f64::NAN, |t| t.std),
         target_std_last: report.targets.last().map_or(f64::NAN, |t| t.std),
+        epsilon: report.privacy.map_or(f64::NAN, |p| p.epsilon),
+        dp_clip: report.privacy.map_or(f64::NAN, |p| p.clip),
     }
 }
 
@@ -216,6 +218,8 @@ fn run_centralized(
             std_spread: f64::NAN,
             target_std_first: f64::NAN,
             target_std_last: f64::NAN,
+            epsilon: f64::NAN,
+            dp_clip: f64::NAN,
         });
         progress.record(rows.last().expect("just pushed"))?;
     }

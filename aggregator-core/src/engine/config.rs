@@ -6,6 +6,7 @@ use sha2::{Digest, Sha256};
 use wsa::{HeadSpec, Init, ScopeSelection, Sgd, Weighting};
 
 use crate::backend::BackendError;
+use crate::privacy::Privacy;
 use crate::strategy::{Aggregation, Strategy, TargetPolicy, TensorLambdas};
 use protocol::Encoding;
 
@@ -147,6 +148,11 @@ pub struct EngineConfig {
     /// with the features it was trained on.
     #[serde(default)]
     pub backbone: BackboneRef,
+    /// Client-level differential privacy: clip and noise every round's updates and scopes
+    /// and account for the privacy spent. Left out of the config hash when off, so runs
+    /// without it resume from older checkpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<Privacy>,
 }
 
 /// Which backbone produces a run's features.
@@ -196,6 +202,7 @@ impl EngineConfig {
             round_timeout_ms: 60_000,
             min_connected: 1,
             bounds: UpdateBounds::default(),
+            privacy: None,
         }
     }
 
@@ -333,6 +340,28 @@ impl EngineConfig {
                 "bounds.max_scope_ratio must be finite and >= 1, got {}",
                 b.max_scope_ratio
             ));
+        }
+        if let Some(privacy) = &self.privacy {
+            if let Err(e) = privacy.check() {
+                return bad(e);
+            }
+            // The Gaussian mechanism bounds what one client changes in a *mean*: a robust
+            // rule's output is not a sum, and sample-count weights would let one client's
+            // claim scale its contribution past the clip.
+            if self.aggregation != Aggregation::Mean {
+                return bad(format!(
+                    "privacy needs aggregation = mean (it clips and noises the mean itself), \
+                     not {}",
+                    self.aggregation
+                ));
+            }
+            if self.weighting != Weighting::Uniform {
+                return bad(
+                    "privacy needs weighting = \"uniform\": a client's sample count \
+                            must not scale its clipped contribution"
+                        .into(),
+                );
+            }
         }
         Ok(())
     }

@@ -164,6 +164,27 @@ pub struct Rejection {
     pub reason: String,
 }
 
+/// What a round under client-level DP released and what the run has spent
+/// ([`crate::privacy`]).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct PrivacyRound {
+    /// ε of the whole run so far at [`PrivacyRound::delta`], by the RDP accountant.
+    pub epsilon: f64,
+    /// The δ ε is stated at.
+    pub delta: f64,
+    /// The round's sampling rate: clients asked over clients connected.
+    pub sampling_rate: f64,
+    /// The clip norm `C` the round's steps were clipped to.
+    pub clip: f64,
+    /// The std of the noise on each summed coordinate (before the division by the
+    /// round's target).
+    pub noise_std: f64,
+    /// The noised fraction of clients the clip left whole.
+    pub unclipped_fraction: f64,
+    /// The clip norm of the next round (moved by adaptive clipping).
+    pub next_clip: f64,
+}
+
 /// What one round attempt did, one JSON line per attempt. Rejections and bytes are those that
 /// arrived while this attempt was the current one (late updates for the previous round land
 /// in the next report).
@@ -231,6 +252,10 @@ pub struct RoundReport {
     /// How far apart the accepted clients pulled (when the round counted).
     #[serde(default)]
     pub drift: Option<Drift>,
+    /// Under client-level DP (when the round counted): the privacy spent so far and the
+    /// round's clip and noise.
+    #[serde(default)]
+    pub privacy: Option<PrivacyRound>,
     /// The head this round's tasks carried (the previous round's result), as the accepted
     /// clients measured it on their held-out rows before training.
     #[serde(default)]

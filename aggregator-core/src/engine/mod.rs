@@ -42,13 +42,14 @@ pub use config::{
     UpdateBounds, sample_sizes,
 };
 pub use events::{
-    Action, ClosedBy, Event, FederatedEval, MAX_LISTED_REJECTIONS, Millis, ReceivedUpdate,
-    Rejection, RoundReport, RoundStatus,
+    Action, ClosedBy, Event, FederatedEval, MAX_LISTED_REJECTIONS, Millis, PrivacyRound,
+    ReceivedUpdate, Rejection, RoundReport, RoundStatus,
 };
 
 use crate::backend::{Backend, BackendError, CpuBackend, FoldShape};
 use crate::checkpoint::{Checkpoint, History};
-use crate::strategy::{FoldPolicy, Folded, RoundFold, layer_scales};
+use crate::privacy::{Clip, PrivacyState};
+use crate::strategy::{DpRound, FoldPolicy, Folded, RoundFold, layer_scales};
 
 #[derive(Debug, Clone, Copy)]
 struct ClientInfo {
@@ -147,6 +148,8 @@ pub struct Engine {
     test: Option<LabelledFeatures>,
     /// Decoded parameters of the update being checked, reused across updates.
     scratch: Vec<f32>,
+    /// Under client-level DP: the clip norm and the privacy spent.
+    privacy: Option<PrivacyState>,
 }
 
 impl Engine {
@@ -167,15 +170,18 @@ impl Engine {
         let scales = layer_scales(&head, config.scope_selection, DEFAULT_SCOPE_EPS)?;
         let floors = config.targets.floors(&scales);
         config.targets.initial(&mut targets, &floors);
-        Self::build(
-            config,
-            backend,
-            head.to_flat(),
+        let start = Checkpoint {
+            config_hash: config.config_hash()?,
+            run_id: config.run_id,
+            seed: config.seed,
+            next_round: 0,
+            attempt: 0,
+            global: head.to_flat(),
             targets,
-            0,
-            0,
-            History::default(),
-        )
+            history: History::default(),
+            privacy: config.privacy.as_ref().map(PrivacyState::new),
+        };
+        Self::build(config, backend, start)
     }
 
     /// Resumes a run from `checkpoint` on the CPU backend.
@@ -222,26 +228,33 @@ impl Engine {
             t.validate()
                 .map_err(|e| EngineError::BadCheckpoint(format!("target: {e}")))?;
         }
-        Self::build(
-            config,
-            backend,
-            checkpoint.global,
-            checkpoint.targets,
-            checkpoint.next_round,
-            checkpoint.attempt,
-            checkpoint.history,
-        )
+        // The config hash covers `privacy`, so only a damaged file gets here with a mismatch.
+        if config.privacy.is_some() != checkpoint.privacy.is_some() {
+            return bad("the privacy state does not match the configuration's privacy".into());
+        }
+        if let Some(state) = &checkpoint.privacy
+            && !(state.clip_norm.is_finite() && state.clip_norm > 0.0)
+        {
+            return bad(format!("privacy clip norm {}", state.clip_norm));
+        }
+        Self::build(config, backend, checkpoint)
     }
 
+    /// The engine at `state`: a checked checkpoint, or a fresh run's first one.
     fn build(
         config: EngineConfig,
         backend: Arc<dyn Backend>,
-        global: Vec<f32>,
-        targets: Vec<Scope>,
-        next_round: u64,
-        attempt: u32,
-        history: History,
+        state: Checkpoint,
     ) -> Result<Self, EngineError> {
+        let Checkpoint {
+            global,
+            targets,
+            next_round,
+            attempt,
+            history,
+            privacy,
+            ..
+        } = state;
         let config_hash = config.config_hash()?;
         if !backend.supports(&config.aggregation.plan()) {
             return Err(BackendError::Unsupported {
@@ -290,6 +303,7 @@ impl Engine {
             validation: None,
             test: None,
             scratch,
+            privacy,
         })
     }
 
@@ -439,6 +453,13 @@ impl Engine {
     /// Whether all rounds are done.
     pub fn is_finished(&self) -> bool {
         self.next_round >= self.config.rounds
+            || self.privacy.as_ref().is_some_and(|p| p.budget_spent)
+    }
+
+    /// Under client-level DP, ε spent so far at the run's δ.
+    pub fn epsilon(&self) -> Option<f64> {
+        let (privacy, state) = self.config.privacy.as_ref().zip(self.privacy.as_ref())?;
+        Some(state.accountant.epsilon(privacy.delta))
     }
 
     /// The open round, if any.
@@ -474,6 +495,7 @@ impl Engine {
             global: self.global.clone(),
             targets: self.targets.clone(),
             history: self.history,
+            privacy: self.privacy.clone(),
         }
     }
 
@@ -705,14 +727,17 @@ impl Engine {
             None => open.fold.weights(),
         };
         let mut drift = None;
+        let mut privacy = None;
         if let Some(Folded {
             params,
             targets,
             drift: round_drift,
+            dp,
             ..
         }) = fold
         {
             drift = Some(round_drift);
+            privacy = self.spend_privacy(&open, dp.map(|d| d.unclipped_fraction));
             self.global_norm = l2_norm(&params);
             self.global = params;
             match self
@@ -811,6 +836,7 @@ impl Engine {
             test_per_class,
             targets: self.targets.clone(),
             drift,
+            privacy,
             federated_eval: FederatedEval::of(
                 open.metrics.values().filter_map(|r| r.held_out),
                 self.config.max_claim_ratio,
@@ -839,6 +865,72 @@ impl Engine {
         );
         out.push(Action::RoundClosed(Box::new(report)));
         out.push(Action::Checkpoint(Box::new(self.checkpoint())));
+    }
+
+    /// Under DP, the clip and noise of a round that asks `select` of `connected` clients to
+    /// close at `target`; `Err` when that round would take ε past the budget, which ends the
+    /// run instead.
+    fn dp_round(
+        &mut self,
+        target: usize,
+        select: usize,
+        connected: usize,
+    ) -> Result<Option<DpRound>, ()> {
+        let (Some(privacy), Some(state)) = (self.config.privacy, self.privacy.as_mut()) else {
+            return Ok(None);
+        };
+        let q = select as f64 / connected as f64;
+        if let Some(budget) = privacy.epsilon_budget {
+            let next = state
+                .accountant
+                .epsilon_after(q, privacy.noise_multiplier, privacy.delta);
+            if next > budget {
+                info!(
+                    round = self.next_round,
+                    epsilon = state.accountant.epsilon(privacy.delta),
+                    epsilon_after_next = next,
+                    budget,
+                    "privacy budget spent: the run ends before this round"
+                );
+                state.budget_spent = true;
+                return Err(());
+            }
+        }
+        let clip = state.clip_norm;
+        Ok(Some(DpRound {
+            clip,
+            scope_clip: privacy.scope_share * clip,
+            noise_std: privacy.update_noise_multiplier() * privacy.sensitivity(clip),
+            count_noise: match privacy.clip {
+                Clip::Adaptive { count_noise, .. } => count_noise,
+                Clip::Fixed { .. } => 0.0,
+            },
+            denominator: target,
+        }))
+    }
+
+    /// Charges a counted round to the accountant, moves an adaptive clip, and says what the
+    /// round spent.
+    fn spend_privacy(
+        &mut self,
+        open: &OpenRound,
+        unclipped_fraction: Option<f64>,
+    ) -> Option<PrivacyRound> {
+        let (privacy, state) = (self.config.privacy?, self.privacy.as_mut()?);
+        let unclipped_fraction = unclipped_fraction?;
+        let q = open.order.len() as f64 / open.connected.max(1) as f64;
+        let clip = state.clip_norm;
+        state.accountant.compose(q, privacy.noise_multiplier, 1);
+        state.adapt(&privacy, unclipped_fraction);
+        Some(PrivacyRound {
+            epsilon: state.accountant.epsilon(privacy.delta),
+            delta: privacy.delta,
+            sampling_rate: q,
+            clip,
+            noise_std: privacy.update_noise_multiplier() * privacy.sensitivity(clip),
+            unclipped_fraction,
+            next_clip: state.clip_norm,
+        })
     }
 
     /// The most one update of a round selecting `selected` may weigh before the share cap:
@@ -892,12 +984,17 @@ impl Engine {
                 return;
             }
         };
+        let dp = match self.dp_round(target, order.len(), connected) {
+            Ok(dp) => dp,
+            Err(()) => return,
+        };
         let policy = FoldPolicy {
             weighting: self.config.weighting,
             max_share: self.config.max_share,
             max_weight: self.max_weight(&order),
             targets: self.config.targets,
             floors: self.floors.clone(),
+            dp,
         };
         let fold = match RoundFold::open(
             self.backend.as_ref(),

@@ -19,6 +19,7 @@ use wsa::{FusionRule, Scope, ScopeFusion, Weighting};
 use super::targets::{TargetFusion, TargetPolicy};
 use super::{Aggregation, ColumnRule, Plan, Strategy};
 use crate::backend::{Accumulator, Backend, BackendError, FoldShape, Measurement};
+use crate::privacy::Noise;
 
 /// How a round's fold weighs and bounds what it is given (from the run configuration).
 #[derive(Debug, Clone)]
@@ -34,6 +35,35 @@ pub struct FoldPolicy {
     pub targets: TargetPolicy,
     /// The σ̃ floor of each scoped tensor ([`TargetPolicy::floors`]).
     pub floors: Vec<f64>,
+    /// Client-level DP for this round: clip, sum, noise ([`crate::privacy`]).
+    pub dp: Option<DpRound>,
+}
+
+/// One round's share of client-level DP: what a client's contribution is clipped to and how
+/// much noise its sums get. The clipped step and scope offsets of one client together have L2
+/// norm at most `√(clip² + scope_clip²)`, the bound `noise_std` is a multiple of.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DpRound {
+    /// `C`: each step `w − g` is scaled down to at most this L2 norm.
+    pub clip: f64,
+    /// Each client's scope offsets `(μ − μ̃, σ − σ̃)` over all scoped tensors are scaled
+    /// down to at most this L2 norm.
+    pub scope_clip: f64,
+    /// The std of the Gaussian noise on every coordinate of the summed steps and offsets.
+    pub noise_std: f64,
+    /// The std of the noise on the count of unclipped clients (adaptive clipping; else 0).
+    pub count_noise: f64,
+    /// The fixed denominator of the mean, set before any update is seen: the round's target
+    /// of accepted updates (or the accepted count, if more).
+    pub denominator: usize,
+}
+
+/// What DP measured of a round, after noise.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DpFolded {
+    /// The noised fraction of the round's clients whose steps were not clipped: what an
+    /// adaptive clip norm moves by.
+    pub unclipped_fraction: f64,
 }
 
 /// An accepted client: its measured scopes and its weight before the cap.
@@ -79,6 +109,10 @@ pub struct RoundFold {
     moved: usize,
     /// `Σ ‖w_i − g‖` over the same updates.
     step_norm_sum: f64,
+    /// Under DP: the sum of the accepted clients' clipped scope offsets (μ, σ per tensor) and
+    /// how many steps were within the clip.
+    dp_scope_sum: Vec<(f64, f64)>,
+    dp_unclipped: usize,
 }
 
 /// How far apart a round's clients pulled: measured from their parameters, never reported.
@@ -111,6 +145,8 @@ pub struct Folded {
     pub weights: BTreeMap<String, f64>,
     /// How far apart the accepted clients pulled.
     pub drift: Drift,
+    /// Under DP, what the round measured after noise.
+    pub dp: Option<DpFolded>,
 }
 
 impl RoundFold {
@@ -129,6 +165,12 @@ impl RoundFold {
         policy: FoldPolicy,
         capacity: usize,
     ) -> Result<Self, BackendError> {
+        // DP clips every step to the round's C and sums them (uniform weights, checked by
+        // the config); the noise and the fixed denominator come at the finish.
+        let aggregation = match policy.dp {
+            Some(dp) => Aggregation::NormClipped { max_norm: dp.clip },
+            None => aggregation,
+        };
         let plan = aggregation.plan();
         if previous.len() != shape.tensors.len() || policy.floors.len() != shape.tensors.len() {
             return Err(wsa::Error::ShapeMismatch {
@@ -160,6 +202,8 @@ impl RoundFold {
             unit_steps: vec![0.0; shape.len],
             moved: 0,
             step_norm_sum: 0.0,
+            dp_scope_sum: vec![(0.0, 0.0); previous.len()],
+            dp_unclipped: 0,
         })
     }
 
@@ -216,7 +260,38 @@ impl RoundFold {
             },
         );
         self.add_step(params, measured.distance);
+        if let Some(dp) = self.policy.dp {
+            self.add_private_scopes(dp, measured);
+        }
         Ok(weight)
+    }
+
+    /// Adds an accepted client's scope offsets from the round's targets, clipped to the
+    /// round's bound, to the DP sums, and counts its step if the clip left it whole.
+    fn add_private_scopes(&mut self, dp: DpRound, measured: &Measurement) {
+        let offsets: Vec<(f64, f64)> = measured
+            .scopes
+            .iter()
+            .zip(&self.previous)
+            .map(|(s, p)| (s.mean - p.mean, s.std - p.std))
+            .collect();
+        let norm = offsets
+            .iter()
+            .map(|(m, s)| m * m + s * s)
+            .sum::<f64>()
+            .sqrt();
+        let scale = if norm > dp.scope_clip {
+            dp.scope_clip / norm
+        } else {
+            1.0
+        };
+        for (sum, (m, s)) in self.dp_scope_sum.iter_mut().zip(offsets) {
+            sum.0 += scale * m;
+            sum.1 += scale * s;
+        }
+        if measured.distance <= dp.clip {
+            self.dp_unclipped += 1;
+        }
     }
 
     /// Adds the unit direction of an accepted update's step (its length `distance`, as the
@@ -320,8 +395,16 @@ impl RoundFold {
                 .into(),
             ));
         }
-        let mut params = params;
-        let mut targets = self.fuse(&weights, &params).map_err(FoldError::Scopes)?;
+        let (mut params, mut targets, dp) = match self.policy.dp {
+            Some(dp) => {
+                let (params, targets, folded) = self.finish_private(dp, &params);
+                (params, targets, Some(folded))
+            }
+            None => {
+                let targets = self.fuse(&weights, &params).map_err(FoldError::Scopes)?;
+                (params, targets, None)
+            }
+        };
         self.policy
             .targets
             .apply(&self.previous, &mut targets, &self.policy.floors);
@@ -334,7 +417,38 @@ impl RoundFold {
             targets,
             weights,
             drift,
+            dp,
         })
+    }
+
+    /// DP-FedAvg's release from the clipped sums: `g + (Σ clipped steps + N(0, σ²I))/m`
+    /// and `targets + (Σ clipped offsets + N(0, σ²I))/m`, with `m` fixed before the round
+    /// (`params` is the accumulator's clipped mean, `g + Σ clipped/k` for `k` accepted).
+    fn finish_private(&self, dp: DpRound, params: &[f32]) -> (Vec<f32>, Vec<Scope>, DpFolded) {
+        let mut noise = Noise::from_os();
+        let k = self.clients.len() as f64;
+        let m = dp.denominator.max(self.clients.len()) as f64;
+        let params = params
+            .iter()
+            .zip(&self.global)
+            .map(|(&p, &g)| {
+                let g = f64::from(g);
+                (g + ((f64::from(p) - g) * k + noise.sample(dp.noise_std)) / m) as f32
+            })
+            .collect();
+        // Not a `Scope::new`: the noised σ̃ may dip below zero here, and the policy's bounds
+        // and floors, applied next, bring it back into range.
+        let targets = self
+            .previous
+            .iter()
+            .zip(&self.dp_scope_sum)
+            .map(|(p, &(sum_mean, sum_std))| Scope {
+                mean: p.mean + (sum_mean + noise.sample(dp.noise_std)) / m,
+                std: p.std + (sum_std + noise.sample(dp.noise_std)) / m,
+            })
+            .collect();
+        let unclipped_fraction = (self.dp_unclipped as f64 + noise.sample(dp.count_noise)) / m;
+        (params, targets, DpFolded { unclipped_fraction })
     }
 
     /// Moves each scoped tensor of `params` to its target: `w ← μ̃ + (w − μ)·d̃/d`, with `d`
@@ -482,6 +596,7 @@ mod tests {
             max_weight: f64::INFINITY,
             targets,
             floors: vec![0.0; previous.len()],
+            dp: None,
         };
         let backend = crate::backend::CpuBackend::default();
         let mut fold = RoundFold::open(

@@ -24,7 +24,9 @@ use wsa::{FusionRule, Scope, ScopeSelection, Sgd, TrainConfig, WsaTerm};
 use crate::backend::FoldShape;
 
 pub use aggregation::{Aggregation, ColumnRule, Plan, column_median, column_trimmed_mean};
-pub use fold::{Drift, FoldError, FoldPolicy, Folded, RoundFold, capped_weights};
+pub use fold::{
+    DpFolded, DpRound, Drift, FoldError, FoldPolicy, Folded, RoundFold, capped_weights,
+};
 pub use targets::{TargetFusion, TargetPolicy, layer_scales};
 
 /// How a round trains: the term a client adds to its cross-entropy, and how scopes fuse.

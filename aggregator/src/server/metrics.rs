@@ -49,6 +49,7 @@ pub struct Metrics {
     round: Gauge,
     test_accuracy: Gauge<f64, AtomicU64>,
     federated_accuracy: Gauge<f64, AtomicU64>,
+    privacy_epsilon: Gauge<f64, AtomicU64>,
     checkpoint_time: Gauge<f64, AtomicU64>,
 }
 
@@ -79,6 +80,7 @@ impl Metrics {
             round: Gauge::default(),
             test_accuracy: Gauge::default(),
             federated_accuracy: Gauge::default(),
+            privacy_epsilon: Gauge::default(),
             checkpoint_time: Gauge::default(),
         };
         let mut registry = Registry::with_prefix("wsa");
@@ -150,12 +152,19 @@ impl Metrics {
             m.federated_accuracy.clone(),
         );
         r.register(
+            "privacy_epsilon",
+            "The run's client-level DP epsilon so far, at the configured delta (NaN without \
+             [privacy])",
+            m.privacy_epsilon.clone(),
+        );
+        r.register(
             "checkpoint_timestamp_seconds",
             "Unix time of the last checkpoint written (0: none yet); alert on its age",
             m.checkpoint_time.clone(),
         );
         m.test_accuracy.set(f64::NAN);
         m.federated_accuracy.set(f64::NAN);
+        m.privacy_epsilon.set(f64::NAN);
         m.registry = Arc::new(registry);
         m
     }
@@ -199,6 +208,9 @@ impl Metrics {
         }
         if let Some(f) = report.federated_eval {
             self.federated_accuracy.set(f.accuracy);
+        }
+        if let Some(p) = report.privacy {
+            self.privacy_epsilon.set(p.epsilon);
         }
     }
 

@@ -469,6 +469,9 @@ fn log_round(line: &RoundLine) {
         federated_accuracy = r
             .federated_eval
             .map(|f| format!("{:.4}±{:.4} ({} clients)", f.accuracy, f.accuracy_std, f.clients)),
+        epsilon = r
+            .privacy
+            .map(|p| format!("{:.3} (delta {:e}, clip {:.3})", p.epsilon, p.delta, p.clip)),
         wall_ms = line.transport.wall_ms,
         "round closed"
     );
