@@ -164,20 +164,23 @@ struct Args {
     /// Shards: classes per client.
     #[arg(long, default_value_t = 2)]
     classes_per_client: usize,
-    /// Strategies, comma-separated (empty: only the centralized bound): `fedavg`,
-    /// `fedprox:MU`, `wsa:LAMBDA[:mean-std|root-mean-var|mixture][:mu=MU][:warmup=ROUNDS]`
-    /// (`mu` adds FedProx's term to WSA's; `warmup` trains the first rounds without WSA's).
+    /// Strategies, comma-separated (`none` or empty: only the centralized bound): `fedavg`,
+    /// `fedprox:MU`,
+    /// `wsa:LAMBDA[:mean-std|root-mean-var|mixture][:mu=MU][:warmup=ROUNDS][:only=K|:curvature]`
+    /// (`mu` adds FedProx's term to WSA's; `warmup` trains the first rounds without WSA's;
+    /// `only` puts λ on scoped tensor K alone, `curvature` scales it per tensor).
     #[arg(
         long,
         value_delimiter = ',',
         default_value = "fedavg,fedprox:0.1,wsa:100:mean-std:mu=0.1"
     )]
-    strategies: Vec<String>,
+    strategies: Vec<StrategyChoice>,
     /// How each round's target scopes are formed: `median` of the clients' scopes,
-    /// `trimmed:TRIM`, `follow-rule` (the strategy's σ̃ rule, weighted), `global-head` (the
-    /// new head's own scopes) or `fixed` (the initial head's).
-    #[arg(long, default_value = "median")]
-    target_fusion: TargetFusion,
+    /// `trimmed:TRIM`, `follow-rule` (the strategy's σ̃ rule, weighted; under DP the noised
+    /// mean), `global-head` (the new head's own scopes) or `fixed` (the initial head's)
+    /// [default: median, global-head under --dp-noise].
+    #[arg(long)]
+    target_fusion: Option<TargetFusion>,
     /// Rescale the merged head's tensors to the new targets before broadcasting
     /// (server-side scope alignment).
     #[arg(long)]
@@ -312,6 +315,22 @@ struct Args {
     resume: Option<PathBuf>,
 }
 
+/// One `--strategies` entry, checked as the command line is read: a strategy, or none (`none`
+/// or empty) for the centralized bound alone.
+#[derive(Debug, Clone, Copy)]
+struct StrategyChoice(Option<Strategy>);
+
+impl std::str::FromStr for StrategyChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "" | "none" => Ok(Self(None)),
+            s => s.parse().map(|strategy| Self(Some(strategy))),
+        }
+    }
+}
+
 /// The run's DP settings from the `--dp-*` flags (none without `--dp-noise`), checked.
 fn privacy(args: &Args) -> Result<Option<Privacy>> {
     let Some(z) = args.dp_noise else {
@@ -402,15 +421,14 @@ fn config(args: Args) -> Result<FleetConfig> {
         per_round: args.per_round.min(args.clients),
         partition,
         rounds: args.rounds,
-        strategies: args
-            .strategies
-            .iter()
-            .filter(|s| !s.is_empty())
-            .map(|s| s.parse::<Strategy>().map_err(anyhow::Error::msg))
-            .collect::<Result<_>>()?,
+        strategies: args.strategies.iter().filter_map(|s| s.0).collect(),
         aggregations: args.aggregations,
         targets: TargetPolicy {
-            fusion: args.target_fusion,
+            fusion: args.target_fusion.unwrap_or(if privacy.is_some() {
+                TargetFusion::GlobalHead
+            } else {
+                TargetFusion::Median
+            }),
             align_head: args.align_head,
             ..TargetPolicy::default()
         },

@@ -351,3 +351,62 @@ fn federated_evaluation_and_a_sweep_that_resumes_after_a_crash() {
         3 * 3
     );
 }
+
+/// Client-level DP over real QUIC: every counted round reports the ε a second accountant gives
+/// for its sampling rate (4 of 8 clients) and noise, and the run ends at its budget, here after
+/// two of ten rounds, for FedAvg and for WSA (whose targets are released through the same
+/// noised sums).
+#[test]
+fn a_private_fleet_reports_epsilon_and_stops_at_its_budget() {
+    use aggregator_core::privacy::RdpAccountant;
+    let (q, z, delta) = (0.5, 1.5, 1.0 / 8.0);
+    let mut accountant = RdpAccountant::default();
+    let mut expected = Vec::new();
+    for _ in 0..3 {
+        accountant.compose(q, z, 1);
+        expected.push(accountant.epsilon(delta));
+    }
+    let budget = format!("{}", (expected[1] + expected[2]) / 2.0);
+    let out = tempfile::tempdir().unwrap();
+    let mut args = SMALL_FLEET.to_vec();
+    args[6] = "10"; // --rounds
+    wsa_fl(
+        &[
+            &args[..],
+            &[
+                "--strategies",
+                "fedavg,wsa:10",
+                "--no-centralized",
+                "--dp-noise",
+                "1.5",
+                "--dp-clip",
+                "adaptive:0.5",
+                "--dp-budget",
+                &budget,
+            ],
+        ]
+        .concat(),
+        out.path(),
+    );
+    let mut csv = csv::Reader::from_path(out.path().join("rounds.csv")).unwrap();
+    let header = csv.headers().unwrap().clone();
+    let column = |name: &str| header.iter().position(|h| h == name).unwrap();
+    let (strategy, round, epsilon, clip) = (
+        column("strategy"),
+        column("round"),
+        column("epsilon"),
+        column("dp_clip"),
+    );
+    let rows: Vec<csv::StringRecord> = csv.records().map(Result::unwrap).collect();
+    for name in ["fedavg", "wsa:10:mean-std"] {
+        let runs: Vec<&csv::StringRecord> = rows.iter().filter(|r| &r[strategy] == name).collect();
+        let rounds: Vec<&str> = runs.iter().map(|r| &r[round]).collect();
+        assert_eq!(rounds, ["0", "1"], "{name}: the budget fits two rounds");
+        for (r, want) in runs.iter().zip(&expected) {
+            let got: f64 = r[epsilon].parse().unwrap();
+            assert!((got - want).abs() < 1e-9, "{name}: ε {got} vs {want}");
+        }
+        assert_eq!(&runs[0][clip], "0.5");
+        assert_ne!(&runs[1][clip], "0.5", "{name}: the adaptive clip moved");
+    }
+}

@@ -171,9 +171,11 @@ impl Privacy {
         }
     }
 
-    /// The bound on one client's contribution (step and scope offsets) for clip norm `clip`.
-    pub fn sensitivity(&self, clip: f64) -> f64 {
-        clip * (1.0 + self.scope_share * self.scope_share).sqrt()
+    /// The bound on one client's contribution for clip norm `clip`: its step, and its scope
+    /// offsets when the run's targets are fused from clients' scopes (`scopes`).
+    pub fn sensitivity(&self, clip: f64, scopes: bool) -> f64 {
+        let share = if scopes { self.scope_share } else { 0.0 };
+        clip * (1.0 + share * share).sqrt()
     }
 }
 

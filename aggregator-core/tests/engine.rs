@@ -1742,6 +1742,8 @@ fn private_config(noise_multiplier: f64, clip: f64, budget: Option<f64>) -> Engi
     c.targets.max_std_ratio = 1e6;
     c.targets.max_mean_shift = 1e6;
     c.targets.std_floor = 0.0;
+    // The clients' scopes, released through the noised sums (the definition checked below).
+    c.targets.fusion = TargetFusion::FollowRule;
     c.privacy = Some(Privacy {
         noise_multiplier,
         clip: Clip::Fixed { norm: clip },
@@ -1919,6 +1921,29 @@ fn epsilon_is_accounted_per_round_and_the_budget_ends_the_run() {
     assert_eq!(resumed.epsilon(), Some(two));
 }
 
+/// With the head's own scopes as targets, no scope is released: the noise covers the step
+/// alone, and the targets are the released head's scopes.
+#[test]
+fn global_head_targets_release_no_scopes_and_cost_no_scope_noise() {
+    let mut c = private_config(1.0, 0.2, None);
+    c.targets.fusion = TargetFusion::GlobalHead;
+    let clients = [("a", 1u64), ("b", 1)];
+    let mut sim = Sim::start(c, &clients);
+    for (i, &(client, n)) in clients.iter().enumerate() {
+        let u = perturbed(&sim.task(client), client, n, i as u64);
+        assert_eq!(sim.verdict(client, u), Outcome::Accepted);
+    }
+    let p = reports(&sim.log).pop().unwrap().privacy.unwrap();
+    assert_eq!(p.noise_std, 0.2, "z · C with no scope share");
+    let head = Head::from_flat(&spec(), sim.engine.global_params()).unwrap();
+    let scopes = head
+        .scopes(ScopeSelection::default(), DEFAULT_SCOPE_EPS)
+        .unwrap();
+    for (t, s) in sim.engine.targets().iter().zip(&scopes) {
+        assert!((t.mean - s.mean).abs() < 1e-12 && (t.std - s.std).abs() < 1e-12);
+    }
+}
+
 #[test]
 fn privacy_refuses_robust_rules_and_claimed_weights() {
     let mut c = private_config(1.0, 1.0, None);
@@ -1929,6 +1954,10 @@ fn privacy_refuses_robust_rules_and_claimed_weights() {
     c.weighting = Weighting::SampleCount;
     let e = Engine::new(c).unwrap_err().to_string();
     assert!(e.contains("uniform"), "{e}");
+    let mut c = private_config(1.0, 1.0, None);
+    c.targets.fusion = TargetFusion::Median;
+    let e = Engine::new(c).unwrap_err().to_string();
+    assert!(e.contains("global-head"), "{e}");
     let mut c = private_config(-1.0, 1.0, None);
     c.rounds = 1;
     let e = Engine::new(c).unwrap_err().to_string();

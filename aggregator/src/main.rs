@@ -11,6 +11,7 @@ use aggregator::server::{Server, ServerOptions};
 use aggregator::tls::{self, Lifetimes, layout};
 use aggregator_core::checkpoint::Checkpoint;
 use aggregator_core::engine::{Engine, EngineConfig};
+use aggregator_core::privacy::{Clip, Privacy};
 use aggregator_core::strategy::{Aggregation, Strategy};
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -207,7 +208,10 @@ const CONFIG_HEADER: &str = r#"# The aggregator's run configuration (aggregator 
 # to the sums, divides by the round's target, and reports epsilon at delta after every round
 # (rounds.jsonl's privacy); the run ends before a round that would pass epsilon_budget. It
 # needs aggregation kind = "mean" and weighting = "uniform" (robust rules and claimed sample
-# counts are not DP mechanisms), and enough clients a round for the noise to average out:
+# counts are not DP mechanisms), targets that are private: [targets.fusion] kind =
+# "global-head" (the noised head's own scopes, no extra noise; the choice that held up in
+# docs/privacy.md) or "follow-rule" (the noised mean of the clients' scope offsets, clipped to
+# scope_share * C), and enough clients a round for the noise to average out:
 #   [privacy]
 #   noise_multiplier = 1.0
 #   delta = 1e-5
@@ -472,8 +476,17 @@ fn load_config(path: &Path) -> Result<EngineConfig> {
         let names = read_class_names(&file)?;
         table.insert("classes".into(), names.into());
     }
-    // The shipped configuration holds every section and key a run config may set.
-    let known = toml::Table::try_from(default_config()).context("listing the config keys")?;
+    // The shipped configuration holds every section and key a run config may set, once its
+    // optional sections are filled in.
+    let mut every_key = default_config();
+    every_key.privacy = Some(Privacy {
+        noise_multiplier: 1.0,
+        clip: Clip::Fixed { norm: 1.0 },
+        delta: 1e-5,
+        scope_share: 0.1,
+        epsilon_budget: Some(8.0),
+    });
+    let known = toml::Table::try_from(every_key).context("listing the config keys")?;
     let config: EngineConfig = support::config::from_table_strict(table, &known)
         .with_context(|| format!("parsing {}", path.display()))?;
     config
@@ -588,6 +601,43 @@ mod tests {
         std::fs::write(&path, text.replace("index = 1", "index = 2")).unwrap();
         let err = format!("{:#}", load_config(&path).unwrap_err());
         assert!(err.contains("scoped tensors"), "{err}");
+    }
+
+    /// The printed header's `[privacy]` example, with the mean and uniform weights it needs,
+    /// is a run config; a misspelled key in it is refused.
+    #[test]
+    fn the_privacy_example_reads_from_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run.toml");
+        let example: String = CONFIG_HEADER
+            .lines()
+            .skip_while(|l| *l != "#   [privacy]")
+            .take_while(|l| l.starts_with("#   "))
+            .map(|l| format!("{}\n", l.trim_start_matches("#   ")))
+            .collect();
+        assert!(example.contains("noise_multiplier"), "{example}");
+        let printed = toml::to_string(&default_config())
+            .unwrap()
+            .replacen("weighting = \"sample-count\"", "weighting = \"uniform\"", 1)
+            .replacen(
+                "[aggregation]\nkind = \"median\"",
+                "[aggregation]\nkind = \"mean\"",
+                1,
+            )
+            .replacen(
+                "[targets.fusion]\nkind = \"median\"",
+                "[targets.fusion]\nkind = \"global-head\"",
+                1,
+            );
+        std::fs::write(&path, format!("{printed}\n{example}")).unwrap();
+        let config = load_config(&path).unwrap();
+        let privacy = config.privacy.unwrap();
+        assert_eq!(privacy.epsilon_budget, Some(8.0));
+        assert_eq!(privacy.clip, Clip::Fixed { norm: 1.0 });
+        let typo = format!("{printed}\n{}", example.replace("delta", "detla"));
+        std::fs::write(&path, typo).unwrap();
+        let err = format!("{:#}", load_config(&path).unwrap_err());
+        assert!(err.contains("detla"), "{err}");
     }
 
     /// A labels file names the classes; a list whose length differs from the head's outputs

@@ -7,7 +7,7 @@ use wsa::{HeadSpec, Init, ScopeSelection, Sgd, Weighting};
 
 use crate::backend::BackendError;
 use crate::privacy::Privacy;
-use crate::strategy::{Aggregation, Strategy, TargetPolicy, TensorLambdas};
+use crate::strategy::{Aggregation, Strategy, TargetFusion, TargetPolicy, TensorLambdas};
 use protocol::Encoding;
 
 /// Which connected clients a round asks.
@@ -353,6 +353,19 @@ impl EngineConfig {
                     "privacy needs aggregation = mean (it clips and noises the mean itself), \
                      not {}",
                     self.aggregation
+                ));
+            }
+            // The clients' scopes can only be fused through the noised sums, which give their
+            // mean: a median or trimmed mean of them has no bounded sensitivity.
+            if matches!(
+                self.targets.fusion,
+                TargetFusion::Median | TargetFusion::TrimmedMean { .. }
+            ) {
+                return bad(format!(
+                    "privacy: targets.fusion {} is not private; use \"global-head\" (the noised \
+                     head's own scopes, no extra noise; docs/privacy.md) or \"follow-rule\" \
+                     (the noised mean of the clients' scopes)",
+                    self.targets.fusion
                 ));
             }
             if self.weighting != Weighting::Uniform {

@@ -897,10 +897,15 @@ impl Engine {
             }
         }
         let clip = state.clip_norm;
+        let scopes = self.config.targets.fusion.uses_client_scopes();
         Ok(Some(DpRound {
             clip,
-            scope_clip: privacy.scope_share * clip,
-            noise_std: privacy.update_noise_multiplier() * privacy.sensitivity(clip),
+            scope_clip: if scopes {
+                privacy.scope_share * clip
+            } else {
+                0.0
+            },
+            noise_std: privacy.update_noise_multiplier() * privacy.sensitivity(clip, scopes),
             count_noise: match privacy.clip {
                 Clip::Adaptive { count_noise, .. } => count_noise,
                 Clip::Fixed { .. } => 0.0,
@@ -927,7 +932,8 @@ impl Engine {
             delta: privacy.delta,
             sampling_rate: q,
             clip,
-            noise_std: privacy.update_noise_multiplier() * privacy.sensitivity(clip),
+            noise_std: privacy.update_noise_multiplier()
+                * privacy.sensitivity(clip, self.config.targets.fusion.uses_client_scopes()),
             unclipped_fraction,
             next_clip: state.clip_norm,
         })

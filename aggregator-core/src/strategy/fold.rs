@@ -397,7 +397,11 @@ impl RoundFold {
         }
         let (mut params, mut targets, dp) = match self.policy.dp {
             Some(dp) => {
-                let (params, targets, folded) = self.finish_private(dp, &params);
+                let (params, mut targets, folded) = self.finish_private(dp, &params);
+                // Targets that need no client's scopes are post-processing of the release.
+                if !self.policy.targets.fusion.uses_client_scopes() {
+                    targets = self.fuse(&weights, &params).map_err(FoldError::Scopes)?;
+                }
                 (params, targets, Some(folded))
             }
             None => {

@@ -35,10 +35,19 @@ pub enum TargetFusion {
     /// aggregation's column rule when the parameters use one.
     FollowRule,
     /// The new global head's own scopes (the clients' scopes are not used): an ablation of
-    /// fusion, since averaging shrinks σ.
+    /// fusion without DP, since averaging shrinks σ; under DP the recommended choice, as it
+    /// releases nothing beyond the noised head and follows the σ the noise gives it.
     GlobalHead,
     /// The initial head's scopes, never moved: an ablation of target updates.
     Fixed,
+}
+
+impl TargetFusion {
+    /// Whether the targets are formed from the clients' scopes (which under DP must then be
+    /// released through the noised sums) rather than from the head or not at all.
+    pub fn uses_client_scopes(&self) -> bool {
+        !matches!(self, TargetFusion::GlobalHead | TargetFusion::Fixed)
+    }
 }
 
 impl fmt::Display for TargetFusion {
