@@ -39,9 +39,38 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
 fi
 
+# rust-toolchain.toml pins the release the tests pass with. Every cargo call inside the
+# repository goes to that toolchain, so it must be there before the first one (even
+# `cargo --version`, which would otherwise try to download it): installed with rustup, or,
+# where toolchains cannot be downloaded and the installed stable is that very release, the
+# stable one under the pinned name.
+ensure_pinned_toolchain() {
+  command -v rustup >/dev/null 2>&1 || return 0
+  local pinned host stable_version toolchains
+  pinned=$(sed -n 's/^channel = "\(.*\)"/\1/p' "$(dirname "$0")/../rust-toolchain.toml")
+  [ -n "$pinned" ] || return 0
+  RUSTUP_AUTO_INSTALL=0 rustup toolchain list | grep -q "^$pinned-" && return 0
+  host=$(RUSTUP_TOOLCHAIN=stable rustc -vV 2>/dev/null | sed -n 's/^host: //p') || true
+  stable_version=$(RUSTUP_TOOLCHAIN=stable rustc --version 2>/dev/null | cut -d' ' -f2) || true
+  toolchains="${RUSTUP_HOME:-$HOME/.rustup}/toolchains"
+  if [ "$stable_version" = "$pinned" ] && [ -d "$toolchains/stable-$host" ]; then
+    echo "setup: using the installed stable ($stable_version) as the pinned $pinned"
+    ln -s "stable-$host" "$toolchains/$pinned-$host"
+  else
+    echo "setup: installing Rust $pinned (rust-toolchain.toml) with rustup"
+    rustup toolchain install "$pinned" --profile minimal --component rustfmt,clippy || {
+      echo "setup: could not install Rust $pinned; install it (rustup toolchain install" \
+        "$pinned) or, to build with another release at your own risk, set" \
+        "RUSTUP_TOOLCHAIN=stable" >&2
+      exit 1
+    }
+  fi
+}
+
 if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
   export PATH="$HOME/.cargo/bin:$PATH"
 fi
+ensure_pinned_toolchain
 if command -v cargo >/dev/null 2>&1 && ! cargo_recent_enough; then
   if command -v rustup >/dev/null 2>&1; then
     echo "setup: $(cargo --version) is older than Rust $required_rust; updating stable with rustup"
@@ -69,29 +98,7 @@ if ! command -v cargo >/dev/null 2>&1; then
   }
   export PATH="$HOME/.cargo/bin:$PATH"
 fi
-# rust-toolchain.toml pins the release the tests pass with. Every cargo call inside the
-# repository goes to that toolchain, so it must be there before the first one: installed with
-# rustup, or, where toolchains cannot be downloaded and the installed stable is that very
-# release, the stable one under the pinned name.
-pinned=$(sed -n 's/^channel = "\(.*\)"/\1/p' "$(dirname "$0")/../rust-toolchain.toml")
-if command -v rustup >/dev/null 2>&1 && [ -n "$pinned" ] &&
-  ! RUSTUP_AUTO_INSTALL=0 rustup toolchain list | grep -q "^$pinned-"; then
-  host=$(RUSTUP_TOOLCHAIN=stable rustc -vV | sed -n 's/^host: //p')
-  stable_version=$(RUSTUP_TOOLCHAIN=stable rustc --version 2>/dev/null | cut -d' ' -f2)
-  toolchains="${RUSTUP_HOME:-$HOME/.rustup}/toolchains"
-  if [ "$stable_version" = "$pinned" ] && [ -d "$toolchains/stable-$host" ]; then
-    echo "setup: using the installed stable ($stable_version) as the pinned $pinned"
-    ln -s "stable-$host" "$toolchains/$pinned-$host"
-  else
-    echo "setup: installing Rust $pinned (rust-toolchain.toml) with rustup"
-    rustup toolchain install "$pinned" --profile minimal --component rustfmt,clippy || {
-      echo "setup: could not install Rust $pinned; install it (rustup toolchain install" \
-        "$pinned) or, to build with another release at your own risk, set" \
-        "RUSTUP_TOOLCHAIN=stable" >&2
-      exit 1
-    }
-  fi
-fi
+ensure_pinned_toolchain
 if command -v rustup >/dev/null 2>&1; then
   for component in rustfmt clippy; do
     rustup component list --installed 2>/dev/null | grep -q "^$component" ||
