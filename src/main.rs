@@ -256,6 +256,10 @@ struct Args {
     /// Update encoding: `f32`, `f16` or `int8`.
     #[arg(long, default_value = "f32")]
     encoding: Encoding,
+    /// The encoding round tasks carry the global head in: `f32`, `f16` or `int8` (the
+    /// aggregator quantizes the head once a round and measures steps from what clients decode).
+    #[arg(long, default_value = "f32")]
+    downlink_encoding: Encoding,
     /// Test accuracy for the "rounds to reach" column.
     #[arg(long, default_value_t = 0.75)]
     target: f64,
@@ -448,6 +452,7 @@ fn config(args: Args) -> Result<FleetConfig> {
             weight_decay: args.weight_decay,
         },
         update_encoding: args.encoding,
+        downlink_encoding: args.downlink_encoding,
         target_accuracy: args.target,
         validation_fraction: args.validation_fraction,
         eval_fraction: args.eval_fraction,

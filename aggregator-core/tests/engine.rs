@@ -1963,3 +1963,33 @@ fn privacy_refuses_robust_rules_and_claimed_weights() {
     let e = Engine::new(c).unwrap_err().to_string();
     assert!(e.contains("noise_multiplier"), "{e}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Downlink encoding
+
+/// An int8 downlink: the task carries a byte a value, the round's global head becomes
+/// exactly what clients decode, and a client that sends its starting point back unchanged has
+/// a zero step, so the next head is that point bit for bit.
+#[test]
+fn a_quantized_downlink_is_the_rounds_reference() {
+    let mut c = config(Strategy::FedAvg);
+    c.downlink_encoding = Encoding::Int8RowScaled;
+    let clients = [("a", 10u64), ("b", 10)];
+    let mut sim = Sim::start(c, &clients);
+    let task = sim.task("a");
+    assert_eq!(task.global.encoding, Encoding::Int8RowScaled);
+    // One byte a value (plus a scale a row), where f32 takes four.
+    assert_eq!(task.global.data.len(), task.global.count as usize);
+    let start = global_of(&task);
+    assert_eq!(bits(sim.engine.global_params()), bits(&start));
+    for (client, n) in clients {
+        let u = update_with(&sim.task(client), client, n, &start);
+        assert_eq!(sim.verdict(client, u), Outcome::Accepted);
+    }
+    let report = reports(&sim.log).pop().unwrap();
+    assert_eq!(report.step_norms, Some((0.0, 0.0)));
+    let next = sim.task("a");
+    assert_eq!(next.round, 1);
+    // The next head, re-encoded for round 1, decodes to the same values.
+    assert_eq!(bits(&global_of(&next)), bits(&start));
+}

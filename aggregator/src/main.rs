@@ -202,6 +202,11 @@ const CONFIG_HEADER: &str = r#"# The aggregator's run configuration (aggregator 
 #   "trimmed-mean" (trim = 0.2) sits between; "norm-clipped" (max_norm) bounds each step's
 #   length but not its direction.
 #
+# Downlink: downlink_encoding = "int8-row-scaled" (or "f16"; f32 when absent) sends the head in
+# round tasks at a quarter (half) of the bytes. The aggregator quantizes the head once when a
+# round opens and uses what clients decode as the round's head, so steps are measured from
+# exactly where every client starts.
+#
 # Privacy (off here; docs/privacy.md): a [privacy] table turns on client-level differential
 # privacy (DP-FedAvg). Each round clips every client's step to C and its scope offsets to
 # scope_share * C, adds Gaussian noise of std noise_multiplier * C * sqrt(1 + scope_share^2)
@@ -486,6 +491,7 @@ fn load_config(path: &Path) -> Result<EngineConfig> {
         scope_share: 0.1,
         epsilon_budget: Some(8.0),
     });
+    every_key.downlink_encoding = protocol::Encoding::Int8RowScaled;
     let known = toml::Table::try_from(every_key).context("listing the config keys")?;
     let config: EngineConfig = support::config::from_table_strict(table, &known)
         .with_context(|| format!("parsing {}", path.display()))?;

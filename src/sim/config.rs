@@ -129,6 +129,9 @@ pub struct FleetConfig {
     pub train: Sgd,
     /// How clients encode updates.
     pub update_encoding: Encoding,
+    /// How round tasks carry the global head (f32 by default).
+    #[serde(default)]
+    pub downlink_encoding: Encoding,
     /// For "rounds to reach": the test accuracy a strategy must reach.
     pub target_accuracy: f64,
     /// Fraction of the training set held out (per seed, before partitioning) as the
@@ -173,6 +176,7 @@ pub(crate) fn engine_config(
     c.train = cfg.train.clone();
     c.eval_fraction = cfg.eval_fraction;
     c.update_encoding = cfg.update_encoding;
+    c.downlink_encoding = cfg.downlink_encoding;
     c.sampling = Sampling {
         fraction: cfg.per_round as f64 / cfg.clients as f64,
         min_clients: cfg.per_round,

@@ -132,6 +132,12 @@ pub struct EngineConfig {
     /// The encoding clients are asked to send updates in (f32 for a client that cannot).
     #[serde(default)]
     pub update_encoding: Encoding,
+    /// The encoding round tasks carry the global head in. Not f32, the aggregator quantizes
+    /// the head once when a round opens and makes the decoded result the round's global
+    /// head: every client starts from exactly it, and every step is measured from it. Left
+    /// out of the config hash at its f32 default.
+    #[serde(default, skip_serializing_if = "is_f32")]
+    pub downlink_encoding: Encoding,
     /// Which clients a round asks.
     #[serde(default)]
     pub sampling: Sampling,
@@ -196,6 +202,7 @@ impl EngineConfig {
             max_claim_ratio: default_max_claim_ratio(),
             targets: TargetPolicy::default(),
             update_encoding: Encoding::F32,
+            downlink_encoding: Encoding::F32,
             sampling: Sampling::default(),
             backbone: BackboneRef::default(),
             quorum: 1,
@@ -378,6 +385,10 @@ impl EngineConfig {
         }
         Ok(())
     }
+}
+
+fn is_f32(e: &Encoding) -> bool {
+    *e == Encoding::F32
 }
 
 /// A run's class list: one unique, non-empty name per head output, within what the wire's

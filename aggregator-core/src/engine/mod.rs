@@ -867,6 +867,26 @@ impl Engine {
         out.push(Action::Checkpoint(Box::new(self.checkpoint())));
     }
 
+    /// The global head as the round's tasks carry it, in the run's downlink encoding. A lossy
+    /// encoding is decoded back here and the result becomes the global head, so that the
+    /// aggregator measures steps from, clips toward and folds around exactly the head every
+    /// client decodes; the f32 encoding leaves the head as it is.
+    fn encode_downlink(&mut self) -> Result<EncodedParams, protocol::EncodingError> {
+        let encoded =
+            EncodedParams::encode(&self.global, &self.layout, self.config.downlink_encoding)?;
+        if self.config.downlink_encoding != Encoding::F32 {
+            self.global = encoded.decode(&self.layout)?;
+            self.global_norm = l2_norm(&self.global);
+            if let Ok(scopes) = self
+                .global_head()
+                .scopes(self.config.scope_selection, self.eps)
+            {
+                self.global_scopes = scopes;
+            }
+        }
+        Ok(encoded)
+    }
+
     /// Under DP, the clip and noise of a round that asks `select` of `connected` clients to
     /// close at `target`; `Err` when that round would take ε past the budget, which ends the
     /// run instead.
@@ -983,7 +1003,7 @@ impl Engine {
         let order: Vec<String> = ids.into_iter().take(select).cloned().collect();
 
         let deadline = now.plus(self.config.round_timeout_ms);
-        let global = match EncodedParams::encode(&self.global, &self.layout, Encoding::F32) {
+        let global = match self.encode_downlink() {
             Ok(g) => g,
             Err(e) => {
                 error!(error = %e, "cannot encode the global head; no round opens");
