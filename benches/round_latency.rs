@@ -24,6 +24,7 @@ use wsa_fl::fleet::{Deployment, spawn_server};
 struct Row {
     clients: usize,
     encoding: String,
+    downlink: String,
     params: usize,
     rounds: usize,
     round_ms_p50: f64,
@@ -34,7 +35,7 @@ struct Row {
     setup_s: f64,
 }
 
-fn run(clients: usize, encoding: Encoding, rounds: u64, head: HeadSpec) -> Row {
+fn run(clients: usize, encoding: Encoding, downlink: Encoding, rounds: u64, head: HeadSpec) -> Row {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -67,6 +68,7 @@ fn run(clients: usize, encoding: Encoding, rounds: u64, head: HeadSpec) -> Row {
         config.min_connected = clients;
         config.quorum = clients;
         config.update_encoding = encoding;
+        config.downlink_encoding = downlink;
         config.train = Sgd {
             epochs: 1,
             batch_size: 16,
@@ -96,7 +98,8 @@ fn run(clients: usize, encoding: Encoding, rounds: u64, head: HeadSpec) -> Row {
         let out: u64 = lines.iter().map(|l| l.transport.bytes_out).sum();
         Row {
             clients,
-            encoding: format!("{encoding:?}"),
+            encoding: encoding.to_string(),
+            downlink: downlink.to_string(),
             params,
             rounds: lines.len(),
             round_ms_p50: walls[walls.len() / 2],
@@ -113,27 +116,37 @@ fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     let mut rows = Vec::new();
     if full {
+        let (f32, int8) = (Encoding::F32, Encoding::Int8RowScaled);
         for clients in [10, 100] {
-            for encoding in [Encoding::F32, Encoding::Int8RowScaled] {
-                rows.push(run(clients, encoding, 6, HeadSpec::mlp(1280, &[256], 10)));
+            for (encoding, downlink) in [(f32, f32), (int8, f32), (int8, int8)] {
+                let head = HeadSpec::mlp(1280, &[256], 10);
+                rows.push(run(clients, encoding, downlink, 6, head));
             }
         }
     } else {
-        rows.push(run(3, Encoding::F16, 2, HeadSpec::mlp(16, &[8], 4)));
+        rows.push(run(
+            3,
+            Encoding::F16,
+            Encoding::F16,
+            2,
+            HeadSpec::mlp(16, &[8], 4),
+        ));
     }
     println!(
-        "| clients | encoding | round p50 ms | round max ms | engine µs/update | wire B/update |"
+        "| clients | update | downlink | round p50 ms | round max ms | engine µs/update | wire B/update | bytes out/round |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for r in &rows {
         println!(
-            "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} |",
+            "| {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
             r.clients,
             r.encoding,
+            r.downlink,
             r.round_ms_p50,
             r.round_ms_max,
             r.engine_us_per_update,
-            r.wire_bytes_in_per_update
+            r.wire_bytes_in_per_update,
+            r.bytes_out_per_round
         );
     }
     if full {
