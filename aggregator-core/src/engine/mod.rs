@@ -49,7 +49,7 @@ pub use events::{
 use crate::backend::{Backend, BackendError, CpuBackend, FoldShape};
 use crate::checkpoint::{Checkpoint, History};
 use crate::privacy::{Clip, PrivacyState};
-use crate::strategy::{DpRound, FoldPolicy, Folded, RoundFold, layer_scales};
+use crate::strategy::{DpFolded, DpRound, FoldPolicy, Folded, RoundFold, layer_scales};
 
 #[derive(Debug, Clone, Copy)]
 struct ClientInfo {
@@ -737,7 +737,7 @@ impl Engine {
         }) = fold
         {
             drift = Some(round_drift);
-            privacy = self.spend_privacy(&open, dp.map(|d| d.unclipped_fraction));
+            privacy = dp.and_then(|dp| self.spend_privacy(&open, dp));
             self.global_norm = l2_norm(&params);
             self.global = params;
             match self
@@ -936,25 +936,18 @@ impl Engine {
 
     /// Charges a counted round to the accountant, moves an adaptive clip, and says what the
     /// round spent.
-    fn spend_privacy(
-        &mut self,
-        open: &OpenRound,
-        unclipped_fraction: Option<f64>,
-    ) -> Option<PrivacyRound> {
+    fn spend_privacy(&mut self, open: &OpenRound, dp: DpFolded) -> Option<PrivacyRound> {
         let (privacy, state) = (self.config.privacy?, self.privacy.as_mut()?);
-        let unclipped_fraction = unclipped_fraction?;
         let q = open.order.len() as f64 / open.connected.max(1) as f64;
-        let clip = state.clip_norm;
         state.accountant.compose(q, privacy.noise_multiplier, 1);
-        state.adapt(&privacy, unclipped_fraction);
+        state.adapt(&privacy, dp.unclipped_fraction);
         Some(PrivacyRound {
             epsilon: state.accountant.epsilon(privacy.delta),
             delta: privacy.delta,
             sampling_rate: q,
-            clip,
-            noise_std: privacy.update_noise_multiplier()
-                * privacy.sensitivity(clip, self.config.targets.fusion.uses_client_scopes()),
-            unclipped_fraction,
+            clip: dp.round.clip,
+            noise_std: dp.round.noise_std,
+            unclipped_fraction: dp.unclipped_fraction,
             next_clip: state.clip_norm,
         })
     }

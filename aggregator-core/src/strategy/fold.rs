@@ -61,6 +61,8 @@ pub struct DpRound {
 /// What DP measured of a round, after noise.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DpFolded {
+    /// The clip and noise the round ran with.
+    pub round: DpRound,
     /// The noised fraction of the round's clients whose steps were not clipped: what an
     /// adaptive clip norm moves by.
     pub unclipped_fraction: f64,
@@ -269,6 +271,13 @@ impl RoundFold {
     /// Adds an accepted client's scope offsets from the round's targets, clipped to the
     /// round's bound, to the DP sums, and counts its step if the clip left it whole.
     fn add_private_scopes(&mut self, dp: DpRound, measured: &Measurement) {
+        if measured.distance <= dp.clip {
+            self.dp_unclipped += 1;
+        }
+        // A zero bound: the run releases no scopes (targets from the head, or fixed).
+        if dp.scope_clip == 0.0 {
+            return;
+        }
         let offsets: Vec<(f64, f64)> = measured
             .scopes
             .iter()
@@ -288,9 +297,6 @@ impl RoundFold {
         for (sum, (m, s)) in self.dp_scope_sum.iter_mut().zip(offsets) {
             sum.0 += scale * m;
             sum.1 += scale * s;
-        }
-        if measured.distance <= dp.clip {
-            self.dp_unclipped += 1;
         }
     }
 
@@ -397,11 +403,12 @@ impl RoundFold {
         }
         let (mut params, mut targets, dp) = match self.policy.dp {
             Some(dp) => {
-                let (params, mut targets, folded) = self.finish_private(dp, &params);
+                let (params, targets, folded) = self.finish_private(dp, &params);
                 // Targets that need no client's scopes are post-processing of the release.
-                if !self.policy.targets.fusion.uses_client_scopes() {
-                    targets = self.fuse(&weights, &params).map_err(FoldError::Scopes)?;
-                }
+                let targets = match targets {
+                    Some(targets) => targets,
+                    None => self.fuse(&weights, &params).map_err(FoldError::Scopes)?,
+                };
                 (params, targets, Some(folded))
             }
             None => {
@@ -428,7 +435,12 @@ impl RoundFold {
     /// DP-FedAvg's release from the clipped sums: `g + (Σ clipped steps + N(0, σ²I))/m`
     /// and `targets + (Σ clipped offsets + N(0, σ²I))/m`, with `m` fixed before the round
     /// (`params` is the accumulator's clipped mean, `g + Σ clipped/k` for `k` accepted).
-    fn finish_private(&self, dp: DpRound, params: &[f32]) -> (Vec<f32>, Vec<Scope>, DpFolded) {
+    /// The targets are released only when the run fuses them from clients' scopes.
+    fn finish_private(
+        &self,
+        dp: DpRound,
+        params: &[f32],
+    ) -> (Vec<f32>, Option<Vec<Scope>>, DpFolded) {
         let mut noise = Noise::from_os();
         let k = self.clients.len() as f64;
         let m = dp.denominator.max(self.clients.len()) as f64;
@@ -442,17 +454,22 @@ impl RoundFold {
             .collect();
         // Not a `Scope::new`: the noised σ̃ may dip below zero here, and the policy's bounds
         // and floors, applied next, bring it back into range.
-        let targets = self
-            .previous
-            .iter()
-            .zip(&self.dp_scope_sum)
-            .map(|(p, &(sum_mean, sum_std))| Scope {
-                mean: p.mean + (sum_mean + noise.sample(dp.noise_std)) / m,
-                std: p.std + (sum_std + noise.sample(dp.noise_std)) / m,
-            })
-            .collect();
+        let targets = self.policy.targets.fusion.uses_client_scopes().then(|| {
+            self.previous
+                .iter()
+                .zip(&self.dp_scope_sum)
+                .map(|(p, &(sum_mean, sum_std))| Scope {
+                    mean: p.mean + (sum_mean + noise.sample(dp.noise_std)) / m,
+                    std: p.std + (sum_std + noise.sample(dp.noise_std)) / m,
+                })
+                .collect()
+        });
         let unclipped_fraction = (self.dp_unclipped as f64 + noise.sample(dp.count_noise)) / m;
-        (params, targets, DpFolded { unclipped_fraction })
+        let folded = DpFolded {
+            round: dp,
+            unclipped_fraction,
+        };
+        (params, targets, folded)
     }
 
     /// Moves each scoped tensor of `params` to its target: `w ← μ̃ + (w − μ)·d̃/d`, with `d`
