@@ -404,9 +404,13 @@ impl RoundFold {
         let (mut params, mut targets, dp) = match self.policy.dp {
             Some(dp) => {
                 let (params, targets, folded) = self.finish_private(dp, &params);
-                // Targets that need no client's scopes are post-processing of the release.
+                // Without released scopes the targets come from the head (post-processing of
+                // the release) or, for a fusion of clients' scopes at scope share 0, stay.
                 let targets = match targets {
                     Some(targets) => targets,
+                    None if self.policy.targets.fusion.uses_client_scopes() => {
+                        self.previous.clone()
+                    }
                     None => self.fuse(&weights, &params).map_err(FoldError::Scopes)?,
                 };
                 (params, targets, Some(folded))
@@ -435,7 +439,8 @@ impl RoundFold {
     /// DP-FedAvg's release from the clipped sums: `g + (Σ clipped steps + N(0, σ²I))/m`
     /// and `targets + (Σ clipped offsets + N(0, σ²I))/m`, with `m` fixed before the round
     /// (`params` is the accumulator's clipped mean, `g + Σ clipped/k` for `k` accepted).
-    /// The targets are released only when the run fuses them from clients' scopes.
+    /// The targets are released only when the round has a scope bound (the run fuses them
+    /// from clients' scopes with a non-zero scope share).
     fn finish_private(
         &self,
         dp: DpRound,
@@ -454,7 +459,7 @@ impl RoundFold {
             .collect();
         // Not a `Scope::new`: the noised σ̃ may dip below zero here, and the policy's bounds
         // and floors, applied next, bring it back into range.
-        let targets = self.policy.targets.fusion.uses_client_scopes().then(|| {
+        let targets = (dp.scope_clip > 0.0).then(|| {
             self.previous
                 .iter()
                 .zip(&self.dp_scope_sum)
