@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Fuzz every decoder of untrusted bytes (fuzz/fuzz_targets/): wire frames, checkpoint files,
+# Fuzz every decoder of untrusted bytes (fuzz/fuzz_targets/): wire frames, secure-aggregation
+# steps against a live round, checkpoint files,
 # the feature cache, IDX and CIFAR files. Installs the nightly toolchain and cargo-fuzz when
 # missing.
 #   scripts/fuzz.sh [RUNS] [TARGET...]   RUNS executions per target (default 10,000,000);
@@ -18,7 +19,7 @@ runs="${1:-10000000}"
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=(decode_frame checkpoint feature_cache idx cifar)
+  targets=(decode_frame secagg_steps checkpoint feature_cache idx cifar)
 fi
 report=target/fuzz-report.txt
 mkdir -p target

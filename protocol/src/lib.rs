@@ -31,7 +31,9 @@ pub use frame::{
 };
 pub use limits::Limits;
 pub use message::{
-    Auth, Capabilities, FinalModel, Goodbye, GoodbyeReason, HeadShape, HeldOutEval, Hello, Message,
-    Outcome, RejectReason, RoundTask, Subject, TrainSpec, Update, UpdateMetrics, Verdict, Welcome,
-    WireScope, WsaSpec, client_id, indexed_classes,
+    Auth, Capabilities, FinalModel, Goodbye, GoodbyeReason, HeadShape, HeldOutEval, Hello,
+    MAX_SECAGG_NEIGHBOURS, Message, Outcome, RejectReason, RevealedShare, RoundTask, SealedShares,
+    SecAgg, SecAggAdvertise, SecAggInbox, SecAggMasked, SecAggPeer, SecAggReveal, SecAggRoster,
+    SecAggSetup, SecAggShares, SecAggUnmask, Subject, TrainSpec, Update, UpdateMetrics, Verdict,
+    Welcome, WireScope, WsaSpec, client_id, indexed_classes,
 };

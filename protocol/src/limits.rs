@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::ProtocolError;
-use crate::message::Message;
+use crate::message::{MAX_SECAGG_NEIGHBOURS, Message, RevealedShare, SealedShares, SecAgg};
 
 /// Size and count limits. The frame length is checked before its body is read, so no
 /// allocation exceeds `max_message_bytes`; the counts are checked after decoding, before the
@@ -108,8 +108,63 @@ impl Limits {
                 over("strategy bytes", m.strategy.len(), 256)?;
                 over("preprocessing bytes", m.preprocessing.len(), 256)?;
             }
+            Message::SecAgg(step) => self.check_secagg(step)?,
             Message::Verdict(_) | Message::Goodbye(_) => {}
         }
         Ok(())
     }
+
+    /// A secure-aggregation step's counts: lists of neighbours (at most
+    /// [`MAX_SECAGG_NEIGHBOURS`]), fixed-size shares, and a masked input no longer than a head
+    /// plus its scope sums.
+    fn check_secagg(&self, step: &SecAgg) -> Result<(), ProtocolError> {
+        let over = |what: &'static str, got: usize, max: u64| {
+            if got as u64 > max {
+                Err(ProtocolError::LimitExceeded {
+                    what,
+                    got: got as u64,
+                    max,
+                })
+            } else {
+                Ok(())
+            }
+        };
+        let neighbours = u64::from(MAX_SECAGG_NEIGHBOURS);
+        let sealed = |list: &[SealedShares]| {
+            over("secagg neighbours", list.len(), neighbours)?;
+            let longest = list.iter().map(|s| s.ciphertext.len()).max().unwrap_or(0);
+            over("secagg sealed bytes", longest, MAX_SEALED_SHARES_BYTES)
+        };
+        let revealed = |list: &[RevealedShare]| {
+            over("secagg neighbours", list.len(), neighbours)?;
+            let longest = list.iter().map(|s| s.share.len()).max().unwrap_or(0);
+            over("secagg share bytes", longest, MAX_SHARE_BYTES)
+        };
+        let max_vector = u64::from(self.max_params) + 4 * u64::from(self.max_scopes) + 16;
+        match step {
+            SecAgg::Setup(s) => {
+                over("secagg neighbours", s.neighbours as usize, neighbours)?;
+                over("secagg vector length", s.vector_len as usize, max_vector)?;
+            }
+            SecAgg::Advertise(_) => {}
+            SecAgg::Roster(r) => over("secagg neighbours", r.peers.len(), neighbours)?,
+            SecAgg::Shares(s) => sealed(&s.sealed)?,
+            SecAgg::Inbox(s) => sealed(&s.sealed)?,
+            SecAgg::Masked(m) => over("secagg masked bytes", m.masked.len(), 4 * max_vector)?,
+            SecAgg::Unmask(u) => {
+                over("secagg neighbours", u.survivors.len(), neighbours)?;
+                over("secagg neighbours", u.dropped.len(), neighbours)?;
+            }
+            SecAgg::Reveal(r) => {
+                revealed(&r.self_mask_shares)?;
+                revealed(&r.key_shares)?;
+            }
+        }
+        Ok(())
+    }
 }
+
+/// A share is its x coordinate and one byte per byte of a 32-byte secret.
+const MAX_SHARE_BYTES: u64 = 33;
+/// Two shares, the sender and recipient indices and a Poly1305 tag, with room to spare.
+const MAX_SEALED_SHARES_BYTES: u64 = 256;

@@ -23,6 +23,8 @@ pub enum Message {
     Goodbye(Goodbye),
     /// Aggregator → client, before the goodbye of a finished run: the final model.
     FinalModel(FinalModel),
+    /// Either side, in a secure-aggregation round: one step of the masking protocol.
+    SecAgg(SecAgg),
 }
 
 impl Message {
@@ -36,6 +38,7 @@ impl Message {
             Message::Verdict(_) => "verdict",
             Message::Goodbye(_) => "goodbye",
             Message::FinalModel(_) => "final-model",
+            Message::SecAgg(m) => m.kind(),
         }
     }
 }
@@ -423,4 +426,200 @@ pub struct FinalModel {
     pub side: u32,
     /// The preprocessing recipe's id (`wsa::saved::Preprocessing`).
     pub preprocessing: String,
+}
+
+/// The most neighbours a client has in a secure-aggregation round: the secret shares are taken
+/// over GF(256), whose nonzero points number 255, and one is the dealer's own.
+pub const MAX_SECAGG_NEIGHBOURS: u32 = 254;
+
+/// One step of a secure-aggregation round (SecAgg+: Bonawitz et al. 2017, with the sparse
+/// neighbour graph of Bell et al. 2020; the `secagg` crate runs both sides). Every step names
+/// its run and round, so a message from another round is refused, not misapplied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SecAgg {
+    /// Aggregator → client: the round's parameters and the client's place in it.
+    Setup(SecAggSetup),
+    /// Client → aggregator: its two public keys and a commitment to its self-mask seed.
+    Advertise(SecAggAdvertise),
+    /// Aggregator → client: the public keys of its neighbours that advertised.
+    Roster(SecAggRoster),
+    /// Client → aggregator: its secret shares, sealed to each neighbour.
+    Shares(SecAggShares),
+    /// Aggregator → client: the sealed shares its neighbours addressed to it.
+    Inbox(SecAggInbox),
+    /// Client → aggregator: its masked input.
+    Masked(SecAggMasked),
+    /// Aggregator → client: which neighbours survived and which dropped.
+    Unmask(SecAggUnmask),
+    /// Client → aggregator: the shares that remove the survivors' and the dropped's masks.
+    Reveal(SecAggReveal),
+}
+
+impl SecAgg {
+    /// The step's name, for logs and errors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SecAgg::Setup(_) => "secagg-setup",
+            SecAgg::Advertise(_) => "secagg-advertise",
+            SecAgg::Roster(_) => "secagg-roster",
+            SecAgg::Shares(_) => "secagg-shares",
+            SecAgg::Inbox(_) => "secagg-inbox",
+            SecAgg::Masked(_) => "secagg-masked",
+            SecAgg::Unmask(_) => "secagg-unmask",
+            SecAgg::Reveal(_) => "secagg-reveal",
+        }
+    }
+
+    /// The run and round the step belongs to.
+    pub fn run_round(&self) -> (u64, u64) {
+        match self {
+            SecAgg::Setup(m) => (m.run_id, m.round),
+            SecAgg::Advertise(m) => (m.run_id, m.round),
+            SecAgg::Roster(m) => (m.run_id, m.round),
+            SecAgg::Shares(m) => (m.run_id, m.round),
+            SecAgg::Inbox(m) => (m.run_id, m.round),
+            SecAgg::Masked(m) => (m.run_id, m.round),
+            SecAgg::Unmask(m) => (m.run_id, m.round),
+            SecAgg::Reveal(m) => (m.run_id, m.round),
+        }
+    }
+}
+
+/// A secure-aggregation round's public parameters, with the receiving client's index.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecAggSetup {
+    /// The run.
+    pub run_id: u64,
+    /// The round.
+    pub round: u64,
+    /// The receiving client's index in the round, in `0..participants`.
+    pub index: u32,
+    /// Clients asked to take part.
+    pub participants: u32,
+    /// Neighbours of each client in the masking graph (k).
+    pub neighbours: u32,
+    /// Shares needed to rebuild a client's secret (t, a majority of k).
+    pub threshold: u32,
+    /// Seed of the masking graph's layout.
+    pub graph_seed: [u8; 32],
+    /// Ring elements in each masked input.
+    pub vector_len: u32,
+}
+
+/// A client's public keys for one round.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecAggAdvertise {
+    /// The run.
+    pub run_id: u64,
+    /// The round.
+    pub round: u64,
+    /// X25519 key that seals shares between neighbours.
+    pub encryption_key: [u8; 32],
+    /// X25519 key whose agreements seed the pairwise masks.
+    pub masking_key: [u8; 32],
+    /// sha256 commitment to the self-mask seed: lets the aggregator check a rebuilt seed.
+    pub self_mask_commitment: [u8; 32],
+}
+
+/// A neighbour's public keys, as the roster forwards them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecAggPeer {
+    /// The neighbour's index in the round.
+    pub index: u32,
+    /// Its key for sealing shares.
+    pub encryption_key: [u8; 32],
+    /// Its key for the pairwise masks.
+    pub masking_key: [u8; 32],
+}
+
+/// The keys of a client's neighbours that advertised.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecAggRoster {
+    /// The run.
+    pub run_id: u64,
+    /// The round.
+    pub round: u64,
+    /// One entry per neighbour that advertised.
+    pub peers: Vec<SecAggPeer>,
+}
+
+/// A share pair sealed between two neighbours; the aggregator forwards it unread.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SealedShares {
+    /// The other end: the recipient in [`SecAggShares`], the sender in [`SecAggInbox`].
+    pub peer: u32,
+    /// ChaCha20-Poly1305 over the two shares.
+    #[serde(with = "serde_bytes")]
+    pub ciphertext: Vec<u8>,
+}
+
+/// A client's shares, one sealed pair per roster neighbour.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecAggShares {
+    /// The run.
+    pub run_id: u64,
+    /// The round.
+    pub round: u64,
+    /// One per neighbour in the client's roster.
+    pub sealed: Vec<SealedShares>,
+}
+
+/// The sealed shares a client's neighbours addressed to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecAggInbox {
+    /// The run.
+    pub run_id: u64,
+    /// The round.
+    pub round: u64,
+    /// One per neighbour whose shares were accepted.
+    pub sealed: Vec<SealedShares>,
+}
+
+/// A client's masked input.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecAggMasked {
+    /// The run.
+    pub run_id: u64,
+    /// The round.
+    pub round: u64,
+    /// The masked ring elements, u32 little-endian (random-looking words would cost five
+    /// bytes each as varints).
+    #[serde(with = "serde_bytes")]
+    pub masked: Vec<u8>,
+}
+
+/// Which of a client's neighbours sent masked input and which dropped after sharing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecAggUnmask {
+    /// The run.
+    pub run_id: u64,
+    /// The round.
+    pub round: u64,
+    /// Neighbours whose masked input arrived: reveal their self-mask shares.
+    pub survivors: Vec<u32>,
+    /// Neighbours that shared keys but sent no input: reveal their masking-key shares.
+    pub dropped: Vec<u32>,
+}
+
+/// One revealed share.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevealedShare {
+    /// The client whose secret this is a share of.
+    pub owner: u32,
+    /// The share: its x coordinate, then one byte per secret byte.
+    #[serde(with = "serde_bytes")]
+    pub share: Vec<u8>,
+}
+
+/// A client's answer to [`SecAggUnmask`]: never both kinds of share for one neighbour.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecAggReveal {
+    /// The run.
+    pub run_id: u64,
+    /// The round.
+    pub round: u64,
+    /// Self-mask seed shares of surviving neighbours.
+    pub self_mask_shares: Vec<RevealedShare>,
+    /// Masking-key shares of dropped neighbours.
+    pub key_shares: Vec<RevealedShare>,
 }

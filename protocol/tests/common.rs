@@ -166,5 +166,94 @@ pub fn samples() -> Vec<(&'static str, Message)> {
                 preprocessing: "rgb-bilinear-imagenet-v1".into(),
             }),
         ),
+        (
+            "secagg-setup",
+            Message::SecAgg(SecAgg::Setup(SecAggSetup {
+                run_id: 42,
+                round: 3,
+                index: 2,
+                participants: 10,
+                neighbours: 9,
+                threshold: 5,
+                graph_seed: [7; 32],
+                vector_len: 14,
+            })),
+        ),
+        (
+            "secagg-advertise",
+            Message::SecAgg(SecAgg::Advertise(SecAggAdvertise {
+                run_id: 42,
+                round: 3,
+                encryption_key: [1; 32],
+                masking_key: [2; 32],
+                self_mask_commitment: [3; 32],
+            })),
+        ),
+        (
+            "secagg-roster",
+            Message::SecAgg(SecAgg::Roster(SecAggRoster {
+                run_id: 42,
+                round: 3,
+                peers: vec![SecAggPeer {
+                    index: 4,
+                    encryption_key: [5; 32],
+                    masking_key: [6; 32],
+                }],
+            })),
+        ),
+        (
+            "secagg-shares",
+            Message::SecAgg(SecAgg::Shares(SecAggShares {
+                run_id: 42,
+                round: 3,
+                sealed: vec![SealedShares {
+                    peer: 4,
+                    ciphertext: vec![9; 8],
+                }],
+            })),
+        ),
+        (
+            "secagg-inbox",
+            Message::SecAgg(SecAgg::Inbox(SecAggInbox {
+                run_id: 42,
+                round: 3,
+                sealed: vec![SealedShares {
+                    peer: 4,
+                    ciphertext: vec![8; 8],
+                }],
+            })),
+        ),
+        (
+            "secagg-masked",
+            Message::SecAgg(SecAgg::Masked(SecAggMasked {
+                run_id: 42,
+                round: 3,
+                masked: vec![0xff, 0, 0, 0x80, 1, 2, 3, 4],
+            })),
+        ),
+        (
+            "secagg-unmask",
+            Message::SecAgg(SecAgg::Unmask(SecAggUnmask {
+                run_id: 42,
+                round: 3,
+                survivors: vec![1, 4],
+                dropped: vec![300],
+            })),
+        ),
+        (
+            "secagg-reveal",
+            Message::SecAgg(SecAgg::Reveal(SecAggReveal {
+                run_id: 42,
+                round: 3,
+                self_mask_shares: vec![RevealedShare {
+                    owner: 1,
+                    share: vec![3, 1, 2],
+                }],
+                key_shares: vec![RevealedShare {
+                    owner: 300,
+                    share: vec![3, 4, 5],
+                }],
+            })),
+        ),
     ]
 }

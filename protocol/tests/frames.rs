@@ -5,7 +5,8 @@ mod common;
 use proptest::prelude::*;
 use protocol::{
     FrameHeader, HEADER_LEN, Limits, Message, PROTOCOL_VERSION, ProtocolError, RejectReason,
-    decode_body, decode_frame, encode_frame,
+    RevealedShare, SecAgg, SecAggMasked, SecAggReveal, SecAggUnmask, decode_body, decode_frame,
+    encode_frame,
 };
 
 fn frames() -> Vec<Vec<u8>> {
@@ -74,9 +75,13 @@ fn trailing_bytes_are_refused_inside_and_after_the_body() {
 
 #[test]
 fn unknown_variants_are_decode_errors() {
-    // Variant index 7 is past the last message kind.
+    // Variant index 8 is past the last message kind, 8 past the last secure-aggregation step.
     assert!(matches!(
-        decode_body(&[7], &Limits::default()),
+        decode_body(&[8], &Limits::default()),
+        Err(ProtocolError::Decode(_))
+    ));
+    assert!(matches!(
+        decode_body(&[7, 8], &Limits::default()),
         Err(ProtocolError::Decode(_))
     ));
     assert!(matches!(
@@ -129,6 +134,44 @@ fn counts_are_checked_against_configured_limits() {
         decode_frame(&frame, &small),
         Err(ProtocolError::TooLarge { .. })
     ));
+}
+
+#[test]
+fn secure_aggregation_lists_and_shares_are_bounded() {
+    let limits = Limits {
+        max_params: 10,
+        ..Limits::default()
+    };
+    let too_many = (0..=protocol::MAX_SECAGG_NEIGHBOURS).collect::<Vec<u32>>();
+    let unmask = Message::SecAgg(SecAgg::Unmask(SecAggUnmask {
+        run_id: 1,
+        round: 1,
+        survivors: too_many.clone(),
+        dropped: vec![],
+    }));
+    let long_share = Message::SecAgg(SecAgg::Reveal(SecAggReveal {
+        run_id: 1,
+        round: 1,
+        self_mask_shares: vec![RevealedShare {
+            owner: 0,
+            share: vec![0; 34],
+        }],
+        key_shares: vec![],
+    }));
+    let long_input = Message::SecAgg(SecAgg::Masked(SecAggMasked {
+        run_id: 1,
+        round: 1,
+        masked: vec![0; 4 * (limits.max_params as usize + 4 * limits.max_scopes as usize + 17)],
+    }));
+    for message in [unmask, long_share, long_input] {
+        let frame = encode_frame(&message).unwrap();
+        let result = decode_frame(&frame, &limits);
+        assert!(
+            matches!(result, Err(ProtocolError::LimitExceeded { .. })),
+            "{}: {result:?}",
+            message.kind()
+        );
+    }
 }
 
 proptest! {
