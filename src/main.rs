@@ -8,14 +8,14 @@
 use std::path::PathBuf;
 
 use aggregator::backends::BackendChoice;
-use aggregator_core::engine::UpdateBounds;
+use aggregator_core::engine::{SecureAggregation, UpdateBounds};
 use aggregator_core::privacy::{Clip, Privacy};
 use aggregator_core::strategy::{Aggregation, Strategy, TargetFusion, TargetPolicy};
 use anyhow::{Context, Result, ensure};
 use clap::{Parser, Subcommand};
 use edge_client::Adversary;
 use protocol::Encoding;
-use wsa::Sgd;
+use wsa::{Sgd, Weighting};
 use wsa_fl::partition::PartitionKind;
 use wsa_fl::sim::{Byzantine, DataSource, FleetConfig, FleetSummary, markdown_table, run_fleet};
 
@@ -219,6 +219,20 @@ struct Args {
     /// The clip of a client's scope offsets, as a share of the step's clip.
     #[arg(long, default_value_t = 0.1)]
     dp_scope_share: f64,
+    /// How clients are weighted: `sample-count` (FedAvg's) or `uniform` [default:
+    /// sample-count; uniform under `--dp-noise` or `--secure`].
+    #[arg(long)]
+    weighting: Option<Weighting>,
+    /// Secure aggregation (SecAgg+; docs/privacy.md): the aggregator sees only each round's
+    /// sum, and runs none of its per-update checks.
+    #[arg(long)]
+    secure: bool,
+    /// Under `--secure`: every value a client masks is clipped to ±this.
+    #[arg(long, default_value_t = SecureAggregation::default().clip)]
+    secure_clip: f64,
+    /// Under `--secure`: the share of a round's clients the masking must survive losing.
+    #[arg(long, default_value_t = SecureAggregation::default().dropout)]
+    secure_dropout: f64,
     /// The share of clients that attack (robustness experiments), with `--attack`.
     #[arg(long, default_value_t = 0.0)]
     byzantine: f64,
@@ -430,6 +444,9 @@ fn config(args: Args) -> Result<FleetConfig> {
         targets: TargetPolicy {
             fusion: args.target_fusion.unwrap_or(if privacy.is_some() {
                 TargetFusion::GlobalHead
+            } else if args.secure {
+                // Fused from the securely summed scopes: a median needs them one by one.
+                TargetFusion::FollowRule
             } else {
                 TargetFusion::Median
             }),
@@ -439,6 +456,12 @@ fn config(args: Args) -> Result<FleetConfig> {
         backend: args.backend,
         byzantine: byzantine(args.byzantine, args.attack)?,
         privacy,
+        weighting: args.weighting,
+        secure: args.secure.then_some(SecureAggregation {
+            clip: args.secure_clip,
+            dropout: args.secure_dropout,
+            ..SecureAggregation::default()
+        }),
         quorum: args.quorum,
         max_scope_ratio: args.max_scope_ratio,
         centralized: !args.no_centralized,

@@ -307,6 +307,8 @@ fn reaching_the_target_closes_the_round_and_checkpoints_before_the_next_tasks() 
             Action::RoundClosed(_) => "closed",
             Action::Checkpoint(_) => "checkpoint",
             Action::SendTask { .. } => "task",
+            Action::SendSecureTask { .. } => "secure task",
+            Action::SendSecAgg { .. } => "secure step",
             Action::Finished => "finished",
         })
         .collect();

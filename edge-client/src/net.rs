@@ -63,6 +63,8 @@ enum Io {
     Connected(quinn::Connection, quinn::SendStream, quinn::RecvStream),
     /// A task's stream and its first message.
     TaskStream(quinn::SendStream, quinn::RecvStream, Message),
+    /// The next message on a secure round's stream, with the stream to read on.
+    Step(quinn::RecvStream, Message),
     /// Anything else.
     Event(Event),
 }
@@ -73,6 +75,9 @@ struct Link {
     conn: Option<quinn::Connection>,
     control: Option<quinn::SendStream>,
     task_stream: Option<(quinn::SendStream, quinn::RecvStream)>,
+    /// A secure round's stream once it is read step by step: its halves, apart.
+    step_send: Option<quinn::SendStream>,
+    step_recv: Option<quinn::RecvStream>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -220,6 +225,26 @@ pub async fn run(
                             .push(spawn_answer(send, recv, *update, opts.limits, epoch, &tx));
                     }
                 }
+                Action::SendStep(message) => {
+                    if let Some((send, recv)) = link.task_stream.take() {
+                        (link.step_send, link.step_recv) = (Some(send), Some(recv));
+                    }
+                    if let Some(send) = link.step_send.as_mut()
+                        && let Err(e) = write_message(send, &message).await
+                    {
+                        let failed = Event::TaskFailed(format!("sending a secure step: {e}"));
+                        let _ = tx.send((epoch, Io::Event(failed)));
+                    }
+                }
+                Action::ReadStep => {
+                    if let Some((send, recv)) = link.task_stream.take() {
+                        (link.step_send, link.step_recv) = (Some(send), Some(recv));
+                    }
+                    if let Some(recv) = link.step_recv.take() {
+                        link.tasks
+                            .push(spawn_read_step(recv, opts.limits, epoch, &tx));
+                    }
+                }
                 Action::SendGoodbye(reason) => {
                     if let Some(control) = link.control.as_mut() {
                         let _ = write_message(control, &Message::Goodbye(Goodbye { reason })).await;
@@ -259,7 +284,12 @@ pub async fn run(
                     }
                     Io::TaskStream(send, recv, message) => {
                         link.task_stream = Some((send, recv));
+                        (link.step_send, link.step_recv) = (None, None);
                         Event::Task(message)
+                    }
+                    Io::Step(recv, message) => {
+                        link.step_recv = Some(recv);
+                        Event::Step(message)
                     }
                     Io::Event(event) => event,
                 };
@@ -417,6 +447,23 @@ fn spawn_accept(
                 Err(e) => Io::Event(Event::TaskFailed(e.to_string())),
             },
             Err(e) => Io::Event(Event::ControlFailed(format!("connection: {e}"))),
+        };
+        let _ = tx.send((epoch, io));
+    })
+}
+
+/// Reads the next message on a secure round's stream.
+fn spawn_read_step(
+    mut recv: quinn::RecvStream,
+    limits: Limits,
+    epoch: u64,
+    tx: &mpsc::UnboundedSender<(u64, Io)>,
+) -> JoinHandle<()> {
+    let tx = tx.clone();
+    tokio::spawn(async move {
+        let io = match read_message(&mut recv, &limits).await {
+            Ok(r) => Io::Step(recv, r.message),
+            Err(e) => Io::Event(Event::TaskFailed(e.to_string())),
         };
         let _ = tx.send((epoch, io));
     })

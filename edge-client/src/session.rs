@@ -17,9 +17,11 @@ use std::time::Duration;
 
 use protocol::{
     Auth, Capabilities, EncodedParams, Goodbye, GoodbyeReason, HeldOutEval, Hello, Message,
-    Outcome, PROTOCOL_VERSION, RejectReason, RoundTask, RowLayout, Subject, Update, UpdateMetrics,
-    WireScope,
+    Outcome, PROTOCOL_VERSION, RejectReason, RoundTask, RowLayout, SecAgg, SecAggInbox,
+    SecAggSetup, Subject, Update, UpdateMetrics, WireScope,
 };
+use secagg::ClientRound;
+use secagg::ring::FixedPoint;
 use serde::Serialize;
 use support::Millis;
 use wsa::Head;
@@ -186,8 +188,11 @@ pub enum Event {
     Control(Message),
     /// The control stream or the connection failed.
     ControlFailed(String),
-    /// The first message arrived on a stream the server opened (a round task, normally).
+    /// The first message arrived on a stream the server opened (a round task, or a secure
+    /// round's setup).
     Task(Message),
+    /// The next message arrived on a secure round's stream ([`Action::ReadStep`]).
+    Step(Message),
     /// The training asked for by [`Action::Train`] finished.
     Trained(Result<ClientUpdate, String>),
     /// The update went out: its frame's bytes.
@@ -224,6 +229,10 @@ pub enum Action {
     Train(Box<TrainingTask>),
     /// Send this update on the task's stream and finish the stream, then read the verdict.
     SendUpdate(Box<Message>),
+    /// Send this secure-aggregation step on the task's stream (which stays open).
+    SendStep(Box<Message>),
+    /// Read the next message on the task's stream, then feed [`Event::Step`].
+    ReadStep,
     /// Send this goodbye on the control stream and finish it.
     SendGoodbye(GoodbyeReason),
     /// Keep the run's final model (it arrives just before the goodbye of a finished run).
@@ -251,6 +260,23 @@ enum TaskState {
     },
     /// The update went out; its record waits for the verdict's outcome.
     AwaitingVerdict { record: RoundRecord },
+    /// A secure round, from its setup to its verdict.
+    Secure(Box<SecureTask>),
+}
+
+/// A secure round in progress: the protocol's state, the task once it arrives, and the
+/// masked input's two halves (the inbox of shares, the trained input), which may come in
+/// either order.
+#[derive(Debug)]
+struct SecureTask {
+    protocol: ClientRound,
+    setup: SecAggSetup,
+    task: Option<Box<RoundTask>>,
+    started: Millis,
+    inbox: Option<SecAggInbox>,
+    input: Option<Vec<u32>>,
+    masked: bool,
+    record: Option<RoundRecord>,
 }
 
 #[derive(Debug)]
@@ -366,6 +392,7 @@ impl Session {
             Event::ConnectFailed(_) | Event::ControlFailed(_) => Vec::new(),
             Event::Control(message) => self.on_control(now, message),
             Event::Task(message) => self.on_task(now, message),
+            Event::Step(message) => self.on_step(now, message),
             Event::Trained(result) => self.on_trained(now, result),
             Event::UpdateSent(bytes) => {
                 if let Phase::Joined {
@@ -536,6 +563,27 @@ impl Session {
         if !matches!(task, TaskState::Waiting) {
             return Vec::new();
         }
+        if let Message::SecAgg(SecAgg::Setup(setup)) = message {
+            return match ClientRound::join(&setup) {
+                Ok((protocol, advertise)) => {
+                    *task = TaskState::Secure(Box::new(SecureTask {
+                        protocol,
+                        setup,
+                        task: None,
+                        started: now,
+                        inbox: None,
+                        input: None,
+                        masked: false,
+                        record: None,
+                    }));
+                    vec![
+                        Action::SendStep(Box::new(Message::SecAgg(SecAgg::Advertise(advertise)))),
+                        Action::ReadStep,
+                    ]
+                }
+                Err(e) => self.fail(now, format!("protocol: secure round setup: {e}")),
+            };
+        }
         let Message::RoundTask(wire) = message else {
             return self.fail(now, "protocol: expected a round task");
         };
@@ -559,6 +607,13 @@ impl Session {
     }
 
     fn on_trained(&mut self, now: Millis, result: Result<ClientUpdate, String>) -> Vec<Action> {
+        if let Phase::Joined {
+            task: TaskState::Secure(_),
+            ..
+        } = &self.phase
+        {
+            return self.on_secure_trained(now, result);
+        }
         let Phase::Joined {
             task: state @ TaskState::Training { .. },
             ..
@@ -592,6 +647,223 @@ impl Session {
                 vec![Action::SendUpdate(Box::new(Message::Update(update)))]
             }
             Err(e) => self.fail(now, format!("protocol: encoding the update: {e}")),
+        }
+    }
+
+    /// The next message of a secure round: its task, a protocol step, or its verdict.
+    fn on_step(&mut self, now: Millis, message: Message) -> Vec<Action> {
+        let Phase::Joined {
+            task: TaskState::Secure(secure),
+            classes,
+            ..
+        } = &mut self.phase
+        else {
+            return Vec::new();
+        };
+        let step = |m: SecAgg| {
+            vec![
+                Action::SendStep(Box::new(Message::SecAgg(m))),
+                Action::ReadStep,
+            ]
+        };
+        match message {
+            Message::RoundTask(wire) if secure.task.is_none() => {
+                if wire.shape.classes as usize != *classes {
+                    let error = format!(
+                        "protocol: the task's head has {} outputs, the run {} classes",
+                        wire.shape.classes, classes
+                    );
+                    return self.fail(now, error);
+                }
+                match TrainingTask::from_wire(&wire) {
+                    Ok(training) => {
+                        secure.task = Some(Box::new(wire));
+                        secure.started = now;
+                        vec![Action::Train(Box::new(training)), Action::ReadStep]
+                    }
+                    Err(e) => self.fail(now, format!("protocol: {e}")),
+                }
+            }
+            Message::SecAgg(SecAgg::Roster(roster)) => match secure.protocol.share(&roster) {
+                Ok(shares) => step(SecAgg::Shares(shares)),
+                Err(e) => self.leave_secure_round(now, e.to_string()),
+            },
+            Message::SecAgg(SecAgg::Inbox(inbox)) if secure.inbox.is_none() => {
+                secure.inbox = Some(inbox);
+                let mut out = self.mask_if_ready(now);
+                if matches!(
+                    self.phase,
+                    Phase::Joined {
+                        task: TaskState::Secure(_),
+                        ..
+                    }
+                ) {
+                    out.push(Action::ReadStep);
+                }
+                out
+            }
+            Message::SecAgg(SecAgg::Unmask(request)) => match secure.protocol.reveal(&request) {
+                Ok(reveal) => step(SecAgg::Reveal(reveal)),
+                Err(e) => self.leave_secure_round(now, e.to_string()),
+            },
+            Message::Verdict(v) => {
+                let round = secure.setup.round;
+                let mut record = secure.record.take().unwrap_or_else(|| RoundRecord {
+                    round,
+                    outcome: String::new(),
+                    train_ms: 0,
+                    loss: 0.0,
+                    update_bytes: 0,
+                    n_samples: 0,
+                    scopes: Vec::new(),
+                    held_out: None,
+                });
+                if v.subject != (Subject::Update { round }) {
+                    return self.fail(now, "protocol: a verdict for another round");
+                }
+                record.outcome = match v.outcome {
+                    Outcome::Accepted => "accepted".to_owned(),
+                    Outcome::Rejected(reason) => format!("rejected: {reason}"),
+                };
+                self.end_secure_round(now, record)
+            }
+            other => self.fail(
+                now,
+                format!("protocol: unexpected {} in a secure round", other.kind()),
+            ),
+        }
+    }
+
+    /// Training of a secure round finished: its input, coded for the ring, waits for the
+    /// inbox (or goes out at once if the inbox is here).
+    fn on_secure_trained(
+        &mut self,
+        now: Millis,
+        result: Result<ClientUpdate, String>,
+    ) -> Vec<Action> {
+        let Phase::Joined {
+            task: TaskState::Secure(secure),
+            ..
+        } = &mut self.phase
+        else {
+            return Vec::new();
+        };
+        let trained = match result {
+            Ok(u) => u,
+            Err(e) => return self.fail(now, format!("protocol: local training: {e}")),
+        };
+        let Some(task) = &secure.task else {
+            return Vec::new();
+        };
+        let input = task
+            .shape
+            .to_spec()
+            .map_err(|e| e.to_string())
+            .and_then(|spec| {
+                task.global
+                    .decode(&RowLayout::of_head(&spec))
+                    .map_err(|e| e.to_string())
+            })
+            .and_then(|global| {
+                let code = FixedPoint::for_sum(secure.setup.clip, secure.setup.participants)
+                    .map_err(|e| e.to_string())?;
+                let scopes: Vec<WireScope> = trained
+                    .scopes
+                    .iter()
+                    .copied()
+                    .map(WireScope::from)
+                    .collect();
+                let mut coded = Vec::new();
+                let clipped = code.encode(
+                    protocol::secure::secure_input(&trained.params, &global, &scopes),
+                    &mut coded,
+                );
+                if clipped > 0 {
+                    tracing::debug!(clipped, clip = secure.setup.clip, "secure input clipped");
+                }
+                Ok((coded, scopes))
+            });
+        match input {
+            Ok((coded, scopes)) => {
+                secure.record = Some(RoundRecord {
+                    round: secure.setup.round,
+                    outcome: String::new(),
+                    train_ms: now.since(secure.started),
+                    loss: trained.metrics.loss,
+                    update_bytes: 4 * coded.len() as u64,
+                    n_samples: trained.metrics.n_samples,
+                    scopes,
+                    held_out: trained.held_out,
+                });
+                secure.input = Some(coded);
+                self.mask_if_ready(now)
+            }
+            Err(e) => self.leave_secure_round(now, format!("coding the input: {e}")),
+        }
+    }
+
+    /// Sends the masked input once both the inbox and the trained input are here.
+    fn mask_if_ready(&mut self, now: Millis) -> Vec<Action> {
+        let Phase::Joined {
+            task: TaskState::Secure(secure),
+            ..
+        } = &mut self.phase
+        else {
+            return Vec::new();
+        };
+        let (Some(inbox), Some(input)) = (&secure.inbox, &secure.input) else {
+            return Vec::new();
+        };
+        if secure.masked {
+            return Vec::new();
+        }
+        match secure.protocol.mask(inbox, input) {
+            Ok(masked) => {
+                secure.masked = true;
+                secure.input = None;
+                vec![Action::SendStep(Box::new(Message::SecAgg(SecAgg::Masked(
+                    masked,
+                ))))]
+            }
+            Err(e) => self.leave_secure_round(now, e.to_string()),
+        }
+    }
+
+    /// The client refuses to go on with a secure round (the protocol said it is unsafe or
+    /// cannot work): the round is recorded as left, and the next task is awaited.
+    fn leave_secure_round(&mut self, now: Millis, why: String) -> Vec<Action> {
+        let Phase::Joined {
+            task: TaskState::Secure(secure),
+            ..
+        } = &mut self.phase
+        else {
+            return Vec::new();
+        };
+        tracing::warn!(client = %self.identity.client_id, round = secure.setup.round, %why, "leaving a secure round");
+        let mut record = secure.record.take().unwrap_or_else(|| RoundRecord {
+            round: secure.setup.round,
+            outcome: String::new(),
+            train_ms: 0,
+            loss: 0.0,
+            update_bytes: 0,
+            n_samples: 0,
+            scopes: Vec::new(),
+            held_out: None,
+        });
+        record.outcome = format!("left the secure round: {why}");
+        self.end_secure_round(now, record)
+    }
+
+    fn end_secure_round(&mut self, now: Millis, record: RoundRecord) -> Vec<Action> {
+        let Phase::Joined { task, goodbye, .. } = &mut self.phase else {
+            return Vec::new();
+        };
+        *task = TaskState::Waiting;
+        log_round(&self.identity.client_id, &record);
+        self.rounds.push(record);
+        match goodbye.take() {
+            Some(g) => self.on_control_message(now, g.0),
+            None => vec![Action::AcceptTask],
         }
     }
 

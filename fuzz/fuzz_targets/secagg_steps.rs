@@ -19,7 +19,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(Message::SecAgg(step)) = decode_body(data, &limits) else {
         return;
     };
-    let params = RoundParams::for_round(1, 1, 4, [0; 32], 8, 0.1).expect("valid parameters");
+    let params = RoundParams::for_round(1, 1, 4, [0; 32], 8, 0.1, 1.0).expect("valid parameters");
     let mut rng = ChaCha20Rng::seed_from_u64(0);
     if let SecAgg::Setup(setup) = &step {
         let _ = ClientRound::join_with(setup, &mut rng);

@@ -23,6 +23,7 @@ mod limits;
 mod message;
 #[cfg(feature = "quic")]
 pub mod quic;
+pub mod secure;
 
 pub use encoding::{EncodedParams, Encoding, EncodingError, RowLayout};
 pub use error::ProtocolError;

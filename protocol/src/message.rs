@@ -435,7 +435,7 @@ pub const MAX_SECAGG_NEIGHBOURS: u32 = 254;
 /// One step of a secure-aggregation round (SecAgg+: Bonawitz et al. 2017, with the sparse
 /// neighbour graph of Bell et al. 2020; the `secagg` crate runs both sides). Every step names
 /// its run and round, so a message from another round is refused, not misapplied.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum SecAgg {
     /// Aggregator → client: the round's parameters and the client's place in it.
     Setup(SecAggSetup),
@@ -486,7 +486,7 @@ impl SecAgg {
 }
 
 /// A secure-aggregation round's public parameters, with the receiving client's index.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SecAggSetup {
     /// The run.
     pub run_id: u64,
@@ -504,6 +504,9 @@ pub struct SecAggSetup {
     pub graph_seed: [u8; 32],
     /// Ring elements in each masked input.
     pub vector_len: u32,
+    /// Inputs are clipped to `[-clip, clip]` and coded in fixed point for a sum of
+    /// `participants` of them (`secagg::ring`).
+    pub clip: f64,
 }
 
 /// A client's public keys for one round.

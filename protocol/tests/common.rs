@@ -177,6 +177,7 @@ pub fn samples() -> Vec<(&'static str, Message)> {
                 threshold: 5,
                 graph_seed: [7; 32],
                 vector_len: 14,
+                clip: 4.0,
             })),
         ),
         (

@@ -44,7 +44,7 @@ struct Row {
 }
 
 fn round(head: &'static str, n: u32, len: u32, design_dropout: f64, drop: f64) -> Row {
-    let params = RoundParams::for_round(1, 1, n, [3; 32], len, design_dropout).unwrap();
+    let params = RoundParams::for_round(1, 1, n, [3; 32], len, design_dropout, 1.0).unwrap();
     let mut rng = ChaCha20Rng::seed_from_u64(u64::from(n));
     let input: Vec<u32> = (0..len).map(|_| rng.random::<u32>() >> 12).collect();
     let gone: BTreeSet<u32> = (0..n).filter(|_| rng.random::<f64>() < drop).collect();

@@ -5,9 +5,10 @@ use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
 use crate::error::SecAggError;
+use crate::ring::FixedPoint;
 
 /// What every party of a round agrees on before it starts.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RoundParams {
     /// The run.
     pub run_id: u64,
@@ -23,6 +24,8 @@ pub struct RoundParams {
     pub graph_seed: [u8; 32],
     /// Ring elements per input.
     pub vector_len: u32,
+    /// The clipping bound of the inputs' fixed-point code ([`RoundParams::code`]).
+    pub clip: f64,
 }
 
 impl RoundParams {
@@ -31,7 +34,8 @@ impl RoundParams {
     /// than t = ⌊k/2⌋ + 1 live neighbours, except with probability [`FAILURE_TARGET`] over the
     /// round (binomial tail, a bound on the exact hypergeometric one). That is SecAgg+'s
     /// O(log n) degree; the complete graph when it is smaller, and at most
-    /// [`MAX_SECAGG_NEIGHBOURS`], where the bound may no longer hold.
+    /// [`MAX_SECAGG_NEIGHBOURS`], where the bound may no longer hold. Inputs are real vectors
+    /// clipped to `±clip` ([`RoundParams::code`]).
     pub fn for_round(
         run_id: u64,
         round: u64,
@@ -39,6 +43,7 @@ impl RoundParams {
         graph_seed: [u8; 32],
         vector_len: u32,
         dropout: f64,
+        clip: f64,
     ) -> Result<Self, SecAggError> {
         if !(0.0..0.5).contains(&dropout) {
             return Err(SecAggError::BadParams(format!(
@@ -54,9 +59,15 @@ impl RoundParams {
             threshold: neighbours / 2 + 1,
             graph_seed,
             vector_len,
+            clip,
         };
         params.validate()?;
         Ok(params)
+    }
+
+    /// The fixed-point code of the round's inputs: `±clip`, summed over every participant.
+    pub fn code(&self) -> Result<FixedPoint, SecAggError> {
+        FixedPoint::for_sum(self.clip, self.participants)
     }
 
     /// Refuses parameters under which the protocol is unsafe or cannot run.
@@ -87,7 +98,7 @@ impl RoundParams {
         if self.vector_len == 0 {
             return bad("an empty input".into());
         }
-        Ok(())
+        self.code().map(|_| ())
     }
 
     /// The setup message for client `index`.
@@ -101,6 +112,7 @@ impl RoundParams {
             threshold: self.threshold,
             graph_seed: self.graph_seed,
             vector_len: self.vector_len,
+            clip: self.clip,
         }
     }
 
@@ -114,6 +126,7 @@ impl RoundParams {
             threshold: setup.threshold,
             graph_seed: setup.graph_seed,
             vector_len: setup.vector_len,
+            clip: setup.clip,
         };
         params.validate()?;
         if setup.index >= setup.participants {
@@ -239,7 +252,7 @@ mod tests {
     use super::*;
 
     fn params(n: u32) -> RoundParams {
-        RoundParams::for_round(1, 2, n, [7; 32], 10, 0.1).unwrap()
+        RoundParams::for_round(1, 2, n, [7; 32], 10, 0.1, 1.0).unwrap()
     }
 
     #[test]
@@ -265,7 +278,7 @@ mod tests {
     #[test]
     fn degrees_grow_with_log_n_and_the_dropout_and_keep_a_majority_threshold() {
         let k = |n, dropout| {
-            RoundParams::for_round(1, 2, n, [7; 32], 10, dropout)
+            RoundParams::for_round(1, 2, n, [7; 32], 10, dropout, 1.0)
                 .unwrap()
                 .neighbours
         };
@@ -278,7 +291,7 @@ mod tests {
         assert_eq!(k(10, 0.3), 9);
         assert!(k(1000, 0.1) < k(1000, 0.3) && k(1000, 0.3) < 254);
         assert!(k(1_000_000, 0.1) < 2 * k(1000, 0.1));
-        assert!(RoundParams::for_round(1, 2, 10, [0; 32], 1, 0.5).is_err());
+        assert!(RoundParams::for_round(1, 2, 10, [0; 32], 1, 0.5, 1.0).is_err());
         for n in [3, 10, 100, 1000] {
             let p = params(n);
             assert!(2 * p.threshold > p.neighbours && p.threshold <= p.neighbours);
@@ -293,7 +306,7 @@ mod tests {
         let mut p = params(100);
         p.neighbours = 15;
         assert!(p.validate().is_err());
-        assert!(RoundParams::for_round(1, 2, 2, [0; 32], 10, 0.1).is_err());
+        assert!(RoundParams::for_round(1, 2, 2, [0; 32], 10, 0.1, 1.0).is_err());
         let mut setup = params(10).setup_for(10);
         assert!(RoundParams::from_setup(&setup).is_err());
         setup.index = 9;

@@ -41,4 +41,4 @@ mod server;
 pub use client::ClientRound;
 pub use error::SecAggError;
 pub use graph::{FAILURE_TARGET, Graph, RoundParams};
-pub use server::{Aggregate, ServerRound};
+pub use server::{Aggregate, Progress, ServerRound};

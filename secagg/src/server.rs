@@ -43,6 +43,19 @@ pub struct Aggregate {
     pub dropped: Vec<u32>,
 }
 
+/// Clients that completed each step of a round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Progress {
+    /// Sent their keys.
+    pub advertised: usize,
+    /// Sent their sealed shares.
+    pub shared: usize,
+    /// Sent their masked input.
+    pub masked: usize,
+    /// Answered the unmask request.
+    pub revealed: usize,
+}
+
 /// Revealed shares per owner: holder → share.
 type Revealed = BTreeMap<u32, BTreeMap<u32, Vec<u8>>>;
 
@@ -99,6 +112,16 @@ impl ServerRound {
     /// The round's parameters.
     pub fn params(&self) -> &RoundParams {
         &self.params
+    }
+
+    /// How many clients got through each step so far.
+    pub fn progress(&self) -> Progress {
+        Progress {
+            advertised: self.advertised.len(),
+            shared: self.sharers.len(),
+            masked: self.maskers.len(),
+            revealed: self.revealers.len(),
+        }
     }
 
     fn expect(

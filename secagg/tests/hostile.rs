@@ -26,7 +26,7 @@ fn mutate(step: SecAgg, edits: &[(usize, u8)]) -> Option<SecAgg> {
 
 /// Runs a round of four with the `target`-th message of client 0's exchange mutated.
 fn round_with(target: usize, edits: &[(usize, u8)]) {
-    let params = RoundParams::for_round(1, 1, 4, [0; 32], 8, 0.1).unwrap();
+    let params = RoundParams::for_round(1, 1, 4, [0; 32], 8, 0.1, 1.0).unwrap();
     let mut rng = ChaCha20Rng::seed_from_u64(0);
     let mut server = ServerRound::new(params.clone(), 3).unwrap();
     let mut clients = Vec::new();

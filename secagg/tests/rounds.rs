@@ -49,7 +49,7 @@ fn open(n: u32, len: u32) -> Round {
 
 /// Opens a round in which every client but the `silent` ones advertised.
 fn open_for(n: u32, len: u32, dropout: f64, silent: &BTreeSet<u32>) -> Round {
-    let params = RoundParams::for_round(7, 3, n, [n as u8; 32], len, dropout).unwrap();
+    let params = RoundParams::for_round(7, 3, n, [n as u8; 32], len, dropout, 1.0).unwrap();
     let min = params.threshold as usize + 1;
     let server = ServerRound::new(params.clone(), min).unwrap();
     let mut rng = ChaCha20Rng::seed_from_u64(u64::from(n));

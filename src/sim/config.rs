@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use aggregator::backends::BackendChoice;
+use aggregator_core::engine::SecureAggregation;
 use aggregator_core::engine::{EngineConfig, Sampling, UpdateBounds};
 use aggregator_core::privacy::Privacy;
 use aggregator_core::strategy::{Aggregation, Strategy, TargetPolicy};
@@ -119,6 +120,14 @@ pub struct FleetConfig {
     /// `[privacy]`); none by default.
     #[serde(default)]
     pub privacy: Option<Privacy>,
+    /// How clients are weighted in every federated run (default: by sample count; uniform
+    /// under DP or secure aggregation, which cannot check a count).
+    #[serde(default)]
+    pub weighting: Option<Weighting>,
+    /// Secure aggregation for every federated run (the run config's `[secure]`); none by
+    /// default.
+    #[serde(default)]
+    pub secure: Option<SecureAggregation>,
     /// Also train centrally on the union of the client data.
     pub centralized: bool,
     /// One full comparison per seed (partition, initial head, sampling, shuffles).
@@ -166,9 +175,17 @@ pub(crate) fn engine_config(
     c.aggregation = aggregation;
     c.targets = cfg.targets;
     c.bounds.max_scope_ratio = cfg.max_scope_ratio;
+    if let Some(weighting) = cfg.weighting {
+        c.weighting = weighting;
+    }
     if cfg.privacy.is_some() {
         // DP clips and noises the mean, and a claimed sample count must not scale a client.
         c.privacy = cfg.privacy;
+        c.weighting = Weighting::Uniform;
+    }
+    if cfg.secure.is_some() {
+        // Every survivor of a secure round counts once: no claim is checked.
+        c.secure = cfg.secure;
         c.weighting = Weighting::Uniform;
     }
     c.seed = seed;

@@ -62,6 +62,21 @@ pub enum Weighting {
     SampleCount,
 }
 
+impl FromStr for Weighting {
+    type Err = String;
+
+    /// `uniform` or `sample-count` (the config files' spelling too).
+    fn from_str(text: &str) -> std::result::Result<Self, String> {
+        match text {
+            "uniform" => Ok(Weighting::Uniform),
+            "sample-count" => Ok(Weighting::SampleCount),
+            other => Err(format!(
+                "unknown weighting {other:?}: uniform or sample-count"
+            )),
+        }
+    }
+}
+
 impl Weighting {
     /// The unnormalized weight of a client that trained on `n_samples`.
     pub fn weight(self, n_samples: u64) -> f64 {

@@ -159,6 +159,11 @@ pub struct EngineConfig {
     /// without it resume from older checkpoints.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub privacy: Option<Privacy>,
+    /// Secure aggregation: the aggregator sees only each round's sum of updates and scope
+    /// statistics (docs/privacy.md), and gives up the per-update checks. Left out of the
+    /// config hash when off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secure: Option<super::SecureAggregation>,
 }
 
 /// Which backbone produces a run's features.
@@ -210,6 +215,7 @@ impl EngineConfig {
             min_connected: 1,
             bounds: UpdateBounds::default(),
             privacy: None,
+            secure: None,
         }
     }
 
@@ -381,6 +387,47 @@ impl EngineConfig {
                             must not scale its clipped contribution"
                         .into(),
                 );
+            }
+        }
+        if let Some(secure) = &self.secure {
+            secure.check().map_err(EngineError::InvalidConfig)?;
+            // What needs one update at a time cannot run on a sum.
+            if self.aggregation != Aggregation::Mean {
+                return bad(format!(
+                    "secure aggregation sums the updates: aggregation = mean, not {}",
+                    self.aggregation
+                ));
+            }
+            if matches!(
+                self.targets.fusion,
+                TargetFusion::Median | TargetFusion::TrimmedMean { .. }
+            ) {
+                return bad(format!(
+                    "secure aggregation fuses scopes from their sums: targets.fusion \
+                     \"follow-rule\", \"global-head\" or \"fixed\", not {}",
+                    self.targets.fusion
+                ));
+            }
+            if self.weighting != Weighting::Uniform {
+                return bad(
+                    "secure aggregation needs weighting = \"uniform\": a sample count the \
+                     aggregator cannot check would scale an input it cannot see"
+                        .into(),
+                );
+            }
+            if self.privacy.is_some() {
+                return bad(
+                    "secure aggregation with [privacy] is not built yet: the aggregator cannot \
+                     clip steps it never sees (local noise is the open part of issue 20)"
+                        .into(),
+                );
+            }
+            if self.quorum < 3 {
+                return bad(format!(
+                    "secure aggregation needs quorum >= 3 (with fewer, one input is the sum \
+                     less the others), got {}",
+                    self.quorum
+                ));
             }
         }
         Ok(())

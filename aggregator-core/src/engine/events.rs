@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use protocol::{Capabilities, RejectReason, RoundTask, Update, Verdict};
+use protocol::{Capabilities, RejectReason, RoundTask, SecAgg, SecAggSetup, Update, Verdict};
 use serde::{Deserialize, Serialize};
 use wsa::{Evaluation, Scope};
 
@@ -96,6 +96,17 @@ pub enum Event {
         /// Bytes received for it.
         wire_bytes: u64,
     },
+    /// A secure-aggregation step arrived on the stream of a client's secure round task.
+    SecAgg {
+        /// The session's authenticated client id.
+        client: String,
+        /// The round of the task whose stream carried it.
+        round: u64,
+        /// The step.
+        step: SecAgg,
+        /// Bytes it took on the wire.
+        wire_bytes: u64,
+    },
     /// Time passed; sent at [`Engine::next_deadline`](super::Engine::next_deadline) (sending more often is harmless).
     Tick,
 }
@@ -107,7 +118,8 @@ impl Event {
             Event::Connected { client, .. }
             | Event::Disconnected { client }
             | Event::Update { client, .. }
-            | Event::Unreadable { client, .. } => Some(client),
+            | Event::Unreadable { client, .. }
+            | Event::SecAgg { client, .. } => Some(client),
             Event::Tick => None,
         }
     }
@@ -122,6 +134,25 @@ pub enum Action {
         client: String,
         /// The task.
         task: Arc<RoundTask>,
+    },
+    /// Open a round stream to `client` and send `setup`, then `task`, on it: a secure round,
+    /// whose further steps travel on the same stream.
+    SendSecureTask {
+        /// Recipient.
+        client: String,
+        /// Its place in the round's secure aggregation.
+        setup: Box<SecAggSetup>,
+        /// The task.
+        task: Arc<RoundTask>,
+    },
+    /// Send a secure-aggregation step on the stream of `client`'s task of `round`.
+    SendSecAgg {
+        /// Recipient.
+        client: String,
+        /// The round whose stream carries it.
+        round: u64,
+        /// The step.
+        step: Box<SecAgg>,
     },
     /// Send `verdict` to `client`.
     SendVerdict {
@@ -183,6 +214,27 @@ pub struct PrivacyRound {
     pub unclipped_fraction: f64,
     /// The clip norm of the next round (moved by adaptive clipping).
     pub next_clip: f64,
+}
+
+/// What a secure round did ([`crate::engine::SecureAggregation`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SecureRoundReport {
+    /// Clients asked to take part.
+    pub participants: usize,
+    /// Each client's neighbours in the masking graph.
+    pub neighbours: u32,
+    /// Shares that rebuild a secret.
+    pub threshold: u32,
+    /// Clients that sent keys, shares and masked inputs, step by step.
+    pub advertised: usize,
+    /// Clients that sent sealed shares.
+    pub shared: usize,
+    /// Clients whose masked input arrived: the sum holds exactly these.
+    pub masked: usize,
+    /// Clients that answered the unmask request.
+    pub revealed: usize,
+    /// Why the protocol could not finish, when it did not.
+    pub failure: Option<String>,
 }
 
 /// What one round attempt did, one JSON line per attempt. Rejections and bytes are those that
@@ -256,6 +308,9 @@ pub struct RoundReport {
     /// round's clip and noise.
     #[serde(default)]
     pub privacy: Option<PrivacyRound>,
+    /// Under secure aggregation: the masking graph and who was lost at which step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secure: Option<SecureRoundReport>,
     /// The head this round's tasks carried (the previous round's result), as the accepted
     /// clients measured it on their held-out rows before training.
     #[serde(default)]

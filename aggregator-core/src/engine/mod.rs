@@ -22,6 +22,7 @@
 pub mod admission;
 mod config;
 mod events;
+mod secure;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -43,8 +44,9 @@ pub use config::{
 };
 pub use events::{
     Action, ClosedBy, Event, FederatedEval, MAX_LISTED_REJECTIONS, Millis, PrivacyRound,
-    ReceivedUpdate, Rejection, RoundReport, RoundStatus,
+    ReceivedUpdate, Rejection, RoundReport, RoundStatus, SecureRoundReport,
 };
+pub use secure::SecureAggregation;
 
 use crate::backend::{Backend, BackendError, CpuBackend, FoldShape};
 use crate::checkpoint::{Checkpoint, History};
@@ -99,6 +101,8 @@ struct OpenRound {
     /// in client order.
     metrics: BTreeMap<String, Reported>,
     step_norms: Vec<f64>,
+    /// A secure round's protocol ([`secure`]).
+    secure: Option<secure::SecureState>,
 }
 
 /// `Encoding` as a map key (it is not `Ord`).
@@ -478,7 +482,7 @@ impl Engine {
     /// deadline, or when a failed round may be tried again.
     pub fn next_deadline(&self) -> Option<Millis> {
         match &self.open {
-            Some(o) => Some(o.deadline),
+            Some(o) => Some(o.secure.as_ref().map_or(o.deadline, |s| s.deadline())),
             None => self.retry_at,
         }
     }
@@ -527,6 +531,12 @@ impl Engine {
                 reason,
                 wire_bytes,
             } => self.on_unreadable(now, &client, round, &reason, wire_bytes, &mut out),
+            Event::SecAgg {
+                client,
+                round,
+                step,
+                wire_bytes,
+            } => self.on_secagg(now, &client, round, step, wire_bytes, &mut out),
             Event::Tick => {}
         }
         if self.open.is_none() {
@@ -540,7 +550,10 @@ impl Engine {
     }
 
     fn poll_deadline(&mut self, now: Millis, out: &mut Vec<Action>) {
-        if self.open.as_ref().is_some_and(|o| now >= o.deadline) {
+        // A secure round keeps its own deadlines, one per step.
+        if self.open.as_ref().is_some_and(|o| o.secure.is_some()) {
+            self.secure_deadline(now, out);
+        } else if self.open.as_ref().is_some_and(|o| now >= o.deadline) {
             self.close(now, ClosedBy::Deadline, out);
         }
     }
@@ -561,8 +574,9 @@ impl Engine {
             },
         );
         // A selected client that comes back mid-round gets its task again on the new session,
-        // with the time that is left.
+        // with the time that is left; not in a secure round, whose secrets it lost.
         if let Some(open) = &mut self.open
+            && open.secure.is_none()
             && let Some(sel) = open.selected.get_mut(&client)
             && sel.answer != Answer::Accepted
         {
@@ -586,7 +600,11 @@ impl Engine {
         {
             sel.answer = Answer::Disconnected;
         }
-        self.close_if_done(now, out);
+        if self.open.as_ref().is_some_and(|o| o.secure.is_some()) {
+            self.secure_client_left(now, client, out);
+        } else {
+            self.close_if_done(now, out);
+        }
     }
 
     fn record_rejection(&mut self, client: &str, round: u64, reason: &RejectReason) {
@@ -622,7 +640,15 @@ impl Engine {
         out: &mut Vec<Action>,
     ) {
         self.refuse_answer(client, round, reason, wire_bytes);
-        self.close_if_done(now, out);
+        if self
+            .open
+            .as_ref()
+            .is_some_and(|o| o.secure.is_some() && o.round == round)
+        {
+            self.secure_client_left(now, client, out);
+        } else {
+            self.close_if_done(now, out);
+        }
     }
 
     /// Counts a refused answer to the task of `round`; a selected client's pending answer to
@@ -652,7 +678,18 @@ impl Engine {
         let update = received.update();
         // An update names its round, and its verdict goes back on the stream of the task it
         // answers: one naming another round than its task's is refused as that task's answer.
-        if let Err(reason) = admission::check_task_round(update.round, task_round) {
+        // A secure round takes masked inputs only.
+        let secure = self.open.as_ref().is_some_and(|o| o.secure.is_some());
+        let checked = admission::check_task_round(update.round, task_round).and_then(|()| {
+            if secure {
+                Err(RejectReason::UnexpectedMessage(
+                    "update in a secure round".into(),
+                ))
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(reason) = checked {
             self.refuse_answer(client, task_round, &reason, wire_bytes);
             out.push(Action::SendVerdict {
                 client: client.to_owned(),
@@ -692,6 +729,9 @@ impl Engine {
 
     fn close_if_done(&mut self, now: Millis, out: &mut Vec<Action>) {
         let Some(open) = &self.open else { return };
+        if open.secure.is_some() {
+            return;
+        }
         if open.accepted.len() >= open.target {
             self.close(now, ClosedBy::Target, out);
         } else if open.selected.values().all(|s| s.answer != Answer::Pending) {
@@ -708,7 +748,9 @@ impl Engine {
         let mut eval = None;
         let mut test_eval = None;
         let mut test_per_class = None;
-        let fold = if open.accepted.len() >= quorum {
+        let fold = if open.secure.is_some() {
+            self.finish_secure(&mut open, out)
+        } else if open.accepted.len() >= quorum {
             open.fold
                 .finish()
                 .inspect_err(|e| {
@@ -794,7 +836,7 @@ impl Engine {
                 .iter()
                 .map(|(client, r)| weights.get(client).copied().unwrap_or(0.0) * metric(r))
                 .sum();
-            (total > 0.0).then(|| sum / total)
+            (total > 0.0 && !open.metrics.is_empty()).then(|| sum / total)
         };
         let report = RoundReport {
             run_id: self.config.run_id,
@@ -837,6 +879,7 @@ impl Engine {
             targets: self.targets.clone(),
             drift,
             privacy,
+            secure: open.secure.as_ref().map(|s| s.report()),
             federated_eval: FederatedEval::of(
                 open.metrics.values().filter_map(|r| r.held_out),
                 self.config.max_claim_ratio,
@@ -1051,7 +1094,32 @@ impl Engine {
         };
         let mut tasks: BTreeMap<EncodingKey, Arc<RoundTask>> = BTreeMap::new();
         let mut selected = BTreeMap::new();
-        for client in &order {
+        let secure = if self.config.secure.is_some() {
+            // Masked inputs are f32 steps in the ring, whatever the update encoding.
+            let task = Arc::new(template.clone());
+            match self.open_secure(now, &order, &task, out) {
+                Ok(state) => {
+                    for client in &order {
+                        selected.insert(
+                            client.clone(),
+                            Selected {
+                                encoding: Encoding::F32,
+                                answer: Answer::Pending,
+                            },
+                        );
+                    }
+                    tasks.insert(Encoding::F32 as u8, task);
+                    Some(state)
+                }
+                Err(e) => {
+                    error!(error = %e, selected = order.len(), "cannot open a secure round");
+                    return;
+                }
+            }
+        } else {
+            None
+        };
+        for client in order.iter().filter(|_| secure.is_none()) {
             let encoding = match self.clients.get(client) {
                 Some(info) if can_encode(info.capabilities, self.config.update_encoding) => {
                     self.config.update_encoding
@@ -1102,6 +1170,7 @@ impl Engine {
             accepted_payload_bytes: 0,
             metrics: BTreeMap::new(),
             step_norms: Vec::new(),
+            secure,
         });
     }
 }

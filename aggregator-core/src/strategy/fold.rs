@@ -436,6 +436,67 @@ impl RoundFold {
         })
     }
 
+    /// A secure round's finish: the aggregator holds only the survivors' summed steps and
+    /// scope statistics ([`protocol::secure`]), already divided into the mean head `params`
+    /// and unit-weight `sums`. The targets are fused from the sums (the strategy's σ̃ rule), or
+    /// taken from the head or kept, under the same policy as any round; the drift keeps what
+    /// sums can tell (the spreads of μ and σ), not the per-client step directions.
+    pub fn finish_secure(
+        &mut self,
+        mut params: Vec<f32>,
+        sums: Vec<wsa::ScopeSums>,
+        survivors: &[String],
+    ) -> Result<Folded, FoldError> {
+        if params.len() != self.len || !params.iter().all(|v| v.is_finite()) {
+            return Err(FoldError::Params(
+                wsa::Error::NonFinite {
+                    what: "securely aggregated parameters",
+                }
+                .into(),
+            ));
+        }
+        let mut targets = match self.policy.targets.fusion {
+            TargetFusion::Fixed => self.previous.clone(),
+            TargetFusion::GlobalHead => self
+                .tensors
+                .iter()
+                .map(|range| Scope::of(&params[range.clone()], self.eps))
+                .collect::<wsa::Result<_>>()
+                .map_err(FoldError::Scopes)?,
+            _ => ScopeFusion::from_sums(sums.clone())
+                .finish(self.fusion)
+                .map_err(FoldError::Scopes)?,
+        };
+        self.policy
+            .targets
+            .apply(&self.previous, &mut targets, &self.policy.floors);
+        let spread = |sum: f64, sum_sq: f64, n: f64, unit: f64| {
+            let var = (sum_sq / n - (sum / n) * (sum / n)).max(0.0);
+            if unit > 0.0 { var.sqrt() / unit } else { 0.0 }
+        };
+        let (mut mean_spread, mut std_spread) = (Vec::new(), Vec::new());
+        for s in &sums {
+            let mean_std = s.p_std / s.p;
+            mean_spread.push(spread(s.p_mean, s.p_mean_sq, s.p, mean_std));
+            std_spread.push(spread(s.p_std, s.p_var, s.p, mean_std));
+        }
+        if self.policy.targets.align_head {
+            self.align(&mut params, &targets);
+        }
+        Ok(Folded {
+            params,
+            targets,
+            weights: survivors.iter().map(|c| (c.clone(), 1.0)).collect(),
+            drift: Drift {
+                step_cosine: None,
+                step_agreement: None,
+                mean_spread,
+                std_spread,
+            },
+            dp: None,
+        })
+    }
+
     /// DP-FedAvg's release from the clipped sums: `g + (Σ clipped steps + N(0, σ²I))/m`
     /// and `targets + (Σ clipped offsets + N(0, σ²I))/m`, with `m` fixed before the round
     /// (`params` is the accumulator's clipped mean, `g + Σ clipped/k` for `k` accepted).

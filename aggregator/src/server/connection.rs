@@ -38,6 +38,19 @@ pub(super) enum Outbound {
         frame: Arc<Vec<u8>>,
         answer_within: Duration,
     },
+    /// A secure round's setup and task, on one new stream that carries the round's further
+    /// steps both ways; each answer is read for at most `answer_within`.
+    SecureTask {
+        round: u64,
+        setup: Vec<u8>,
+        task: Arc<Vec<u8>>,
+        answer_within: Duration,
+    },
+    /// A secure-aggregation step on the stream of `round`.
+    Step {
+        round: u64,
+        frame: Vec<u8>,
+    },
     Verdict(Verdict),
     /// The last message; a finished run's final model frame goes first.
     Goodbye {
@@ -323,6 +336,8 @@ async fn serve_session(
     // Round streams waiting for their verdict, by round.
     let mut open: HashMap<u64, quinn::SendStream> = HashMap::new();
     let mut reads = JoinSet::new();
+    // Secure rounds' streams, read one step after another: each read hands its stream back.
+    let mut secure_reads = JoinSet::new();
     let control = read_message(control_recv, &shared.limits);
     tokio::pin!(control);
     loop {
@@ -345,6 +360,25 @@ async fn serve_session(
                         let read = tokio::time::timeout(answer_within, read_message(&mut recv, &limits)).await;
                         (round, read)
                     });
+                }
+                Some(Outbound::SecureTask { round, setup, task, answer_within }) => {
+                    if !shared.registry.contains(client) {
+                        tracing::warn!(client, "client revoked; closing its session");
+                        conn.close(2u32.into(), b"revoked");
+                        return Ok(());
+                    }
+                    let (mut send, recv) = conn.open_bi().await?;
+                    send.write_all(&setup).await?;
+                    send.write_all(&task).await?;
+                    let _ = events.send(FromConnection::BytesOut((setup.len() + task.len()) as u64)).await;
+                    open.insert(round, send);
+                    secure_reads.spawn(read_step(round, recv, shared.limits, answer_within));
+                }
+                Some(Outbound::Step { round, frame }) => {
+                    if let Some(send) = open.get_mut(&round) {
+                        send.write_all(&frame).await?;
+                        let _ = events.send(FromConnection::BytesOut(frame.len() as u64)).await;
+                    }
                 }
                 Some(Outbound::Verdict(verdict)) => {
                     if let Subject::Update { round } = verdict.subject
@@ -424,6 +458,43 @@ async fn serve_session(
                     }
                 }
             }
+            Some(done) = secure_reads.join_next(), if !secure_reads.is_empty() => {
+                let Ok((round, recv, answer_within, read)) = done else { continue };
+                let Ok(read) = read else {
+                    open.remove(&round);
+                    continue;
+                };
+                match read {
+                    Ok(r) => match r.message {
+                        Message::SecAgg(_) if !shared.registry.contains(client) => {
+                            tracing::warn!(client, "client revoked; dropping its session");
+                            conn.close(2u32.into(), b"revoked");
+                            return Ok(());
+                        }
+                        Message::SecAgg(step) => {
+                            let _ = events.send(FromConnection::Session {
+                                session,
+                                event: Event::SecAgg {
+                                    client: client.to_owned(),
+                                    round,
+                                    step,
+                                    wire_bytes: r.wire_bytes,
+                                },
+                            }).await;
+                            secure_reads.spawn(read_step(round, recv, shared.limits, answer_within));
+                        }
+                        other => {
+                            reject_on_stream(&mut open, round, shared, events, client, session, RejectReason::UnexpectedMessage(other.kind().into())).await;
+                        }
+                    },
+                    Err(StreamError::Protocol(e)) => {
+                        reject_on_stream(&mut open, round, shared, events, client, session, e.reject_reason()).await;
+                    }
+                    Err(_) => {
+                        open.remove(&round);
+                    }
+                }
+            }
             received = &mut control => {
                 return match received {
                     Ok(r) if matches!(r.message, Message::Goodbye(_)) => Ok(()),
@@ -433,6 +504,22 @@ async fn serve_session(
             }
         }
     }
+}
+
+/// The next step a client sends on its secure round's stream, with the stream to read on.
+async fn read_step(
+    round: u64,
+    mut recv: quinn::RecvStream,
+    limits: Limits,
+    answer_within: Duration,
+) -> (
+    u64,
+    quinn::RecvStream,
+    Duration,
+    Result<Result<protocol::quic::Received, StreamError>, tokio::time::error::Elapsed>,
+) {
+    let read = tokio::time::timeout(answer_within, read_message(&mut recv, &limits)).await;
+    (round, recv, answer_within, read)
 }
 
 async fn reject_on_stream(

@@ -161,6 +161,42 @@ impl Server {
                             });
                         }
                     }
+                    Action::SendSecureTask {
+                        client,
+                        setup,
+                        task,
+                    } => {
+                        let frame = match &task_frame {
+                            Some((t, f)) if Arc::ptr_eq(t, &task) => Arc::clone(f),
+                            _ => {
+                                let f =
+                                    Arc::new(encode_frame(&Message::RoundTask((*task).clone()))?);
+                                task_frame = Some((Arc::clone(&task), Arc::clone(&f)));
+                                f
+                            }
+                        };
+                        let setup =
+                            encode_frame(&Message::SecAgg(protocol::SecAgg::Setup(*setup)))?;
+                        if let Some((_, out)) = sessions.get(&client) {
+                            let _ = out.send(Outbound::SecureTask {
+                                round: task.round,
+                                setup,
+                                task: frame,
+                                answer_within: Duration::from_millis(task.deadline_ms)
+                                    .saturating_add(ANSWER_GRACE),
+                            });
+                        }
+                    }
+                    Action::SendSecAgg {
+                        client,
+                        round,
+                        step,
+                    } => {
+                        if let Some((_, out)) = sessions.get(&client) {
+                            let frame = encode_frame(&Message::SecAgg(*step))?;
+                            let _ = out.send(Outbound::Step { round, frame });
+                        }
+                    }
                     Action::SendVerdict { client, verdict } => {
                         if let Some((_, out)) = sessions.get(&client) {
                             let _ = out.send(Outbound::Verdict(verdict));
