@@ -224,6 +224,18 @@ const CONFIG_HEADER: &str = r#"# The aggregator's run configuration (aggregator 
 #   [privacy.clip]
 #   kind = "fixed"      # or kind = "adaptive", initial = 1.0, quantile = 0.5, count_noise = 5
 #   norm = 1.0
+#
+# Secure aggregation (off here; docs/privacy.md): a [secure] table runs every round as SecAgg+:
+# clients mask their step and scope statistics in pairs over a sparse graph (X25519, Shamir
+# shares of the mask secrets), and the aggregator learns only the round's sum, even with
+# clients dropping (up to `dropout` of a round, which sets each client's neighbours). Values
+# are clipped to +-clip in a 32-bit fixed-point ring. The aggregator then cannot check any one
+# update, so it needs aggregation kind = "mean", weighting = "uniform", [targets.fusion] kind
+# = "follow-rule", "global-head" or "fixed", quorum >= 3, and no [privacy] (yet):
+#   [secure]
+#   dropout = 0.1
+#   clip = 1.0
+#   step_timeout_ms = 10000
 
 "#;
 fn main() -> Result<()> {
@@ -492,6 +504,7 @@ fn load_config(path: &Path) -> Result<EngineConfig> {
         epsilon_budget: Some(8.0),
     });
     every_key.downlink_encoding = protocol::Encoding::Int8RowScaled;
+    every_key.secure = Some(aggregator_core::engine::SecureAggregation::default());
     let known = toml::Table::try_from(every_key).context("listing the config keys")?;
     let config: EngineConfig = support::config::from_table_strict(table, &known)
         .with_context(|| format!("parsing {}", path.display()))?;
@@ -644,6 +657,43 @@ mod tests {
         std::fs::write(&path, typo).unwrap();
         let err = format!("{:#}", load_config(&path).unwrap_err());
         assert!(err.contains("detla"), "{err}");
+    }
+
+    /// The printed header's `[secure]` example, with what secure aggregation needs, is a run
+    /// config; a misspelled key in it is refused.
+    #[test]
+    fn the_secure_example_reads_from_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run.toml");
+        let example: String = CONFIG_HEADER
+            .lines()
+            .skip_while(|l| *l != "#   [secure]")
+            .take_while(|l| l.starts_with("#   "))
+            .map(|l| format!("{}\n", l.trim_start_matches("#   ")))
+            .collect();
+        assert!(example.contains("dropout"), "{example}");
+        let mut config = default_config();
+        config.quorum = config.quorum.max(3);
+        let printed = toml::to_string(&config)
+            .unwrap()
+            .replacen("weighting = \"sample-count\"", "weighting = \"uniform\"", 1)
+            .replacen(
+                "[aggregation]\nkind = \"median\"",
+                "[aggregation]\nkind = \"mean\"",
+                1,
+            )
+            .replacen(
+                "[targets.fusion]\nkind = \"median\"",
+                "[targets.fusion]\nkind = \"follow-rule\"",
+                1,
+            );
+        std::fs::write(&path, format!("{printed}\n{example}")).unwrap();
+        let config = load_config(&path).unwrap();
+        assert_eq!(config.secure.unwrap().clip, 1.0);
+        let typo = format!("{printed}\n{}", example.replace("dropout", "drop_out"));
+        std::fs::write(&path, typo).unwrap();
+        let err = format!("{:#}", load_config(&path).unwrap_err());
+        assert!(err.contains("drop_out"), "{err}");
     }
 
     /// A labels file names the classes; a list whose length differs from the head's outputs
