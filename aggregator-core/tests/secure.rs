@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use aggregator_core::engine::{
     Action, ClosedBy, Engine, EngineConfig, Event, Millis, RoundReport, SecureAggregation,
 };
+use aggregator_core::privacy::{Clip, Privacy, RdpAccountant};
 use aggregator_core::strategy::{Aggregation, Strategy, TargetFusion};
 use protocol::secure::secure_input;
 use protocol::{
@@ -183,8 +184,14 @@ impl Sim {
                 let global = task.global.decode(&RowLayout::of_head(&spec())).unwrap();
                 let wire: Vec<WireScope> = c.scopes.iter().copied().map(WireScope::from).collect();
                 let code = FixedPoint::for_sum(setup.clip, setup.participants).unwrap();
+                let mut values = secure_input(&c.trained, &global, &wire);
+                if let Some(noise) = &setup.local_noise {
+                    let (step, stats) = values.split_at_mut(c.trained.len());
+                    secagg::noise::privatize(step, noise);
+                    stats.fill(0.0);
+                }
                 let mut input = Vec::new();
-                code.encode(secure_input(&c.trained, &global, &wire), &mut input);
+                code.encode(values, &mut input);
                 SecAgg::Masked(secure.mask(&inbox, &input).ok()?)
             }
             SecAgg::Unmask(u) => SecAgg::Reveal(secure.reveal(&u).ok()?),
@@ -450,4 +457,102 @@ fn what_a_secure_run_cannot_have_is_refused_with_the_reason() {
         assert!(err.contains(needle), "{needle}: {err}");
     }
     assert!(config().validate().is_ok());
+}
+
+/// Secure aggregation under DP, with the noise added by the clients in shares.
+fn private(z: f64, clip: f64) -> EngineConfig {
+    let mut c = config();
+    c.rounds = 1;
+    c.targets.fusion = TargetFusion::GlobalHead;
+    c.privacy = Some(Privacy {
+        noise_multiplier: z,
+        clip: Clip::Fixed { norm: clip },
+        delta: 1e-3,
+        scope_share: 0.1,
+        epsilon_budget: None,
+    });
+    c
+}
+
+/// The release a noiseless DP round gives: the global head plus the clipped steps' sum over
+/// the round's fixed denominator (all six asked).
+fn clipped_mean(sim: &Sim, global: &[f32], clip: f64) -> Vec<f64> {
+    let mut sum = vec![0.0; global.len()];
+    for c in sim.clients.values() {
+        let step: Vec<f64> = c
+            .trained
+            .iter()
+            .zip(global)
+            .map(|(&w, &g)| f64::from(w) - f64::from(g))
+            .collect();
+        let norm = step.iter().map(|v| v * v).sum::<f64>().sqrt();
+        let scale = (clip / norm).min(1.0);
+        for (s, v) in sum.iter_mut().zip(&step) {
+            *s += v * scale;
+        }
+    }
+    global
+        .iter()
+        .zip(&sum)
+        .map(|(&g, s)| f64::from(g) + s / 6.0)
+        .collect()
+}
+
+#[test]
+fn under_dp_the_clients_clip_and_noise_and_the_release_is_the_clipped_mean_plus_their_noise() {
+    let clip = 0.2;
+    let initial = Engine::new(private(1.0, clip))
+        .unwrap()
+        .global_params()
+        .to_vec();
+    // Noise far below the code's resolution: the release is the clipped sum over m = 6.
+    let sim = Sim::new(private(1e-9, clip), 6);
+    let expected = clipped_mean(&sim, &initial, clip);
+    for (g, e) in sim.engine.global_params().iter().zip(&expected) {
+        assert!((f64::from(*g) - e).abs() < 1e-6, "{g} vs {e}");
+    }
+    let report = &sim.reports()[0];
+    let privacy = report.privacy.expect("a private round reports ε");
+    let mut accountant = RdpAccountant::default();
+    accountant.compose(1.0, 1e-9, 1);
+    assert_eq!(privacy.epsilon, accountant.epsilon(1e-3));
+    assert_eq!(privacy.clip, clip);
+    // With z = 1: each of the six adds std z·C/√4 (4 = the least survivors a released sum
+    // has: t + 1 with k = 5), so the release carries z·C·√6/2/6 per coordinate.
+    let sim = Sim::new(private(1.0, clip), 6);
+    let expected = clipped_mean(&sim, &initial, clip);
+    let diffs: Vec<f64> = sim
+        .engine
+        .global_params()
+        .iter()
+        .zip(&expected)
+        .map(|(g, e)| f64::from(*g) - e)
+        .collect();
+    let spread = (diffs.iter().map(|d| d * d).sum::<f64>() / diffs.len() as f64).sqrt();
+    let stated = clip * 6f64.sqrt() / 2.0 / 6.0;
+    assert!(
+        (spread / stated - 1.0).abs() < 0.3,
+        "noise spread {spread} vs {stated}"
+    );
+}
+
+#[test]
+fn dp_under_secure_aggregation_needs_a_fixed_clip_and_no_client_scopes() {
+    let mut c = private(1.0, 0.2);
+    assert!(c.validate().is_ok());
+    c.targets.fusion = TargetFusion::FollowRule;
+    assert!(
+        c.validate()
+            .unwrap_err()
+            .to_string()
+            .contains("global-head")
+    );
+    let mut c = private(1.0, 0.2);
+    c.privacy.as_mut().unwrap().clip = Clip::Adaptive {
+        initial: 1.0,
+        quantile: 0.5,
+        learning_rate: 0.2,
+        count_noise: 1.0,
+    };
+    assert!(c.validate().unwrap_err().to_string().contains("fixed clip"));
 }

@@ -773,11 +773,16 @@ impl Session {
                     .copied()
                     .map(WireScope::from)
                     .collect();
+                let mut input = protocol::secure::secure_input(&trained.params, &global, &scopes);
+                // Under DP the step goes out clipped and noised, and no scope leaves the
+                // client: the targets then come from the released head.
+                if let Some(noise) = &secure.setup.local_noise {
+                    let (step, stats) = input.split_at_mut(trained.params.len());
+                    secagg::noise::privatize(step, noise);
+                    stats.fill(0.0);
+                }
                 let mut coded = Vec::new();
-                let clipped = code.encode(
-                    protocol::secure::secure_input(&trained.params, &global, &scopes),
-                    &mut coded,
-                );
+                let clipped = code.encode(input, &mut coded);
                 if clipped > 0 {
                     tracing::debug!(clipped, clip = secure.setup.clip, "secure input clipped");
                 }

@@ -33,8 +33,8 @@ pub use frame::{
 pub use limits::Limits;
 pub use message::{
     Auth, Capabilities, FinalModel, Goodbye, GoodbyeReason, HeadShape, HeldOutEval, Hello,
-    MAX_SECAGG_NEIGHBOURS, Message, Outcome, RejectReason, RevealedShare, RoundTask, SealedShares,
-    SecAgg, SecAggAdvertise, SecAggInbox, SecAggMasked, SecAggPeer, SecAggReveal, SecAggRoster,
-    SecAggSetup, SecAggShares, SecAggUnmask, Subject, TrainSpec, Update, UpdateMetrics, Verdict,
-    Welcome, WireScope, WsaSpec, client_id, indexed_classes,
+    LocalNoise, MAX_SECAGG_NEIGHBOURS, Message, Outcome, RejectReason, RevealedShare, RoundTask,
+    SealedShares, SecAgg, SecAggAdvertise, SecAggInbox, SecAggMasked, SecAggPeer, SecAggReveal,
+    SecAggRoster, SecAggSetup, SecAggShares, SecAggUnmask, Subject, TrainSpec, Update,
+    UpdateMetrics, Verdict, Welcome, WireScope, WsaSpec, client_id, indexed_classes,
 };

@@ -507,6 +507,19 @@ pub struct SecAggSetup {
     /// Inputs are clipped to `[-clip, clip]` and coded in fixed point for a sum of
     /// `participants` of them (`secagg::ring`).
     pub clip: f64,
+    /// Under client-level DP: the client clips its step and adds its share of the noise
+    /// before masking, and sends no scope statistics.
+    pub local_noise: Option<LocalNoise>,
+}
+
+/// A client's share of a round's DP noise under secure aggregation: the aggregator never sees
+/// an un-noised sum.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LocalNoise {
+    /// The step `θ − g` is scaled down to at most this L2 norm.
+    pub clip: f64,
+    /// The std of the Gaussian noise the client adds to each step coordinate.
+    pub std: f64,
 }
 
 /// A client's public keys for one round.

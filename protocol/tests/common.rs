@@ -178,6 +178,10 @@ pub fn samples() -> Vec<(&'static str, Message)> {
                 graph_seed: [7; 32],
                 vector_len: 14,
                 clip: 4.0,
+                local_noise: Some(LocalNoise {
+                    clip: 1.0,
+                    std: 0.25,
+                }),
             })),
         ),
         (

@@ -113,6 +113,7 @@ impl RoundParams {
             graph_seed: self.graph_seed,
             vector_len: self.vector_len,
             clip: self.clip,
+            local_noise: None,
         }
     }
 

@@ -35,6 +35,7 @@ mod client;
 mod crypto;
 mod error;
 mod graph;
+pub mod noise;
 pub mod ring;
 mod server;
 

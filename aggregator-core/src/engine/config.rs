@@ -415,12 +415,23 @@ impl EngineConfig {
                         .into(),
                 );
             }
-            if self.privacy.is_some() {
-                return bad(
-                    "secure aggregation with [privacy] is not built yet: the aggregator cannot \
-                     clip steps it never sees (local noise is the open part of issue 20)"
-                        .into(),
-                );
+            // Under both, each client clips its own step and adds its share of the noise:
+            // the aggregator can neither count clipped steps nor see scopes to clip.
+            if let Some(privacy) = &self.privacy {
+                if !matches!(privacy.clip, crate::privacy::Clip::Fixed { .. }) {
+                    return bad(
+                        "secure aggregation with [privacy] needs a fixed clip: adapting it \
+                         needs a count of clipped steps the aggregator cannot see"
+                            .into(),
+                    );
+                }
+                if self.targets.fusion.uses_client_scopes() {
+                    return bad(format!(
+                        "secure aggregation with [privacy]: targets.fusion \"global-head\" or \
+                         \"fixed\" (clients send no scopes under local noise), not {}",
+                        self.targets.fusion
+                    ));
+                }
             }
             if self.quorum < 3 {
                 return bad(format!(

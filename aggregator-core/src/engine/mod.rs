@@ -1097,7 +1097,7 @@ impl Engine {
         let secure = if self.config.secure.is_some() {
             // Masked inputs are f32 steps in the ring, whatever the update encoding.
             let task = Arc::new(template.clone());
-            match self.open_secure(now, &order, &task, out) {
+            match self.open_secure(now, &order, &task, dp, out) {
                 Ok(state) => {
                     for client in &order {
                         selected.insert(

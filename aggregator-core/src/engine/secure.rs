@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use protocol::secure::{secure_input_len, split_secure_sums};
-use protocol::{Outcome, RejectReason, RoundTask, SecAgg, Subject, Verdict};
+use protocol::{LocalNoise, Outcome, RejectReason, RoundTask, SecAgg, Subject, Verdict};
 use secagg::ring::FixedPoint;
 use secagg::{Aggregate, Progress, RoundParams, SecAggError, ServerRound};
 use serde::{Deserialize, Serialize};
@@ -27,7 +27,7 @@ use tracing::{info, warn};
 use wsa::ScopeSums;
 
 use super::{Action, ClosedBy, Engine, Millis, OpenRound, SecureRoundReport, derive_seed};
-use crate::strategy::Folded;
+use crate::strategy::{DpFolded, DpRound, Folded};
 
 /// A run's secure-aggregation settings.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -117,6 +117,8 @@ pub(super) struct SecureState {
     waiting: BTreeSet<u32>,
     progress: Progress,
     result: Option<Result<Aggregate, SecAggError>>,
+    /// Under DP: the round's clip and total noise, which the clients add in shares.
+    dp: Option<DpRound>,
 }
 
 impl SecureState {
@@ -150,10 +152,11 @@ impl Engine {
         now: Millis,
         order: &[String],
         task: &Arc<RoundTask>,
+        dp: Option<DpRound>,
         out: &mut Vec<Action>,
     ) -> Result<SecureState, SecAggError> {
         let settings = self.config.secure.unwrap_or_default();
-        let params = RoundParams::for_round(
+        let mut params = RoundParams::for_round(
             self.config.run_id,
             self.next_round,
             order.len() as u32,
@@ -167,14 +170,25 @@ impl Engine {
             settings.dropout,
             settings.clip,
         )?;
-        let server = ServerRound::new(
-            params.clone(),
-            self.config.quorum.max(params.threshold as usize + 1),
-        )?;
+        let min_survivors = self.config.quorum.max(params.threshold as usize + 1);
+        // Under DP each client adds noise of std σ/√m for the m survivors a released sum has
+        // at least, so the sum carries at least the round's σ; the ring's range covers the
+        // clipped step and eight of those stds.
+        let local_noise = dp.map(|dp| LocalNoise {
+            clip: dp.clip,
+            std: dp.noise_std / (min_survivors as f64).sqrt(),
+        });
+        if let Some(noise) = &local_noise {
+            params.clip = params.clip.max(noise.clip + 8.0 * noise.std);
+            params.validate()?;
+        }
+        let server = ServerRound::new(params.clone(), min_survivors)?;
         for (i, client) in order.iter().enumerate() {
+            let mut setup = params.setup_for(i as u32);
+            setup.local_noise = local_noise;
             out.push(Action::SendSecureTask {
                 client: client.clone(),
-                setup: Box::new(params.setup_for(i as u32)),
+                setup: Box::new(setup),
                 task: Arc::clone(task),
             });
         }
@@ -193,6 +207,7 @@ impl Engine {
             waiting: (0..order.len() as u32).collect(),
             progress: Progress::default(),
             result: None,
+            dp,
         })
     }
 
@@ -373,11 +388,13 @@ impl Engine {
                 let sums = secure.code.decode_sum(&aggregate.sum);
                 let parts = split_secure_sums(&sums, self.global.len())?;
                 let n = aggregate.survivors.len() as f64;
+                // Under DP the denominator is fixed before the round (DP-FedAvg's `m`).
+                let denominator = secure.dp.map_or(n, |dp| (dp.denominator as f64).max(n));
                 let params: Vec<f32> = self
                     .global
                     .iter()
                     .zip(parts.steps)
-                    .map(|(&g, &step)| (f64::from(g) + step / n) as f32)
+                    .map(|(&g, &step)| (f64::from(g) + step / denominator) as f32)
                     .collect();
                 let scope_sums = parts
                     .scopes
@@ -402,6 +419,14 @@ impl Engine {
                         |e| warn!(round = open.round, error = %e, "the secure fold did not finish"),
                     )
                     .ok()
+                    .map(|folded| Folded {
+                        // What was clipped is the clients' business: the server cannot count it.
+                        dp: secure.dp.map(|round| DpFolded {
+                            round,
+                            unclipped_fraction: f64::NAN,
+                        }),
+                        ..folded
+                    })
             }
             _ => None,
         };
