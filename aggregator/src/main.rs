@@ -231,7 +231,9 @@ const CONFIG_HEADER: &str = r#"# The aggregator's run configuration (aggregator 
 # clients dropping (up to `dropout` of a round, which sets each client's neighbours). Values
 # are clipped to +-clip in a 32-bit fixed-point ring. The aggregator then cannot check any one
 # update, so it needs aggregation kind = "mean", weighting = "uniform", [targets.fusion] kind
-# = "follow-rule", "global-head" or "fixed", quorum >= 3, and no [privacy] (yet):
+# = "follow-rule", "global-head" or "fixed", and quorum >= 3. With [privacy] as well, each
+# client clips its own step and adds its share of the noise (a fixed clip, and "global-head"
+# or "fixed" targets: no client sends scopes then):
 #   [secure]
 #   dropout = 0.1
 #   clip = 1.0
