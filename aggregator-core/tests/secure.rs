@@ -187,7 +187,7 @@ impl Sim {
                 let mut values = secure_input(&c.trained, &global, &wire);
                 if let Some(noise) = &setup.local_noise {
                     let (step, stats) = values.split_at_mut(c.trained.len());
-                    secagg::noise::privatize(step, noise);
+                    secagg::noise::privatize(step, noise).unwrap();
                     stats.fill(0.0);
                 }
                 let mut input = Vec::new();

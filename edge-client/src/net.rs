@@ -63,8 +63,8 @@ enum Io {
     Connected(quinn::Connection, quinn::SendStream, quinn::RecvStream),
     /// A task's stream and its first message.
     TaskStream(quinn::SendStream, quinn::RecvStream, Message),
-    /// The next message on a secure round's stream, with the stream to read on.
-    Step(quinn::RecvStream, Message),
+    /// The next message on secure round stream `n`, with the stream to read on.
+    Step(u64, quinn::RecvStream, Message),
     /// Anything else.
     Event(Event),
 }
@@ -78,6 +78,9 @@ struct Link {
     /// A secure round's stream once it is read step by step: its halves, apart.
     step_send: Option<quinn::SendStream>,
     step_recv: Option<quinn::RecvStream>,
+    /// Which task stream the step reads belong to: a read still pending on a stream the
+    /// session has left must not land in the next round.
+    step_stream: u64,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -191,6 +194,9 @@ pub async fn run(
                 }
                 Action::UseClasses { .. } => {}
                 Action::AcceptTask => {
+                    // A secure round's stream is done with (or left): dropping it finishes this
+                    // side, so the aggregator stops waiting for this client.
+                    (link.step_send, link.step_recv) = (None, None);
                     if let Some(conn) = link.conn.clone() {
                         link.tasks.push(spawn_accept(conn, opts.limits, epoch, &tx));
                     }
@@ -241,8 +247,9 @@ pub async fn run(
                         (link.step_send, link.step_recv) = (Some(send), Some(recv));
                     }
                     if let Some(recv) = link.step_recv.take() {
+                        let stream = link.step_stream;
                         link.tasks
-                            .push(spawn_read_step(recv, opts.limits, epoch, &tx));
+                            .push(spawn_read_step(recv, stream, opts.limits, epoch, &tx));
                     }
                 }
                 Action::SendGoodbye(reason) => {
@@ -285,9 +292,11 @@ pub async fn run(
                     Io::TaskStream(send, recv, message) => {
                         link.task_stream = Some((send, recv));
                         (link.step_send, link.step_recv) = (None, None);
+                        link.step_stream += 1;
                         Event::Task(message)
                     }
-                    Io::Step(recv, message) => {
+                    Io::Step(stream, _, _) if stream != link.step_stream => continue,
+                    Io::Step(_, recv, message) => {
                         link.step_recv = Some(recv);
                         Event::Step(message)
                     }
@@ -455,6 +464,7 @@ fn spawn_accept(
 /// Reads the next message on a secure round's stream.
 fn spawn_read_step(
     mut recv: quinn::RecvStream,
+    stream: u64,
     limits: Limits,
     epoch: u64,
     tx: &mpsc::UnboundedSender<(u64, Io)>,
@@ -462,7 +472,7 @@ fn spawn_read_step(
     let tx = tx.clone();
     tokio::spawn(async move {
         let io = match read_message(&mut recv, &limits).await {
-            Ok(r) => Io::Step(recv, r.message),
+            Ok(r) => Io::Step(stream, recv, r.message),
             Err(e) => Io::Event(Event::TaskFailed(e.to_string())),
         };
         let _ = tx.send((epoch, io));

@@ -752,7 +752,9 @@ impl Session {
             Ok(u) => u,
             Err(e) => return self.fail(now, format!("protocol: local training: {e}")),
         };
-        let Some(task) = &secure.task else {
+        // A result of an earlier round's training (one this client left while it ran) is not
+        // this round's input.
+        let Some(task) = secure.task.as_ref().filter(|t| t.round == trained.round) else {
             return Vec::new();
         };
         let input = task
@@ -778,7 +780,7 @@ impl Session {
                 // client: the targets then come from the released head.
                 if let Some(noise) = &secure.setup.local_noise {
                     let (step, stats) = input.split_at_mut(trained.params.len());
-                    secagg::noise::privatize(step, noise);
+                    secagg::noise::privatize(step, noise).map_err(|e| e.to_string())?;
                     stats.fill(0.0);
                 }
                 let mut coded = Vec::new();

@@ -74,9 +74,9 @@ impl RoundParams {
     pub fn validate(&self) -> Result<(), SecAggError> {
         let bad = |why: String| Err(SecAggError::BadParams(why));
         let (n, k, t) = (self.participants, self.neighbours, self.threshold);
-        if n < 3 {
+        if !(3..=MAX_PARTICIPANTS).contains(&n) {
             return bad(format!(
-                "{n} participants: secure aggregation needs at least 3"
+                "{n} participants: secure aggregation takes 3 to {MAX_PARTICIPANTS}"
             ));
         }
         if !(2..=MAX_SECAGG_NEIGHBOURS).contains(&k) || k >= n {
@@ -139,6 +139,10 @@ impl RoundParams {
         Ok(params)
     }
 }
+
+/// The most clients a round may have: the graph's layout is 8 bytes a client, and a setup
+/// from the network must not make a client allocate without bound.
+pub const MAX_PARTICIPANTS: u32 = 1 << 24;
 
 /// The chance a round may fail for lack of live neighbours at its design dropout.
 pub const FAILURE_TARGET: f64 = 1e-6;

@@ -13,18 +13,20 @@
 //! removes them. Neighbours form a Harary graph of even degree k over a seeded layout, so a
 //! client's work grows with k ~ O(log n), not with the round's size.
 //!
-//! The thresholds keep the two kinds of share apart: t is a strict majority of k, so the
-//! aggregator cannot rebuild both secrets of one client from two disjoint halves of its
-//! neighbours, and a client answers one unmask request per round and refuses one that names a
-//! neighbour both ways. Rebuilt secrets are checked (the masking key against its advertised
-//! public key, the self-mask seed against its commitment), so a bad share fails the round with
-//! a typed error instead of corrupting the sum.
+//! The thresholds keep the two kinds of share of one client apart: t is a strict majority of
+//! k, so the aggregator cannot rebuild both secrets of one client from two disjoint halves of
+//! its neighbours, and a client answers one unmask request per round and refuses one that
+//! names a neighbour both ways. Rebuilt secrets are checked (the masking key against its
+//! advertised public key, the self-mask seed against its commitment), so a bad share fails
+//! the round with a typed error instead of corrupting the sum.
 //!
-//! Threat model: an honest-but-curious aggregator that may also send inconsistent requests,
-//! and clients that may lie or drop at any step. Not covered: an aggregator that lies about
-//! the graph or the roster to isolate a client (the full malicious-server protocol adds a
-//! consistency round with signatures and a PKI), and clients colluding with the aggregator
-//! beyond t − 1 of one client's neighbours.
+//! Threat model: an honest-but-curious aggregator, and clients that may lie or drop at any
+//! step. Not covered: an aggregator that lies about who dropped. Telling client V's
+//! neighbours that V survived (its self mask) while telling each neighbour's other neighbours
+//! that the neighbour dropped (its masking key, hence its pair mask with V) unmasks V's input
+//! without any one client seeing a conflict; the malicious-server protocol stops that with a
+//! consistency round of signed survivor sets under a PKI, which is not built. Nor are clients
+//! colluding with the aggregator beyond t − 1 of one client's neighbours.
 //!
 //! This crate does no I/O: [`ClientRound`] and [`ServerRound`] take and return the wire
 //! messages of [`protocol::SecAgg`], one call per step. [`ring`] maps real vectors to the ring.
@@ -41,5 +43,5 @@ mod server;
 
 pub use client::ClientRound;
 pub use error::SecAggError;
-pub use graph::{FAILURE_TARGET, Graph, RoundParams};
+pub use graph::{FAILURE_TARGET, Graph, MAX_PARTICIPANTS, RoundParams};
 pub use server::{Aggregate, Progress, ServerRound};

@@ -16,6 +16,9 @@ use crate::error::SecAggError;
 pub struct FixedPoint {
     clip: f64,
     scale: f64,
+    /// The largest code magnitude: `⌊(2³¹ − 1) / max_terms⌋`. Rounding `clip · scale` to the
+    /// nearest integer can overshoot it by one, and `max_terms` such codes would then wrap.
+    limit: i64,
 }
 
 impl FixedPoint {
@@ -32,7 +35,11 @@ impl FixedPoint {
                 "±{clip} × {max_terms} values leave no fixed-point resolution in 32 bits"
             )));
         }
-        Ok(Self { clip, scale })
+        Ok(Self {
+            clip,
+            scale,
+            limit: i64::from(i32::MAX) / i64::from(max_terms),
+        })
     }
 
     /// The clipping bound.
@@ -63,7 +70,8 @@ impl FixedPoint {
             if c != v {
                 clipped += 1;
             }
-            out.push(((c * self.scale).round() as i32) as u32);
+            let code = ((c * self.scale).round() as i64).clamp(-self.limit, self.limit);
+            out.push((code as i32) as u32);
         }
         clipped
     }
@@ -109,6 +117,23 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn a_sum_of_codes_at_the_clip_never_wraps(clip in 0.01f64..100.0, terms in 1u32..2000) {
+            let code = FixedPoint::for_sum(clip, terms).unwrap();
+            let mut one = Vec::new();
+            code.encode([clip, -clip], &mut one);
+            let (hi, lo) = (i64::from(one[0] as i32), i64::from(one[1] as i32));
+            prop_assert!(hi * i64::from(terms) <= i64::from(i32::MAX));
+            prop_assert!(lo * i64::from(terms) >= -i64::from(i32::MAX));
+            let (mut shi, mut slo) = (0u32, 0u32);
+            for _ in 0..terms {
+                shi = shi.wrapping_add(one[0]);
+                slo = slo.wrapping_add(one[1]);
+            }
+            let sum = code.decode_sum(&[shi, slo]);
+            prop_assert!(sum[0] > 0.0 && sum[1] < 0.0, "{sum:?}");
+        }
+
         #[test]
         fn a_ring_sum_decodes_to_the_real_sum_within_the_rounding_bound(
             values in proptest::collection::vec(proptest::collection::vec(-1.0f64..1.0, 4), 1..50)

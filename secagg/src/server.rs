@@ -169,6 +169,11 @@ impl ServerRound {
         if self.advertised.contains_key(&from) {
             return Err(SecAggError::Duplicate(from));
         }
+        // A low-order key would make every neighbour's agreement with it fail: refused here,
+        // before it reaches a roster.
+        for key in [&message.encryption_key, &message.masking_key] {
+            crypto::agree(&[0x5a; 32], key, from, Purpose::Sealing, 0, 0)?;
+        }
         self.advertised.insert(from, message);
         Ok(())
     }

@@ -389,3 +389,13 @@ fn tampered_or_misrouted_messages_are_refused() {
     ));
     r.server.masked(4, &masked).unwrap();
 }
+
+#[test]
+fn a_low_order_key_is_refused_before_it_reaches_any_roster() {
+    let params = RoundParams::for_round(7, 3, 5, [1; 32], 4, 0.1, 1.0).unwrap();
+    let mut server = ServerRound::new(params.clone(), 4).unwrap();
+    let mut rng = ChaCha20Rng::seed_from_u64(2);
+    let (_, mut advert) = ClientRound::join_with(&params.setup_for(0), &mut rng).unwrap();
+    advert.masking_key = [0; 32];
+    assert_eq!(server.advertise(0, advert), Err(SecAggError::WeakKey(0)));
+}

@@ -1113,6 +1113,8 @@ impl Engine {
                 }
                 Err(e) => {
                     error!(error = %e, selected = order.len(), "cannot open a secure round");
+                    // Tried again later, not on every event.
+                    self.retry_at = Some(now.plus(RETRY_MAX_MS.min(self.config.round_timeout_ms)));
                     return;
                 }
             }

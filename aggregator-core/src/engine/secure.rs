@@ -115,6 +115,9 @@ pub(super) struct SecureState {
     deadline: Millis,
     /// Clients asked at this step that have not answered and are connected.
     waiting: BTreeSet<u32>,
+    /// Clients that left the round (disconnected, or sent a step that was refused): a client
+    /// that reconnects has lost the round's stream and secrets, so it is never waited for.
+    left: BTreeSet<u32>,
     progress: Progress,
     result: Option<Result<Aggregate, SecAggError>>,
     /// Under DP: the round's clip and total noise, which the clients add in shares.
@@ -205,6 +208,7 @@ impl Engine {
             step: Step::Keys,
             deadline: now.plus(settings.step_timeout_ms),
             waiting: (0..order.len() as u32).collect(),
+            left: BTreeSet::new(),
             progress: Progress::default(),
             result: None,
             dp,
@@ -243,6 +247,15 @@ impl Engine {
             },
         };
         if let Some(reason) = refusal {
+            // A refused step of the open round ends the client's part in it (a late step of
+            // an earlier round does not).
+            if let Some(open) = self.open.as_mut()
+                && open.round == round
+                && let Some(secure) = open.secure.as_mut()
+                && let Some(&i) = secure.index.get(client)
+            {
+                secure.left.insert(i);
+            }
             self.record_rejection(client, round, &reason);
             out.push(Action::SendVerdict {
                 client: client.to_owned(),
@@ -259,9 +272,10 @@ impl Engine {
     /// A client of the open secure round left: the round waits no longer for it.
     pub(super) fn secure_client_left(&mut self, now: Millis, client: &str, out: &mut Vec<Action>) {
         if let Some(secure) = self.open.as_mut().and_then(|o| o.secure.as_mut())
-            && let Some(i) = secure.index.get(client)
+            && let Some(&i) = secure.index.get(client)
         {
-            secure.waiting.remove(i);
+            secure.waiting.remove(&i);
+            secure.left.insert(i);
         }
         self.advance_secure_if_done(now, out);
     }
@@ -315,8 +329,9 @@ impl Engine {
             secure.progress = server.progress();
             let next = match secure.step {
                 Step::Keys => (Step::Shares, now.plus(timeout)),
-                // The clients train meanwhile: their inputs are due by the round's deadline.
-                Step::Shares => (Step::Inputs, round_deadline.max(now)),
+                // The clients train meanwhile: their inputs are due by the round's deadline, and
+                // get at least a step's time however long the keys took.
+                Step::Shares => (Step::Inputs, round_deadline.max(now.plus(timeout))),
                 Step::Inputs => (Step::Reveal, now.plus(timeout)),
                 Step::Reveal | Step::Done => (Step::Done, now),
             };
@@ -331,7 +346,7 @@ impl Engine {
                     secure.waiting.clear();
                     for (i, step) in steps {
                         let client = by_index[i as usize];
-                        if self.clients.contains_key(client) {
+                        if self.clients.contains_key(client) && !secure.left.contains(&i) {
                             secure.waiting.insert(i);
                         }
                         out.push(Action::SendSecAgg {
@@ -384,9 +399,15 @@ impl Engine {
     ) -> Option<Folded> {
         let secure = open.secure.as_mut()?;
         let folded = match &secure.result {
-            Some(Ok(aggregate)) if aggregate.survivors.len() >= self.config.quorum => {
+            Some(Ok(aggregate)) if aggregate.survivors.len() >= self.config.quorum => 'fold: {
                 let sums = secure.code.decode_sum(&aggregate.sum);
-                let parts = split_secure_sums(&sums, self.global.len())?;
+                let Some(parts) = split_secure_sums(&sums, self.global.len()) else {
+                    warn!(
+                        round = open.round,
+                        "the secure sum does not have the head's length"
+                    );
+                    break 'fold None;
+                };
                 let n = aggregate.survivors.len() as f64;
                 // Under DP the denominator is fixed before the round (DP-FedAvg's `m`).
                 let denominator = secure.dp.map_or(n, |dp| (dp.denominator as f64).max(n));

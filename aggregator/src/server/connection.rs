@@ -460,8 +460,18 @@ async fn serve_session(
             }
             Some(done) = secure_reads.join_next(), if !secure_reads.is_empty() => {
                 let Ok((round, recv, answer_within, read)) = done else { continue };
+                // A stream that ends or goes quiet before its verdict: the client left the
+                // round, and the engine must not wait for it to the step's deadline.
+                let left = |why: &str| Event::Unreadable {
+                    client: client.to_owned(),
+                    round,
+                    reason: RejectReason::Malformed(format!("the secure round's stream {why}")),
+                    wire_bytes: 0,
+                };
                 let Ok(read) = read else {
-                    open.remove(&round);
+                    if open.remove(&round).is_some() {
+                        let _ = events.send(FromConnection::Session { session, event: left("went quiet") }).await;
+                    }
                     continue;
                 };
                 match read {
@@ -491,7 +501,9 @@ async fn serve_session(
                         reject_on_stream(&mut open, round, shared, events, client, session, e.reject_reason()).await;
                     }
                     Err(_) => {
-                        open.remove(&round);
+                        if open.remove(&round).is_some() {
+                            let _ = events.send(FromConnection::Session { session, event: left("ended") }).await;
+                        }
                     }
                 }
             }
