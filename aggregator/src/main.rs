@@ -624,18 +624,24 @@ mod tests {
         assert!(err.contains("scoped tensors"), "{err}");
     }
 
+    /// The printed header's commented example of the `[table]` table, uncommented.
+    fn header_example(table: &str) -> String {
+        let start = format!("#   [{table}]");
+        CONFIG_HEADER
+            .lines()
+            .skip_while(|l| *l != start)
+            .take_while(|l| l.starts_with("#   "))
+            .map(|l| format!("{}\n", l.trim_start_matches("#   ")))
+            .collect()
+    }
+
     /// The printed header's `[privacy]` example, with the mean and uniform weights it needs,
     /// is a run config; a misspelled key in it is refused.
     #[test]
     fn the_privacy_example_reads_from_the_config() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("run.toml");
-        let example: String = CONFIG_HEADER
-            .lines()
-            .skip_while(|l| *l != "#   [privacy]")
-            .take_while(|l| l.starts_with("#   "))
-            .map(|l| format!("{}\n", l.trim_start_matches("#   ")))
-            .collect();
+        let example = header_example("privacy");
         assert!(example.contains("noise_multiplier"), "{example}");
         let printed = toml::to_string(&default_config())
             .unwrap()
@@ -667,12 +673,7 @@ mod tests {
     fn the_secure_example_reads_from_the_config() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("run.toml");
-        let example: String = CONFIG_HEADER
-            .lines()
-            .skip_while(|l| *l != "#   [secure]")
-            .take_while(|l| l.starts_with("#   "))
-            .map(|l| format!("{}\n", l.trim_start_matches("#   ")))
-            .collect();
+        let example = header_example("secure");
         assert!(example.contains("dropout"), "{example}");
         let mut config = default_config();
         config.quorum = config.quorum.max(3);

@@ -88,6 +88,22 @@ pub struct RoundRecord {
     pub held_out: Option<HeldOutEval>,
 }
 
+impl RoundRecord {
+    /// The record of a round left before its training finished.
+    fn untrained(round: u64) -> Self {
+        Self {
+            round,
+            outcome: String::new(),
+            train_ms: 0,
+            loss: 0.0,
+            update_bytes: 0,
+            n_samples: 0,
+            scopes: Vec::new(),
+            held_out: None,
+        }
+    }
+}
+
 /// How a client's run ended (or that it goes on).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub enum RunEnd {
@@ -587,14 +603,7 @@ impl Session {
         let Message::RoundTask(wire) = message else {
             return self.fail(now, "protocol: expected a round task");
         };
-        if wire.shape.classes as usize != *classes {
-            let error = format!(
-                "protocol: the task's head has {} outputs, the run {} classes",
-                wire.shape.classes, classes
-            );
-            return self.fail(now, error);
-        }
-        match TrainingTask::from_wire(&wire) {
+        match training_task(&wire, *classes) {
             Ok(training) => {
                 *task = TaskState::Training {
                     task: Box::new(wire),
@@ -602,7 +611,7 @@ impl Session {
                 };
                 vec![Action::Train(Box::new(training))]
             }
-            Err(e) => self.fail(now, format!("protocol: {e}")),
+            Err(e) => self.fail(now, e),
         }
     }
 
@@ -668,20 +677,13 @@ impl Session {
         };
         match message {
             Message::RoundTask(wire) if secure.task.is_none() => {
-                if wire.shape.classes as usize != *classes {
-                    let error = format!(
-                        "protocol: the task's head has {} outputs, the run {} classes",
-                        wire.shape.classes, classes
-                    );
-                    return self.fail(now, error);
-                }
-                match TrainingTask::from_wire(&wire) {
+                match training_task(&wire, *classes) {
                     Ok(training) => {
                         secure.task = Some(Box::new(wire));
                         secure.started = now;
                         vec![Action::Train(Box::new(training)), Action::ReadStep]
                     }
-                    Err(e) => self.fail(now, format!("protocol: {e}")),
+                    Err(e) => self.fail(now, e),
                 }
             }
             Message::SecAgg(SecAgg::Roster(roster)) => match secure.protocol.share(&roster) {
@@ -708,16 +710,10 @@ impl Session {
             },
             Message::Verdict(v) => {
                 let round = secure.setup.round;
-                let mut record = secure.record.take().unwrap_or_else(|| RoundRecord {
-                    round,
-                    outcome: String::new(),
-                    train_ms: 0,
-                    loss: 0.0,
-                    update_bytes: 0,
-                    n_samples: 0,
-                    scopes: Vec::new(),
-                    held_out: None,
-                });
+                let mut record = secure
+                    .record
+                    .take()
+                    .unwrap_or_else(|| RoundRecord::untrained(round));
                 if v.subject != (Subject::Update { round }) {
                     return self.fail(now, "protocol: a verdict for another round");
                 }
@@ -847,16 +843,10 @@ impl Session {
             return Vec::new();
         };
         tracing::warn!(client = %self.identity.client_id, round = secure.setup.round, %why, "leaving a secure round");
-        let mut record = secure.record.take().unwrap_or_else(|| RoundRecord {
-            round: secure.setup.round,
-            outcome: String::new(),
-            train_ms: 0,
-            loss: 0.0,
-            update_bytes: 0,
-            n_samples: 0,
-            scopes: Vec::new(),
-            held_out: None,
-        });
+        let mut record = secure
+            .record
+            .take()
+            .unwrap_or_else(|| RoundRecord::untrained(secure.setup.round));
         record.outcome = format!("left the secure round: {why}");
         self.end_secure_round(now, record)
     }
@@ -1071,6 +1061,18 @@ fn seal_update(
         digest: [0; 32],
     }
     .seal())
+}
+
+/// The task a wire task describes, checked against the run's class count: a protocol error
+/// (the session fails on it) if it does not fit.
+fn training_task(wire: &RoundTask, classes: usize) -> Result<TrainingTask, String> {
+    if wire.shape.classes as usize != classes {
+        return Err(format!(
+            "protocol: the task's head has {} outputs, the run {} classes",
+            wire.shape.classes, classes
+        ));
+    }
+    TrainingTask::from_wire(wire).map_err(|e| format!("protocol: {e}"))
 }
 
 impl TrainingTask {

@@ -117,19 +117,8 @@ impl ClientRound {
         got: &'static str,
         run_round: (u64, u64),
     ) -> Result<(), SecAggError> {
-        if run_round != (self.params.run_id, self.params.round) {
-            return Err(SecAggError::WrongRound {
-                run_id: run_round.0,
-                round: run_round.1,
-            });
-        }
-        if self.stage != stage {
-            return Err(SecAggError::OutOfOrder {
-                got,
-                stage: self.stage.name(),
-            });
-        }
-        Ok(())
+        self.params
+            .check_turn(run_round, self.stage == stage, got, self.stage.name())
     }
 
     fn need(&self, stage: &'static str, have: usize) -> Result<(), SecAggError> {

@@ -101,6 +101,27 @@ impl RoundParams {
         self.code().map(|_| ())
     }
 
+    /// Refuses a step of another run or round, or one out of turn (`in_turn` false) while
+    /// the round is at `stage`.
+    pub(crate) fn check_turn(
+        &self,
+        run_round: (u64, u64),
+        in_turn: bool,
+        got: &'static str,
+        stage: &'static str,
+    ) -> Result<(), SecAggError> {
+        if run_round != (self.run_id, self.round) {
+            return Err(SecAggError::WrongRound {
+                run_id: run_round.0,
+                round: run_round.1,
+            });
+        }
+        if !in_turn {
+            return Err(SecAggError::OutOfOrder { got, stage });
+        }
+        Ok(())
+    }
+
     /// The setup message for client `index`.
     pub fn setup_for(&self, index: u32) -> SecAggSetup {
         SecAggSetup {

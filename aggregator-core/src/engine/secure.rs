@@ -337,15 +337,10 @@ impl Engine {
             };
             match sent {
                 Ok(steps) if secure.step != Step::Reveal => {
-                    let by_index: Vec<&String> = {
-                        let mut v: Vec<(&u32, &String)> =
-                            secure.index.iter().map(|(c, i)| (i, c)).collect();
-                        v.sort();
-                        v.into_iter().map(|(_, c)| c).collect()
-                    };
                     secure.waiting.clear();
                     for (i, step) in steps {
-                        let client = by_index[i as usize];
+                        // Index i is the i-th client of the round's sample.
+                        let client = &open.order[i as usize];
                         if self.clients.contains_key(client) && !secure.left.contains(&i) {
                             secure.waiting.insert(i);
                         }
@@ -366,12 +361,10 @@ impl Engine {
                     ));
                     secure.step = Step::Done;
                     if let Ok(aggregate) = &result {
-                        let by_index: BTreeMap<u32, &String> =
-                            secure.index.iter().map(|(c, &i)| (i, c)).collect();
                         open.accepted = aggregate
                             .survivors
                             .iter()
-                            .filter_map(|i| by_index.get(i).map(|c| (*c).clone()))
+                            .filter_map(|&i| open.order.get(i as usize).cloned())
                             .collect();
                     }
                     secure.result = Some(result);

@@ -143,15 +143,7 @@ impl Server {
             for action in pending.drain(..) {
                 match action {
                     Action::SendTask { client, task } => {
-                        let frame = match &task_frame {
-                            Some((t, f)) if Arc::ptr_eq(t, &task) => Arc::clone(f),
-                            _ => {
-                                let f =
-                                    Arc::new(encode_frame(&Message::RoundTask((*task).clone()))?);
-                                task_frame = Some((Arc::clone(&task), Arc::clone(&f)));
-                                f
-                            }
-                        };
+                        let frame = shared_task_frame(&mut task_frame, &task)?;
                         if let Some((_, out)) = sessions.get(&client) {
                             let _ = out.send(Outbound::Task {
                                 round: task.round,
@@ -166,15 +158,7 @@ impl Server {
                         setup,
                         task,
                     } => {
-                        let frame = match &task_frame {
-                            Some((t, f)) if Arc::ptr_eq(t, &task) => Arc::clone(f),
-                            _ => {
-                                let f =
-                                    Arc::new(encode_frame(&Message::RoundTask((*task).clone()))?);
-                                task_frame = Some((Arc::clone(&task), Arc::clone(&f)));
-                                f
-                            }
-                        };
+                        let frame = shared_task_frame(&mut task_frame, &task)?;
                         let setup =
                             encode_frame(&Message::SecAgg(protocol::SecAgg::Setup(*setup)))?;
                         if let Some((_, out)) = sessions.get(&client) {
@@ -417,6 +401,21 @@ impl Server {
             None => Ok(summary),
         }
     }
+}
+
+/// A round task's frame, encoded once for all its recipients: `cache` holds the last task's.
+fn shared_task_frame(
+    cache: &mut Option<(Arc<protocol::RoundTask>, Arc<Vec<u8>>)>,
+    task: &Arc<protocol::RoundTask>,
+) -> Result<Arc<Vec<u8>>> {
+    if let Some((t, f)) = cache.as_ref()
+        && Arc::ptr_eq(t, task)
+    {
+        return Ok(Arc::clone(f));
+    }
+    let f = Arc::new(encode_frame(&Message::RoundTask((**task).clone()))?);
+    *cache = Some((Arc::clone(task), Arc::clone(&f)));
+    Ok(f)
 }
 
 /// Answers every client that joins a finished run with the final model and the run's goodbye,
