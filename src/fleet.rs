@@ -7,9 +7,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use aggregator::server::{RunSummary, Server, ServerOptions};
-use aggregator::tls::{Lifetimes, default_ca_dir, generate_credentials, layout, token_path};
+use aggregator::tls::{
+    Lifetimes, Tokens, client_token, default_ca_dir, generate_credentials_with, layout,
+};
 use aggregator_core::engine::Engine;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use edge_client::net::{Backoff, ClientError, ClientReport, ConnectOptions};
 use edge_client::{Adversary, LocalData};
 use protocol::Limits;
@@ -28,13 +30,20 @@ impl Deployment {
     /// (the CA key beside it, in `<creds>-ca`), replacing any there: a simulated fleet's
     /// credentials live as long as its run.
     pub fn generate(creds: &Path, client_ids: &[String]) -> Result<Self> {
-        generate_credentials(
+        Self::generate_with(creds, client_ids, Tokens::Random)
+    }
+
+    /// [`Deployment::generate`] with tokens made as `tokens` says (derived for a fleet too
+    /// large for a file per client).
+    pub fn generate_with(creds: &Path, client_ids: &[String], tokens: Tokens) -> Result<Self> {
+        generate_credentials_with(
             creds,
             &default_ca_dir(creds),
             &["localhost".to_owned(), "127.0.0.1".to_owned()],
             client_ids,
             Lifetimes::default(),
             true,
+            tokens,
         )?;
         Ok(Self {
             creds: creds.to_owned(),
@@ -96,18 +105,13 @@ impl Deployment {
 
     /// Options for client `id` to reach `server`, with a patient reconnect policy.
     pub fn client_options(&self, server: SocketAddr, id: &str) -> Result<ConnectOptions> {
-        let token_file = token_path(&self.creds, id);
         Ok(ConnectOptions {
             report_file: None,
             server,
             server_name: "localhost".into(),
             ca_cert: self.creds.join(layout::CA_CERT),
             client_id: id.into(),
-            token: std::fs::read_to_string(&token_file)
-                .with_context(|| format!("reading {}", token_file.display()))?
-                .trim()
-                .as_bytes()
-                .to_vec(),
+            token: client_token(&self.creds, id)?,
             limits: Limits::default(),
             quic: QuicLimits::default(),
             backoff: Backoff {
@@ -118,6 +122,7 @@ impl Deployment {
             adversary: None,
             // A simulation keeps each strategy's final model in the run folder instead.
             model_dir: None,
+            visit: None,
         })
     }
 

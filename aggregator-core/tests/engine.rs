@@ -1252,6 +1252,7 @@ fn fedprox_tasks_carry_mu_and_seeds_differ_per_round() {
 #[test]
 fn sample_sizes_follow_fraction_minimum_and_over_selection() {
     let s = |fraction, min_clients, over_selection| Sampling {
+        population: Default::default(),
         fraction,
         min_clients,
         over_selection,
@@ -1290,6 +1291,7 @@ fn the_engine_can_move_to_another_thread() {
 fn over_selection_closes_as_soon_as_the_target_is_met() {
     let mut c = config(Strategy::FedAvg);
     c.sampling = Sampling {
+        population: Default::default(),
         fraction: 0.3,
         min_clients: 2,
         over_selection: 1.5,
@@ -1880,6 +1882,7 @@ fn epsilon_is_accounted_per_round_and_the_budget_ends_the_run() {
     let mut c = private_config(2.0, 1.0, Some(budget));
     c.rounds = 10;
     c.sampling = Sampling {
+        population: Default::default(),
         fraction: 0.5,
         min_clients: 2,
         over_selection: 1.0,
@@ -1994,4 +1997,121 @@ fn a_quantized_downlink_is_the_rounds_reference() {
     assert_eq!(next.round, 1);
     // The next head, re-encoded for round 1, decodes to the same values.
     assert_eq!(bits(&global_of(&next)), bits(&start));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sampling from the registry
+
+/// Runs two rounds where the sampled clients answer with perturbed heads (client `i` of
+/// `clients` claims `claims[i]`), once with every client connected and sampled from the
+/// connected, once sampled from the registry with each sampled client connecting only for its
+/// round and leaving after its verdict. Returns, per mode, each round's weights and the next
+/// global head's bits.
+#[test]
+fn sampling_from_the_registry_gives_the_connected_run_round_for_round() {
+    let ids: Vec<String> = (0..12).map(|i| format!("c{i:02}")).collect();
+    // Two claims far above the median, so the claim cap binds and must be the same in both.
+    let claim = |id: &str| if id == "c03" || id == "c07" { 5_000 } else { 100 + id.len() as u64 };
+    let mut c = config(Strategy::FedAvg);
+    c.rounds = 3;
+    c.sampling.fraction = 0.5;
+    c.quorum = 6;
+    c.bounds.max_n_samples = 10_000;
+    // No share cap: the claim cap alone bounds the heavy claims.
+    c.max_share = 1.0;
+    let answer = |sim: &mut Sim, client: &str, round: u64| {
+        let task = sim.task(client);
+        assert_eq!(task.round, round);
+        let u = perturbed(&task, client, claim(client), 1000 * round + client.len() as u64);
+        assert_eq!(sim.verdict(client, u), Outcome::Accepted);
+    };
+
+    let pairs: Vec<(&str, u64)> = ids.iter().map(|i| (i.as_str(), claim(i))).collect();
+    let mut connected = Sim::start(c.clone(), &pairs);
+    for round in 0..3 {
+        let asked: Vec<String> = sent_to(&connected.log)
+            .into_iter()
+            .filter(|&(_, r)| r == round)
+            .map(|(c, _)| c)
+            .collect();
+        assert_eq!(asked.len(), 6);
+        for client in &asked {
+            answer(&mut connected, client, round);
+        }
+    }
+
+    c.sampling.population = aggregator_core::engine::Population::Registered;
+    let mut registered = Sim::new(c.clone());
+    // No registry yet: nothing opens, whoever connects.
+    assert!(registered.event(Event::Tick).is_empty());
+    // Handed in any order, sorted by the engine.
+    registered.engine.set_population(ids.iter().rev().cloned());
+    assert!(sent_to(&registered.event(Event::Tick)).is_empty());
+    let mut sorted = ids.clone();
+    sorted.sort();
+    for round in 0..3 {
+        let status = registered.engine.open_round().expect("opens with no client connected");
+        assert_eq!((status.round, status.attempt), (round, 0));
+        let sample: Vec<String> = aggregator_core::engine::round_sample(c.seed, round, 0, 12, 6)
+            .into_iter()
+            .map(|i| sorted[i].clone())
+            .collect();
+        // A client outside the sample connects and is asked nothing.
+        let outsider = ids.iter().find(|i| !sample.contains(i)).unwrap();
+        assert!(sent_to(&registered.connect(outsider, 1)).is_empty());
+        registered.event(Event::Disconnected {
+            client: outsider.clone(),
+        });
+        for client in &sample {
+            assert_eq!(
+                sent_to(&registered.connect(client, claim(client))),
+                [(client.clone(), round)]
+            );
+            answer(&mut registered, client, round);
+            registered.event(Event::Disconnected {
+                client: client.clone(),
+            });
+        }
+    }
+
+    let (a, b) = (reports(&connected.log), reports(&registered.log));
+    assert_eq!(a.len(), 3);
+    assert_eq!(b.len(), 3);
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x.accepted, y.accepted);
+        assert_eq!(x.weights, y.weights, "round {}", x.round);
+        assert_eq!(x.closed_by, y.closed_by);
+    }
+    // The cap bound: the heavy claims were cut to twice the median claim.
+    let heavy: Vec<f64> = b
+        .iter()
+        .flat_map(|r| r.weights.iter())
+        .filter(|(c, _)| claim(c) == 5_000)
+        .map(|(_, &w)| w)
+        .collect();
+    assert!(!heavy.is_empty() && heavy.iter().all(|&w| w == 206.0), "{heavy:?}");
+    assert_eq!(
+        bits(connected.engine.global_params()),
+        bits(registered.engine.global_params())
+    );
+}
+
+#[test]
+fn a_client_sampled_from_the_registry_gets_the_encoding_it_can_take() {
+    let mut c = config(Strategy::FedAvg);
+    c.update_encoding = Encoding::Int8RowScaled;
+    c.sampling.population = aggregator_core::engine::Population::Registered;
+    let mut sim = Sim::new(c);
+    sim.engine.set_population(["a".to_owned()]);
+    sim.event(Event::Tick);
+    let actions = sim.event(Event::Connected {
+        client: "a".into(),
+        n_samples: 10,
+        capabilities: Capabilities {
+            f16: false,
+            int8: false,
+        },
+    });
+    assert_eq!(sent_to(&actions), [("a".to_owned(), 0)]);
+    assert_eq!(sim.task("a").encoding, Encoding::F32);
 }

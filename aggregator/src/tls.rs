@@ -30,6 +30,47 @@ pub mod layout {
     pub const REGISTRY: &str = "clients.json";
     /// Per-client secret tokens, `clients/<id>.token`.
     pub const CLIENT_DIR: &str = "clients";
+    /// A simulated fleet's key that every client's token is derived from
+    /// ([`super::Tokens::Derived`]), instead of a token file per client.
+    pub const DERIVED_TOKEN_KEY: &str = "clients/derived-tokens.key";
+}
+
+/// How the clients' tokens are made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tokens {
+    /// A random token per client, in its own file to hand to the device.
+    Random,
+    /// Each token derived from one random key, HMAC-SHA256(key, id) ([`derived_token`]): a
+    /// simulated fleet of millions needs no file per client, and a worker holding the key
+    /// can act as any of them. Not for real devices: the key opens every client.
+    Derived,
+}
+
+/// The token of client `id` under a derived-token `key`, hex.
+pub fn derived_token(key: &[u8], id: &str) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);
+    hex::encode(ring::hmac::sign(&key, id.as_bytes()).as_ref())
+}
+
+/// Reads the derived-token key of a credentials folder made with [`Tokens::Derived`].
+pub fn read_derived_key(creds: &Path) -> Result<Vec<u8>> {
+    let path = creds.join(layout::DERIVED_TOKEN_KEY);
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    hex::decode(text.trim()).with_context(|| format!("{} is not hex", path.display()))
+}
+
+/// The token of client `id` under the credentials folder `creds`: its token file, or, in a
+/// folder of derived tokens, derived from the folder's key.
+pub fn client_token(creds: &Path, id: &str) -> Result<Vec<u8>> {
+    let file = token_path(creds, id);
+    if creds.join(layout::DERIVED_TOKEN_KEY).exists() && !file.exists() {
+        return Ok(derived_token(&read_derived_key(creds)?, id).into_bytes());
+    }
+    Ok(fs::read_to_string(&file)
+        .with_context(|| format!("reading {}", file.display()))?
+        .trim()
+        .as_bytes()
+        .to_vec())
 }
 
 /// How long certificates last: the CA ten years, the server's one (renew it with
@@ -115,6 +156,27 @@ pub fn generate_credentials(
     lifetimes: Lifetimes,
     force: bool,
 ) -> Result<()> {
+    generate_credentials_with(
+        out,
+        ca_dir,
+        server_names,
+        client_ids,
+        lifetimes,
+        force,
+        Tokens::Random,
+    )
+}
+
+/// [`generate_credentials`] with the clients' tokens made as `tokens` says.
+pub fn generate_credentials_with(
+    out: &Path,
+    ca_dir: &Path,
+    server_names: &[String],
+    client_ids: &[String],
+    lifetimes: Lifetimes,
+    force: bool,
+    tokens: Tokens,
+) -> Result<()> {
     for id in client_ids {
         crate::auth::check_client_id(id)?;
     }
@@ -167,8 +229,26 @@ pub fn generate_credentials(
     write_file(&out.join(layout::SERVER_KEY), server_key.as_bytes(), true)?;
 
     let mut entries = Vec::with_capacity(client_ids.len());
-    for id in client_ids {
-        entries.push(ClientEntry::new(id, new_token(out, id)?.as_bytes()));
+    match tokens {
+        Tokens::Random => {
+            for id in client_ids {
+                entries.push(ClientEntry::new(id, new_token(out, id)?.as_bytes()));
+            }
+        }
+        Tokens::Derived => {
+            let mut key = [0u8; 32];
+            SystemRandom::new()
+                .fill(&mut key)
+                .map_err(|_| anyhow::anyhow!("system randomness unavailable"))?;
+            write_file(
+                &out.join(layout::DERIVED_TOKEN_KEY),
+                hex::encode(key).as_bytes(),
+                true,
+            )?;
+            for id in client_ids {
+                entries.push(ClientEntry::new(id, derived_token(&key, id).as_bytes()));
+            }
+        }
     }
     Registry::new(entries)?.save(&out.join(layout::REGISTRY))
 }
@@ -287,6 +367,35 @@ mod tests {
             token,
             "replaced"
         );
+    }
+
+    #[test]
+    fn derived_tokens_need_no_file_per_client_and_only_the_key_opens_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (creds, ca) = (dir.path().join("creds"), dir.path().join("ca"));
+        let ids: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
+        generate_credentials_with(
+            &creds,
+            &ca,
+            &names(),
+            &ids,
+            Lifetimes::default(),
+            false,
+            Tokens::Derived,
+        )
+        .unwrap();
+        assert!(!token_path(&creds, &ids[0]).exists());
+        let registry = Registry::load(&creds.join(layout::REGISTRY)).unwrap();
+        assert_eq!(registry.len(), ids.len());
+        for id in &ids {
+            let token = client_token(&creds, id).unwrap();
+            assert!(registry.verify(id, &protocol::Auth::Token(token)).is_ok());
+        }
+        // Another key's token for the same id is refused, and one id's token opens no other.
+        let other = derived_token(&[7; 32], &ids[0]).into_bytes();
+        assert!(registry.verify(&ids[0], &protocol::Auth::Token(other)).is_err());
+        let first = client_token(&creds, &ids[0]).unwrap();
+        assert!(registry.verify(&ids[1], &protocol::Auth::Token(first)).is_err());
     }
 
     #[test]

@@ -376,6 +376,7 @@ fn join(args: JoinArgs) -> Result<()> {
         },
         adversary: None,
         model_dir: Some(args.model_dir.clone().unwrap_or_else(|| "model".into())),
+        visit: None,
         report_file: args.report.clone(),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -55,6 +55,31 @@ pub struct ConnectOptions {
     /// rewritten atomically after every round, so `edge-client status` can say where a
     /// running client stands.
     pub report_file: Option<PathBuf>,
+    /// Check in for one task instead of staying for the run (`None`: stay).
+    pub visit: Option<Visit>,
+}
+
+/// A visit: a client that checks in when it expects to be asked (a device woken for one
+/// round, a simulator's worker acting as a sampled client), answers one task and leaves. It
+/// also leaves, without a task, when the welcome shows the run elsewhere than it expected, or
+/// when no task comes within its patience; [`ClientReport::last_welcome`] then says where the
+/// run stood.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Visit {
+    /// The (round, attempt) whose sample this client is in.
+    pub expect: (u64, u32),
+    /// Another (round, attempt) worth waiting through: the one the visitor saw last, still
+    /// open when it checks in for the next.
+    pub or_after: Option<(u64, u32)>,
+    /// How long to wait for a task after the welcome.
+    pub patience: Duration,
+}
+
+impl Visit {
+    /// Whether a welcome announcing `seen` is worth waiting on for a task.
+    fn waits_at(&self, seen: (u64, u32)) -> bool {
+        seen == self.expect || Some(seen) == self.or_after
+    }
 }
 
 /// What the I/O tasks report: the session's events, and the QUIC handles the loop keeps.
@@ -144,6 +169,8 @@ pub async fn run(
     // Which connection the I/O tasks' reports must belong to.
     let mut epoch = 0u64;
     let mut watching = true;
+    // A visit's wait for its task, from the welcome.
+    let mut patience: Option<tokio::time::Instant> = None;
     let mut pending = if *shutdown.borrow() {
         watching = false;
         session.handle(now(), Event::Shutdown)
@@ -302,11 +329,27 @@ pub async fn run(
                     }
                     Io::Event(event) => event,
                 };
+                if matches!(event, Event::Task(_)) {
+                    patience = None;
+                }
                 let verdict = matches!(event, Event::Verdict(_));
+                let welcome = matches!(event, Event::Control(Message::Welcome(_)));
                 pending = session.handle(now(), event);
                 if verdict {
                     keep_report(&session.report(), opts.report_file.as_deref());
                 }
+                if let Some(visit) = &opts.visit {
+                    let seen = session.last_welcome();
+                    if verdict || (welcome && !seen.is_some_and(|s| visit.waits_at(s))) {
+                        pending.extend(session.handle(now(), Event::Shutdown));
+                    } else if welcome {
+                        patience = Some(tokio::time::Instant::now() + visit.patience);
+                    }
+                }
+            }
+            _ = sleep_until(patience), if patience.is_some() => {
+                patience = None;
+                pending = session.handle(now(), Event::Shutdown);
             }
         }
     };

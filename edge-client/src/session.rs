@@ -131,6 +131,9 @@ pub struct ClientReport {
     /// What made it give up, when it did ([`RunEnd::Failed`]).
     #[serde(default)]
     pub error: Option<String>,
+    /// The round and attempt the last welcome announced.
+    #[serde(default)]
+    pub last_welcome: Option<(u64, u32)>,
 }
 
 impl ClientReport {
@@ -325,6 +328,8 @@ pub struct Session {
     /// Whether the current connection got its welcome (it then counts, and resets the
     /// failures).
     welcomed: bool,
+    /// Where the run stood at the last welcome: its round and the failed attempts at it.
+    last_welcome: Option<(u64, u32)>,
     phase: Phase,
     rounds: Vec<RoundRecord>,
     connections: u32,
@@ -342,6 +347,7 @@ impl Session {
             jitter,
             failures: 0,
             welcomed: false,
+            last_welcome: None,
             phase: Phase::Connecting,
             rounds: Vec::new(),
             connections: 0,
@@ -385,7 +391,13 @@ impl Session {
             final_model_rounds: self.final_model_rounds,
             end: self.end.unwrap_or(RunEnd::Running),
             error: None,
+            last_welcome: self.last_welcome,
         }
+    }
+
+    /// The round and attempt the last welcome announced.
+    pub fn last_welcome(&self) -> Option<(u64, u32)> {
+        self.last_welcome
     }
 
     /// Processes one event at time `now` and returns what to do, in order.
@@ -464,6 +476,7 @@ impl Session {
             Phase::Hello => match message {
                 Message::Welcome(w) => {
                     self.welcomed = true;
+                    self.last_welcome = Some((w.round, w.attempt));
                     if !(0.0..1.0).contains(&w.eval_fraction) {
                         let error = format!(
                             "protocol: the welcome asks to hold out {} of the data",

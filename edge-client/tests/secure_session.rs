@@ -86,6 +86,7 @@ fn joined() -> Round {
             round: 0,
             classes: vec!["0".into(), "1".into()],
             eval_fraction: 0.0,
+            attempt: 0,
         })),
     );
     let head = Head::<f32>::zeros(&spec()).unwrap();

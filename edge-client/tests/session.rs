@@ -109,6 +109,7 @@ fn welcome_to(classes: &[&str]) -> Message {
         round: 0,
         classes: classes.iter().map(|c| c.to_string()).collect(),
         eval_fraction: 0.25,
+        attempt: 0,
     })
 }
 

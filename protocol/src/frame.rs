@@ -10,8 +10,9 @@ use crate::message::Message;
 /// The first bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"WSA1";
 /// The protocol version this crate speaks. 5 added the secure-aggregation steps
-/// ([`crate::SecAgg`]), which a version-4 peer could not decode.
-pub const PROTOCOL_VERSION: u16 = 5;
+/// ([`crate::SecAgg`]), which a version-4 peer could not decode; 6 the round's attempt in
+/// [`crate::Welcome`].
+pub const PROTOCOL_VERSION: u16 = 6;
 /// Bytes of the fixed header.
 pub const HEADER_LEN: usize = 10;
 

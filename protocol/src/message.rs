@@ -102,6 +102,10 @@ pub struct Welcome {
     /// The fraction of its rows a client holds out of training, in `[0, 1)`, to report how
     /// each round's global head does on them ([`UpdateMetrics::held_out`]); 0: none.
     pub eval_fraction: f64,
+    /// Failed attempts at `round` so far: with `round`, which sample the round asks
+    /// ([`Welcome`] is all a client that checks in when asked, such as a simulator's worker,
+    /// learns of where the run stands).
+    pub attempt: u32,
 }
 
 /// The shape of the head being trained, as on the wire.

@@ -40,6 +40,7 @@ pub fn samples() -> Vec<(&'static str, Message)> {
                 round: 3,
                 classes: vec!["cat".into(), "dog".into()],
                 eval_fraction: 0.125,
+                attempt: 2,
             }),
         ),
         (

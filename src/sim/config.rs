@@ -195,6 +195,7 @@ pub(crate) fn engine_config(
     c.update_encoding = cfg.update_encoding;
     c.downlink_encoding = cfg.downlink_encoding;
     c.sampling = Sampling {
+        population: Default::default(),
         fraction: cfg.per_round as f64 / cfg.clients as f64,
         min_clients: cfg.per_round,
         over_selection: 1.0,

@@ -10,11 +10,13 @@ use crate::privacy::Privacy;
 use crate::strategy::{Aggregation, Strategy, TargetFusion, TargetPolicy, TensorLambdas};
 use protocol::Encoding;
 
-/// Which connected clients a round asks.
+/// Which clients a round asks.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Sampling {
-    /// Fraction of the connected clients a round wants updates from, in `(0, 1]`.
+    /// Whom a round samples from: the clients connected now, or every registered one.
+    pub population: Population,
+    /// Fraction of the population a round wants updates from, in `(0, 1]`.
     pub fraction: f64,
     /// At least this many (capped at the connected count).
     pub min_clients: usize,
@@ -26,11 +28,52 @@ pub struct Sampling {
 impl Default for Sampling {
     fn default() -> Self {
         Self {
+            population: Population::Connected,
             fraction: 1.0,
             min_clients: 1,
             over_selection: 1.0,
         }
     }
+}
+
+/// Whom a round samples from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Population {
+    /// The clients connected when the round opens: devices that hold a connection while they
+    /// are available.
+    #[default]
+    Connected,
+    /// Every client in the registry, connected or not: a sampled client gets its task when it
+    /// connects, until the round's deadline. Devices check in only when asked (a push, a
+    /// schedule, or a simulator's worker that acts as the sampled clients), so a fleet of
+    /// millions needs no connection per device. The server hands the engine the registry
+    /// when the run starts ([`crate::engine::Engine::set_population`]).
+    Registered,
+}
+
+/// The positions, in the sorted population of `population` ids, of the clients round `round`
+/// (attempt `attempt`) of a run seeded `seed` asks, `select` of them, in the order they are
+/// asked. It depends on nothing else, so a checkpoint needs no RNG state, and a simulator's
+/// workers compute the same sample as the engine.
+pub fn round_sample(
+    seed: u64,
+    round: u64,
+    attempt: u32,
+    population: usize,
+    select: usize,
+) -> Vec<usize> {
+    use rand::SeedableRng;
+    use rand::seq::SliceRandom;
+    let mut positions: Vec<usize> = (0..population).collect();
+    let mut rng = rand_chacha::ChaCha8Rng::from_seed(super::derive_seed(
+        b"sample", seed, round, attempt,
+    ));
+    // A full shuffle, not a partial one: its first `select` are the sample every earlier
+    // build drew, so runs and checkpoints keep their meaning.
+    positions.shuffle(&mut rng);
+    positions.truncate(select);
+    positions
 }
 
 /// `(target, selected)` for `connected` clients: target = max(ceil(fraction·connected),
@@ -439,6 +482,11 @@ impl EngineConfig {
                      less the others), got {}",
                     self.quorum
                 ));
+            }
+            if self.sampling.population == Population::Registered {
+                return bad("secure aggregation keys a round's sample when it opens, so every \
+                     sampled client must be connected then: sampling.population = \"connected\""
+                    .into());
             }
         }
         Ok(())

@@ -7,8 +7,9 @@
 //! sending the next round's tasks, which follow it), say goodbye when the run is
 //! [`Action::Finished`]. [`Engine::next_deadline`] says when to feed a [`Event::Tick`].
 //!
-//! A round opens as soon as enough clients are connected. The engine samples clients
-//! deterministically, sends each a [`RoundTask`], and checks every [`Update`] in a fixed
+//! A round opens as soon as enough clients are connected (or, sampling from the registry,
+//! at once: a sampled client gets its task when it connects). The engine samples clients
+//! deterministically ([`round_sample`]), sends each a [`RoundTask`], and checks every [`Update`] in a fixed
 //! order ([`admission`]); accepted ones are folded at once through the round's
 //! [`RoundFold`]. The round closes when its target of accepted updates is reached, when every
 //! selected client has answered or left, or at its deadline. With a quorum of accepted
@@ -31,16 +32,13 @@ use protocol::{
     Capabilities, EncodedParams, Encoding, HeadShape, HeldOutEval, Outcome, RejectReason,
     RoundTask, RowLayout, Subject, TrainSpec, Verdict, WireScope,
 };
-use rand::SeedableRng;
-use rand::seq::SliceRandom;
-use rand_chacha::ChaCha8Rng;
 use sha2::{Digest, Sha256};
 use tracing::{debug, error, info, warn};
 use wsa::{DEFAULT_SCOPE_EPS, Head, LabelledFeatures, Scope};
 
 pub use config::{
-    BackboneRef, EngineConfig, EngineError, MAX_EVAL_FRACTION, MAX_ROUND_TIMEOUT_MS, Sampling,
-    UpdateBounds, sample_sizes,
+    BackboneRef, EngineConfig, EngineError, MAX_EVAL_FRACTION, MAX_ROUND_TIMEOUT_MS, Population,
+    Sampling, UpdateBounds, round_sample, sample_sizes,
 };
 pub use events::{
     Action, ClosedBy, Event, FederatedEval, MAX_LISTED_REJECTIONS, Millis, PrivacyRound,
@@ -71,6 +69,9 @@ enum Answer {
 struct Selected {
     encoding: Encoding,
     answer: Answer,
+    /// The sample count it claimed at its last hello; `None` while a client sampled from the
+    /// registry has not connected.
+    claim: Option<u64>,
 }
 
 /// What an accepted client reported of its training (telemetry, weighted at the close).
@@ -145,6 +146,8 @@ pub struct Engine {
     retry_at: Option<Millis>,
     history: History,
     clients: BTreeMap<String, ClientInfo>,
+    /// Under [`Population::Registered`]: every registered id, sorted.
+    population: Option<Vec<String>>,
     open: Option<OpenRound>,
     tally: Tally,
     finished: bool,
@@ -301,6 +304,7 @@ impl Engine {
             retry_at: None,
             history,
             clients: BTreeMap::new(),
+            population: None,
             open: None,
             tally: Tally::default(),
             finished: false,
@@ -573,23 +577,75 @@ impl Engine {
                 capabilities,
             },
         );
-        // A selected client that comes back mid-round gets its task again on the new session,
-        // with the time that is left; not in a secure round, whose secrets it lost.
+        // A selected client that comes back mid-round (or, sampled from the registry, comes
+        // for the first time) gets its task on the new session, with the time that is left;
+        // not in a secure round, whose secrets it lost.
+        let encoding = self.encoding_for(capabilities);
         if let Some(open) = &mut self.open
             && open.secure.is_none()
             && let Some(sel) = open.selected.get_mut(&client)
             && sel.answer != Answer::Accepted
         {
             sel.answer = Answer::Pending;
-            if let Some(task) = open.tasks.get(&(sel.encoding as u8)) {
-                let mut task = RoundTask::clone(task);
-                task.deadline_ms = open.deadline.since(now);
-                out.push(Action::SendTask {
-                    client,
-                    task: Arc::new(task),
-                });
+            if sel.claim.is_none() {
+                // Its first hello of the round: the encoding it can take, and its claim for
+                // the round's cap.
+                sel.encoding = encoding;
+                sel.claim = Some(n_samples);
             }
+            let Some(template) = open.tasks.values().next().map(Arc::clone) else {
+                return;
+            };
+            let task = open.tasks.entry(sel.encoding as u8).or_insert_with(|| {
+                Arc::new(RoundTask {
+                    encoding: sel.encoding,
+                    ..RoundTask::clone(&template)
+                })
+            });
+            let mut task = RoundTask::clone(task);
+            task.deadline_ms = open.deadline.since(now);
+            out.push(Action::SendTask {
+                client,
+                task: Arc::new(task),
+            });
         }
+    }
+
+    /// The encoding a client with `capabilities` is asked to send updates in.
+    fn encoding_for(&self, capabilities: Capabilities) -> Encoding {
+        if can_encode(capabilities, self.config.update_encoding) {
+            self.config.update_encoding
+        } else {
+            Encoding::F32
+        }
+    }
+
+    /// Whether every client of `order` has said hello, so its claim is known.
+    fn claims_known(&self, order: &[String]) -> bool {
+        order.iter().all(|c| self.clients.contains_key(c))
+    }
+
+    /// The hello claims of the clients of `order` that are connected.
+    fn selection_claims(&self, order: &[String]) -> Vec<u64> {
+        order
+            .iter()
+            .filter_map(|c| self.clients.get(c).map(|i| i.n_samples))
+            .collect()
+    }
+
+    /// Every registered client id, for a run that samples from the registry
+    /// ([`Population::Registered`]); the server calls it before the first round. Ids are
+    /// sorted and deduplicated here, so the sample is the same whatever order they come in.
+    pub fn set_population(&mut self, ids: impl IntoIterator<Item = String>) {
+        let mut ids: Vec<String> = ids.into_iter().collect();
+        ids.sort_unstable();
+        ids.dedup();
+        self.population = Some(ids);
+    }
+
+    /// The positions of round `self.next_round`'s sample in a sorted population of `n`.
+    fn sample(&self, n: usize, select: usize) -> Vec<usize> {
+        round_sample(self.config.seed, self.next_round, self.attempt, n, select)
     }
 
     fn on_disconnected(&mut self, now: Millis, client: &str, out: &mut Vec<Action>) {
@@ -751,6 +807,10 @@ impl Engine {
         let fold = if open.secure.is_some() {
             self.finish_secure(&mut open, out)
         } else if open.accepted.len() >= quorum {
+            if open.fold.claim_cap_deferred() {
+                let claims = open.selected.values().filter_map(|s| s.claim).collect();
+                open.fold.cap_claims(self.max_weight(claims));
+            }
             open.fold
                 .finish()
                 .inspect_err(|e| {
@@ -995,13 +1055,9 @@ impl Engine {
         })
     }
 
-    /// The most one update of a round selecting `selected` may weigh before the share cap:
-    /// `max_claim_ratio` times the median of their hello claims.
-    fn max_weight(&self, selected: &[String]) -> f64 {
-        let mut claims: Vec<u64> = selected
-            .iter()
-            .filter_map(|c| self.clients.get(c).map(|i| i.n_samples))
-            .collect();
+    /// The most one update of a round may weigh before the share cap: `max_claim_ratio`
+    /// times the median of its selection's hello `claims`.
+    fn max_weight(&self, mut claims: Vec<u64>) -> f64 {
         if claims.is_empty() {
             return f64::INFINITY;
         }
@@ -1019,24 +1075,46 @@ impl Engine {
             // Cleared whether or not a round opens now, so no past deadline is left to tick.
             self.retry_at = None;
         }
-        // Fewer clients than the quorum could only fail: wait for more.
-        let needed = self.config.min_connected.max(self.config.quorum);
-        if self.is_finished() || self.clients.len() < needed {
+        if self.is_finished() {
             return;
         }
         let connected = self.clients.len();
-        let (target, select) = sample_sizes(&self.config.sampling, self.config.quorum, connected);
-        // Sorted ids (the map's order) shuffled by an RNG derived from (seed, round, attempt):
-        // the sample depends on nothing else, so a checkpoint needs no RNG state.
-        let mut ids: Vec<&String> = self.clients.keys().collect();
-        let mut rng = ChaCha8Rng::from_seed(derive_seed(
-            b"sample",
-            self.config.seed,
-            self.next_round,
-            self.attempt,
-        ));
-        ids.shuffle(&mut rng);
-        let order: Vec<String> = ids.into_iter().take(select).cloned().collect();
+        // Sorted ids (the registry's, or the connected map's order) sampled by
+        // [`round_sample`], which depends on nothing but the seed and the round counters.
+        let order: Vec<String>;
+        let (target, population) = match (&self.config.sampling.population, &self.population) {
+            (Population::Registered, Some(registered)) => {
+                if registered.len() < self.config.quorum {
+                    return;
+                }
+                let (target, select) =
+                    sample_sizes(&self.config.sampling, self.config.quorum, registered.len());
+                order = self
+                    .sample(registered.len(), select)
+                    .into_iter()
+                    .map(|i| registered[i].clone())
+                    .collect();
+                (target, registered.len())
+            }
+            // Not handed the registry yet: nothing to sample from.
+            (Population::Registered, None) => return,
+            (Population::Connected, _) => {
+                // Fewer clients than the quorum could only fail: wait for more.
+                let needed = self.config.min_connected.max(self.config.quorum);
+                if connected < needed {
+                    return;
+                }
+                let (target, select) =
+                    sample_sizes(&self.config.sampling, self.config.quorum, connected);
+                let ids: Vec<&String> = self.clients.keys().collect();
+                order = self
+                    .sample(connected, select)
+                    .into_iter()
+                    .map(|i| ids[i].clone())
+                    .collect();
+                (target, connected)
+            }
+        };
 
         let deadline = now.plus(self.config.round_timeout_ms);
         let global = match self.encode_downlink() {
@@ -1046,19 +1124,26 @@ impl Engine {
                 return;
             }
         };
-        let dp = match self.dp_round(target, order.len(), connected) {
+        let dp = match self.dp_round(target, order.len(), population) {
             Ok(dp) => dp,
             Err(()) => return,
         };
         let policy = FoldPolicy {
             weighting: self.config.weighting,
             max_share: self.config.max_share,
-            max_weight: self.max_weight(&order),
+            // Known at the open only when every sampled client has said hello; else set at
+            // the close from the claims of those that came (the fold holds every update).
+            max_weight: if self.claims_known(&order) {
+                self.max_weight(self.selection_claims(&order))
+            } else {
+                f64::INFINITY
+            },
             targets: self.config.targets,
             floors: self.floors.clone(),
             dp,
         };
-        let fold = match RoundFold::open(
+        let claims_known = self.claims_known(&order);
+        let mut fold = match RoundFold::open(
             self.backend.as_ref(),
             &self.fold_shape,
             &self.global,
@@ -1074,6 +1159,9 @@ impl Engine {
                 return;
             }
         };
+        if !claims_known {
+            fold.defer_claim_cap();
+        }
         let train = self.config.strategy.client_config(
             &self.config.train,
             u64_seed(b"train", self.config.seed, self.next_round, self.attempt),
@@ -1105,6 +1193,7 @@ impl Engine {
                             Selected {
                                 encoding: Encoding::F32,
                                 answer: Answer::Pending,
+                                claim: self.clients.get(client).map(|c| c.n_samples),
                             },
                         );
                     }
@@ -1121,13 +1210,35 @@ impl Engine {
         } else {
             None
         };
+        if secure.is_none() {
+            // Always there, for a sampled client that connects later to be asked from.
+            tasks.insert(
+                self.config.update_encoding as u8,
+                Arc::new(RoundTask {
+                    encoding: self.config.update_encoding,
+                    ..template.clone()
+                }),
+            );
+        }
         for client in order.iter().filter(|_| secure.is_none()) {
-            let encoding = match self.clients.get(client) {
-                Some(info) if can_encode(info.capabilities, self.config.update_encoding) => {
-                    self.config.update_encoding
-                }
-                _ => Encoding::F32,
+            let info = self.clients.get(client);
+            // A client that has not connected is asked in the run's encoding if it can take
+            // it when it does ([`Engine::on_connected`]).
+            let encoding = match info {
+                Some(info) => self.encoding_for(info.capabilities),
+                None => self.config.update_encoding,
             };
+            selected.insert(
+                client.clone(),
+                Selected {
+                    encoding,
+                    answer: Answer::Pending,
+                    claim: info.map(|i| i.n_samples),
+                },
+            );
+            if info.is_none() {
+                continue;
+            }
             let task = tasks
                 .entry(encoding as u8)
                 .or_insert_with(|| {
@@ -1137,13 +1248,6 @@ impl Engine {
                     })
                 })
                 .clone();
-            selected.insert(
-                client.clone(),
-                Selected {
-                    encoding,
-                    answer: Answer::Pending,
-                },
-            );
             out.push(Action::SendTask {
                 client: client.clone(),
                 task,

@@ -104,6 +104,8 @@ pub struct RoundFold {
     /// they can be cut: more than `⌊1/max_share⌋` clients cannot all exceed the cap.
     held: Vec<Held>,
     hold: usize,
+    /// The claim cap is set at the close ([`RoundFold::defer_claim_cap`]).
+    claim_cap_deferred: bool,
     /// The round's global head, which every step is measured from.
     global: Vec<f32>,
     /// `Σ (w_i − g)/‖w_i − g‖` over the accepted updates with a non-zero step, and how many.
@@ -200,6 +202,7 @@ impl RoundFold {
             clients: BTreeMap::new(),
             held: Vec::new(),
             hold,
+            claim_cap_deferred: false,
             global: global.to_vec(),
             unit_steps: vec![0.0; shape.len],
             moved: 0,
@@ -366,6 +369,35 @@ impl RoundFold {
             .enumerate()
             .min_by(|a, b| a.1.weight.total_cmp(&b.1.weight))
             .map(|(i, _)| i)
+    }
+
+    /// For a round whose selection's claims are not all known when it opens (clients sampled
+    /// from the registry say hello later): every update is held out of the sum until
+    /// [`RoundFold::cap_claims`] sets `max_weight`. Call before the first [`RoundFold::add`].
+    pub fn defer_claim_cap(&mut self) {
+        if matches!(self.plan, Plan::WeightedSum { .. }) {
+            self.hold = usize::MAX;
+        }
+        self.policy.max_weight = f64::INFINITY;
+        self.claim_cap_deferred = true;
+    }
+
+    /// Whether the claim cap waits for [`RoundFold::cap_claims`].
+    pub fn claim_cap_deferred(&self) -> bool {
+        self.claim_cap_deferred
+    }
+
+    /// Sets the deferred claim cap: every update so far (all held) weighs at most
+    /// `max_weight`, as if the cap had been known when it came.
+    pub fn cap_claims(&mut self, max_weight: f64) {
+        self.policy.max_weight = max_weight;
+        for accepted in self.clients.values_mut() {
+            accepted.weight = accepted.weight.min(max_weight);
+        }
+        for held in &mut self.held {
+            held.weight = held.weight.min(max_weight);
+        }
+        self.claim_cap_deferred = false;
     }
 
     /// Updates folded so far.

@@ -92,6 +92,8 @@ pub(super) struct Shared {
     /// The share of its rows each client holds out for federated evaluation, for every
     /// welcome.
     pub(super) eval_fraction: f64,
+    /// Failed attempts at `round` so far (both set by the server loop).
+    pub(super) attempt: std::sync::atomic::AtomicU32,
     /// The round a `Welcome` announces.
     pub(super) round: AtomicU64,
     pub(super) sessions: AtomicU64,
@@ -285,6 +287,7 @@ async fn connection(
             round: shared.round.load(Ordering::Relaxed),
             classes: shared.classes.clone(),
             eval_fraction: shared.eval_fraction,
+            attempt: shared.attempt.load(Ordering::Relaxed),
         }),
     )
     .await?;

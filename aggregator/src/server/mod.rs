@@ -17,7 +17,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use aggregator_core::engine::{Action, ClosedBy, Engine, EngineConfig, Event, Millis};
+use aggregator_core::engine::{
+    Action, ClosedBy, Engine, EngineConfig, Event, Millis, Population,
+};
 use anyhow::{Context, Result};
 use protocol::{GoodbyeReason, Message, encode_frame};
 use tokio::sync::{mpsc, watch};
@@ -81,6 +83,10 @@ impl Server {
         engine
             .check_round_capacity(self.opts.registry.len())
             .context("the run's rounds do not fit the compute backend")?;
+        if engine.config().sampling.population == Population::Registered {
+            // Sampled from as the run starts: a client added later joins the next run.
+            engine.set_population(self.opts.registry.ids().map(str::to_owned));
+        }
         let shared = Arc::new(Shared {
             limits: session_limits(self.opts.limits, engine.config()),
             registry: LiveRegistry::new(
@@ -92,6 +98,7 @@ impl Server {
             classes: engine.config().classes.clone(),
             eval_fraction: engine.config().eval_fraction,
             round: AtomicU64::new(engine.round()),
+            attempt: std::sync::atomic::AtomicU32::new(engine.attempt()),
             sessions: AtomicU64::new(0),
         });
         let gate = Arc::new(Gate::new(
@@ -228,6 +235,7 @@ impl Server {
                         summary.rounds.push(line);
                         round_started = Instant::now();
                         shared.round.store(engine.round(), Ordering::Relaxed);
+                        shared.attempt.store(engine.attempt(), Ordering::Relaxed);
                     }
                     Action::Finished => {
                         summary.finished = true;
