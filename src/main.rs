@@ -152,10 +152,11 @@ struct Args {
     /// Rounds per strategy.
     #[arg(long, default_value_t = 40)]
     rounds: u64,
-    /// `dirichlet`, `shards` or `iid`.
+    /// `dirichlet`, `shards`, `iid`, or `recipe` (each client's rows drawn from a seeded
+    /// recipe with replacement, for fleets with more clients than rows).
     #[arg(long, default_value = "dirichlet")]
     partition: PartitionKind,
-    /// Dirichlet α (smaller: more label skew).
+    /// Dirichlet and recipe α (smaller: more label skew).
     #[arg(long, default_value_t = 0.1)]
     alpha: f64,
     /// Dirichlet: fewest samples a client may get.
@@ -164,6 +165,9 @@ struct Args {
     /// Shards: classes per client.
     #[arg(long, default_value_t = 2)]
     classes_per_client: usize,
+    /// Recipe: a client's typical row count (its size is uniform in [rows/2, 3·rows/2]).
+    #[arg(long, default_value_t = 600)]
+    rows: usize,
     /// Strategies, comma-separated (`none` or empty: only the centralized bound): `fedavg`,
     /// `fedprox:MU`,
     /// `wsa:LAMBDA[:mean-std|root-mean-var|mixture][:mu=MU][:warmup=ROUNDS][:only=K|:curvature]`
@@ -395,7 +399,7 @@ fn config(args: Args) -> Result<FleetConfig> {
     let privacy = privacy(&args)?;
     let partition = args
         .partition
-        .scheme(args.alpha, args.min_size, args.classes_per_client);
+        .scheme(args.alpha, args.min_size, args.classes_per_client, args.rows);
     let hidden = args
         .hidden
         .iter()

@@ -62,6 +62,106 @@ pub enum Scheme {
         /// Classes per client: between 1 and the number of classes.
         classes_per_client: usize,
     },
+    /// Each client's data is a seeded recipe, drawn only when asked for ([`Recipe`]): a class
+    /// mix from Dirichlet(α) over the classes present and a size uniform in
+    /// `[⌈rows/2⌉, ⌊3·rows/2⌋]`, its rows drawn from the pool with replacement. Clients share
+    /// rows, so a fleet may have more clients than there are rows (a million phones over
+    /// Fashion-MNIST), and a simulator materialises only the clients a round samples.
+    Recipe {
+        /// Concentration of each client's class mix: finite and > 0.
+        alpha: f64,
+        /// A client's typical row count (≥ 1).
+        rows: usize,
+    },
+}
+
+/// A [`Scheme::Recipe`] over one training set: a client's rows from its index alone.
+#[derive(Debug, Clone)]
+pub struct Recipe {
+    by_class: Vec<Vec<usize>>,
+    alpha: f64,
+    rows: usize,
+    seed: u64,
+}
+
+impl Recipe {
+    /// The recipe of α and `rows` over samples with `labels` (each below `classes`), seeded.
+    pub fn new(
+        labels: &[u32],
+        classes: usize,
+        alpha: f64,
+        rows: usize,
+        seed: u64,
+    ) -> Result<Self, PartitionError> {
+        if !(alpha.is_finite() && alpha > 0.0) {
+            return Err(PartitionError::BadAlpha { alpha });
+        }
+        if rows == 0 || labels.is_empty() {
+            return Err(PartitionError::EmptyRecipe {
+                rows,
+                samples: labels.len(),
+            });
+        }
+        let mut by_class: Vec<Vec<usize>> = vec![Vec::new(); classes];
+        for (index, &label) in labels.iter().enumerate() {
+            let class = label as usize;
+            if class >= classes {
+                return Err(PartitionError::LabelOutOfRange {
+                    index,
+                    label,
+                    classes,
+                });
+            }
+            by_class[class].push(index);
+        }
+        by_class.retain(|members| !members.is_empty());
+        Ok(Self {
+            by_class,
+            alpha,
+            rows,
+            seed,
+        })
+    }
+
+    /// Client `client`'s rows, ascending (a row may repeat): a function of the recipe and the
+    /// index alone, from the client's own ChaCha stream.
+    pub fn rows_of(&self, client: usize) -> Vec<usize> {
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
+        rng.set_stream(client as u64);
+        let boosted = Gamma::new(self.alpha + 1.0, 1.0).expect("α was checked");
+        // As in the Dirichlet scheme: Gamma(α) = Gamma(α + 1) · U^(1/α), in log space.
+        let log_weights: Vec<f64> = self
+            .by_class
+            .iter()
+            .map(|_| {
+                let u: f64 = rng.sample(OpenClosed01);
+                boosted.sample(&mut rng).ln() + u.ln() / self.alpha
+            })
+            .collect();
+        let max = log_weights
+            .iter()
+            .copied()
+            .fold(f64::NEG_INFINITY, f64::max);
+        let mut cumulative = Vec::with_capacity(log_weights.len());
+        let mut total = 0.0;
+        for w in &log_weights {
+            total += (w - max).exp();
+            cumulative.push(total);
+        }
+        let low = self.rows.div_ceil(2).max(1);
+        let high = (3 * self.rows / 2).max(low);
+        let size = rng.random_range(low..=high);
+        let mut rows: Vec<usize> = (0..size)
+            .map(|_| {
+                let at = rng.random_range(0.0..total);
+                let class = cumulative.partition_point(|&c| c <= at).min(cumulative.len() - 1);
+                let members = &self.by_class[class];
+                members[rng.random_range(0..members.len())]
+            })
+            .collect();
+        rows.sort_unstable();
+        rows
+    }
 }
 
 /// The name of a [`Scheme`], as the simulator's `--partition` takes it; the scheme's numbers
@@ -74,12 +174,21 @@ pub enum PartitionKind {
     Dirichlet,
     /// [`Scheme::Shards`].
     Shards,
+    /// [`Scheme::Recipe`].
+    Recipe,
 }
 
 impl PartitionKind {
     /// The scheme of this kind with its numbers (each kind reads the ones it needs).
-    pub fn scheme(self, alpha: f64, min_size: usize, classes_per_client: usize) -> Scheme {
+    pub fn scheme(
+        self,
+        alpha: f64,
+        min_size: usize,
+        classes_per_client: usize,
+        rows: usize,
+    ) -> Scheme {
         match self {
+            PartitionKind::Recipe => Scheme::Recipe { alpha, rows },
             PartitionKind::Iid => Scheme::Iid,
             PartitionKind::Dirichlet => Scheme::Dirichlet { alpha, min_size },
             PartitionKind::Shards => Scheme::Shards { classes_per_client },
@@ -93,6 +202,7 @@ impl fmt::Display for PartitionKind {
             PartitionKind::Iid => "iid",
             PartitionKind::Dirichlet => "dirichlet",
             PartitionKind::Shards => "shards",
+            PartitionKind::Recipe => "recipe",
         })
     }
 }
@@ -106,8 +216,9 @@ impl FromStr for PartitionKind {
             "iid" => Ok(PartitionKind::Iid),
             "dirichlet" => Ok(PartitionKind::Dirichlet),
             "shards" => Ok(PartitionKind::Shards),
+            "recipe" => Ok(PartitionKind::Recipe),
             other => Err(format!(
-                "unknown partition {other:?}: dirichlet, shards or iid"
+                "unknown partition {other:?}: dirichlet, shards, iid or recipe"
             )),
         }
     }
@@ -116,6 +227,14 @@ impl FromStr for PartitionKind {
 /// A bad input to [`partition`], or a Dirichlet constraint that could not be met.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum PartitionError {
+    /// A recipe of no rows, or over no samples.
+    #[error("a recipe needs rows ≥ 1 and samples to draw from, got {rows} rows over {samples}")]
+    EmptyRecipe {
+        /// The typical row count asked for.
+        rows: usize,
+        /// Samples in the training set.
+        samples: usize,
+    },
     /// Asked to split among no clients.
     #[error("cannot partition among zero clients")]
     NoClients,
@@ -204,7 +323,8 @@ pub struct Partition {
     /// The seed it was made with.
     pub seed: u64,
     /// Per client, indices into the training set, ascending. Every index appears exactly once
-    /// across all clients.
+    /// across all clients, except under [`Scheme::Recipe`], whose clients draw with
+    /// replacement.
     pub clients: Vec<Vec<usize>>,
 }
 
@@ -226,7 +346,8 @@ pub fn partition(
     if clients == 0 {
         return Err(PartitionError::NoClients);
     }
-    if clients > labels.len() {
+    // A recipe's clients share rows; every other scheme gives each row to one client.
+    if clients > labels.len() && !matches!(scheme, Scheme::Recipe { .. }) {
         return Err(PartitionError::TooManyClients {
             clients,
             samples: labels.len(),
@@ -254,6 +375,10 @@ pub fn partition(
         Scheme::Iid => iid(labels.len(), clients, &mut rng),
         Scheme::Dirichlet { alpha, min_size } => {
             dirichlet(&mut by_class, clients, alpha, min_size, &mut rng)?
+        }
+        Scheme::Recipe { alpha, rows } => {
+            let recipe = Recipe::new(labels, classes, alpha, rows, seed)?;
+            (0..clients).map(|c| recipe.rows_of(c)).collect()
         }
         Scheme::Shards { classes_per_client } => {
             if classes_per_client == 0 || classes_per_client > classes {

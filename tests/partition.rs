@@ -470,3 +470,83 @@ fn scheme_serializes_with_a_kebab_cased_kind_tag() {
         Scheme::Iid
     );
 }
+
+#[test]
+fn a_recipe_client_is_a_function_of_its_index_alone() {
+    let labels = uneven(6);
+    let recipe = Recipe::new(&labels, 6, 0.5, 40, 3).unwrap();
+    // The same client whatever the fleet's size, and the partition draws the recipe's rows.
+    let small = partition(&labels, 6, 5, &Scheme::Recipe { alpha: 0.5, rows: 40 }, 3).unwrap();
+    let large = partition(
+        &labels,
+        6,
+        labels.len() * 3,
+        &Scheme::Recipe {
+            alpha: 0.5,
+            rows: 40,
+        },
+        3,
+    )
+    .unwrap();
+    for c in 0..5 {
+        assert_eq!(small.clients[c], recipe.rows_of(c));
+        assert_eq!(large.clients[c], recipe.rows_of(c));
+    }
+    assert_eq!(large.clients.len(), labels.len() * 3);
+    // Sizes uniform in [20, 60], rows in range and sorted; another seed, another client.
+    for rows in &large.clients {
+        assert!((20..=60).contains(&rows.len()), "{}", rows.len());
+        assert!(rows.windows(2).all(|w| w[0] <= w[1]));
+        assert!(rows.iter().all(|&r| r < labels.len()));
+    }
+    let sizes: std::collections::BTreeSet<usize> =
+        large.clients.iter().map(Vec::len).collect();
+    assert!(sizes.len() > 30, "sizes should spread over the range");
+    let other = Recipe::new(&labels, 6, 0.5, 40, 4).unwrap();
+    assert_ne!(other.rows_of(0), recipe.rows_of(0));
+}
+
+#[test]
+fn a_recipe_skews_its_class_mix_as_alpha_says() {
+    let labels = balanced(6000, 10);
+    let classes_held = |alpha: f64| {
+        let recipe = Recipe::new(&labels, 10, alpha, 200, 1).unwrap();
+        let mut total = 0;
+        for c in 0..200 {
+            let mut seen = std::collections::BTreeSet::new();
+            // Classes holding at least 5% of the client's rows.
+            let rows = recipe.rows_of(c);
+            let mut counts = [0usize; 10];
+            for &r in &rows {
+                counts[labels[r] as usize] += 1;
+            }
+            for (k, &n) in counts.iter().enumerate() {
+                if n * 20 >= rows.len() {
+                    seen.insert(k);
+                }
+            }
+            total += seen.len();
+        }
+        total as f64 / 200.0
+    };
+    let (skewed, flat) = (classes_held(0.1), classes_held(1000.0));
+    assert!(skewed < 3.0, "α = 0.1 holds {skewed} classes a client");
+    assert!(flat > 9.5, "α = 1000 holds {flat} classes a client");
+}
+
+#[test]
+fn a_recipe_refuses_bad_numbers() {
+    let labels = balanced(100, 4);
+    assert!(matches!(
+        Recipe::new(&labels, 4, 0.0, 10, 0),
+        Err(PartitionError::BadAlpha { .. })
+    ));
+    assert!(matches!(
+        Recipe::new(&labels, 4, 1.0, 0, 0),
+        Err(PartitionError::EmptyRecipe { .. })
+    ));
+    assert!(matches!(
+        Recipe::new(&labels, 3, 1.0, 10, 0),
+        Err(PartitionError::LabelOutOfRange { .. })
+    ));
+}
