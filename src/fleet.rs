@@ -30,16 +30,23 @@ impl Deployment {
     /// (the CA key beside it, in `<creds>-ca`), replacing any there: a simulated fleet's
     /// credentials live as long as its run.
     pub fn generate(creds: &Path, client_ids: &[String]) -> Result<Self> {
-        Self::generate_with(creds, client_ids, Tokens::Random)
+        Self::generate_with(creds, client_ids, Tokens::Random, None)
     }
 
     /// [`Deployment::generate`] with tokens made as `tokens` says (derived for a fleet too
-    /// large for a file per client).
-    pub fn generate_with(creds: &Path, client_ids: &[String], tokens: Tokens) -> Result<Self> {
+    /// large for a file per client), and the server certificate also naming `server_name`.
+    pub fn generate_with(
+        creds: &Path,
+        client_ids: &[String],
+        tokens: Tokens,
+        server_name: Option<&str>,
+    ) -> Result<Self> {
+        let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+        names.extend(server_name.map(str::to_owned));
         generate_credentials_with(
             creds,
             &default_ca_dir(creds),
-            &["localhost".to_owned(), "127.0.0.1".to_owned()],
+            &names,
             client_ids,
             Lifetimes::default(),
             true,

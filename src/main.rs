@@ -17,7 +17,9 @@ use edge_client::Adversary;
 use protocol::Encoding;
 use wsa::{Sgd, Weighting};
 use wsa_fl::partition::PartitionKind;
-use wsa_fl::sim::{Byzantine, DataSource, FleetConfig, FleetSummary, markdown_table, run_fleet};
+use wsa_fl::sim::{
+    Byzantine, DataSource, FleetConfig, FleetSummary, Pool, markdown_table, run_fleet,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -40,6 +42,10 @@ enum Command {
     /// A client process of a run with `--client-processes` (started by the simulator): hosts
     /// clients i with i % groups == group until the run ends.
     Clients(ClientGroup),
+    /// A worker of a run with `--workers` (started by the simulator, or by hand on any
+    /// machine with the run folder): acts as its share of every round's sampled clients until
+    /// the run ends.
+    Worker(Worker),
     /// Classify the first test images with a run's final model through `edge-client predict`
     /// and draw them with their predicted and true labels (`<out>/predictions.png`, the
     /// images and predictions in `<out>/showcase/`).
@@ -291,6 +297,25 @@ struct Args {
     /// Run the clients in this many separate processes (0: all in this process).
     #[arg(long, default_value_t = 0)]
     client_processes: usize,
+    /// Virtual clients: register all `--clients` but keep none alive; this many worker
+    /// processes act as each round's sampled clients (0: every client stays connected).
+    #[arg(long, default_value_t = 0)]
+    workers: usize,
+    /// With --workers: do not start them; print the `wsa-fl worker` command for each (to run
+    /// here or on other machines) and wait for them.
+    #[arg(long)]
+    external_workers: bool,
+    /// With --workers: how long a worker's client waits for its task before asking again
+    /// where the run stands (ms).
+    #[arg(long, default_value_t = 10_000)]
+    worker_patience_ms: u64,
+    /// With --workers: the aggregator's address (default: a free loopback port).
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// With --workers: a name the aggregator's certificate also carries, for workers on other
+    /// machines.
+    #[arg(long)]
+    server_name: Option<String>,
     /// Use the synthetic problem instead of images (no model needed).
     #[arg(long)]
     synthetic: bool,
@@ -397,9 +422,12 @@ fn byzantine(fraction: f64, attack: Adversary) -> Result<Option<Byzantine>> {
 
 fn config(args: Args) -> Result<FleetConfig> {
     let privacy = privacy(&args)?;
-    let partition = args
-        .partition
-        .scheme(args.alpha, args.min_size, args.classes_per_client, args.rows);
+    let partition = args.partition.scheme(
+        args.alpha,
+        args.min_size,
+        args.classes_per_client,
+        args.rows,
+    );
     let hidden = args
         .hidden
         .iter()
@@ -484,6 +512,13 @@ fn config(args: Args) -> Result<FleetConfig> {
         validation_fraction: args.validation_fraction,
         eval_fraction: args.eval_fraction,
         client_processes: args.client_processes,
+        pool: (args.workers > 0).then(|| Pool {
+            workers: args.workers,
+            patience_ms: args.worker_patience_ms,
+            spawn: !args.external_workers,
+            listen: args.listen,
+            server_name: args.server_name.clone(),
+        }),
         out: args.out.unwrap_or_else(|| "runs/fleet".into()),
     })
 }
@@ -507,6 +542,29 @@ struct ClientGroup {
     groups: usize,
 }
 
+#[derive(Debug, clap::Args)]
+struct Worker {
+    /// The run folder (its config.json and creds/, copied as they are to another machine;
+    /// the features' cache and data paths in config.json must exist there too).
+    #[arg(long)]
+    fleet: PathBuf,
+    /// The aggregator.
+    #[arg(long)]
+    server: std::net::SocketAddr,
+    /// The name the aggregator's certificate carries.
+    #[arg(long, default_value = "localhost")]
+    server_name: String,
+    /// The seed of the run.
+    #[arg(long)]
+    seed: u64,
+    /// This worker's index.
+    #[arg(long)]
+    index: usize,
+    /// Number of workers.
+    #[arg(long)]
+    workers: usize,
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     cli.log
@@ -514,6 +572,16 @@ fn main() -> Result<()> {
     match cli.command {
         Some(Command::Clients(g)) => {
             return wsa_fl::sim::run_client_group(&g.config, g.server, g.seed, g.group, g.groups);
+        }
+        Some(Command::Worker(w)) => {
+            return wsa_fl::sim::run_worker(
+                &w.fleet,
+                w.server,
+                &w.server_name,
+                w.seed,
+                w.index,
+                w.workers,
+            );
         }
         Some(Command::Showcase(s)) => return showcase(s),
         None => {}
@@ -558,6 +626,18 @@ fn report(summary: &FleetSummary) -> Result<()> {
     );
     if let Some(rss) = summary.peak_rss_mib {
         println!("peak RSS of this process: {rss:.0} MiB");
+    }
+    if !summary.workers_peak_rss_mib.is_empty() {
+        println!(
+            "peak RSS of the workers: {} MiB; {:.1} s to set up the fleet",
+            summary
+                .workers_peak_rss_mib
+                .iter()
+                .map(|r| format!("{r:.0}"))
+                .collect::<Vec<_>>()
+                .join(" + "),
+            summary.setup_seconds
+        );
     }
     println!("plot: {}", summary.plot.display());
     println!("run folder: {}", summary.config.out.display());

@@ -154,7 +154,9 @@ impl Recipe {
         let mut rows: Vec<usize> = (0..size)
             .map(|_| {
                 let at = rng.random_range(0.0..total);
-                let class = cumulative.partition_point(|&c| c <= at).min(cumulative.len() - 1);
+                let class = cumulative
+                    .partition_point(|&c| c <= at)
+                    .min(cumulative.len() - 1);
                 let members = &self.by_class[class];
                 members[rng.random_range(0..members.len())]
             })

@@ -476,7 +476,17 @@ fn a_recipe_client_is_a_function_of_its_index_alone() {
     let labels = uneven(6);
     let recipe = Recipe::new(&labels, 6, 0.5, 40, 3).unwrap();
     // The same client whatever the fleet's size, and the partition draws the recipe's rows.
-    let small = partition(&labels, 6, 5, &Scheme::Recipe { alpha: 0.5, rows: 40 }, 3).unwrap();
+    let small = partition(
+        &labels,
+        6,
+        5,
+        &Scheme::Recipe {
+            alpha: 0.5,
+            rows: 40,
+        },
+        3,
+    )
+    .unwrap();
     let large = partition(
         &labels,
         6,
@@ -499,8 +509,7 @@ fn a_recipe_client_is_a_function_of_its_index_alone() {
         assert!(rows.windows(2).all(|w| w[0] <= w[1]));
         assert!(rows.iter().all(|&r| r < labels.len()));
     }
-    let sizes: std::collections::BTreeSet<usize> =
-        large.clients.iter().map(Vec::len).collect();
+    let sizes: std::collections::BTreeSet<usize> = large.clients.iter().map(Vec::len).collect();
     assert!(sizes.len() > 30, "sizes should spread over the range");
     let other = Recipe::new(&labels, 6, 0.5, 40, 4).unwrap();
     assert_ne!(other.rows_of(0), recipe.rows_of(0));

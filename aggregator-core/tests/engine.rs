@@ -2011,7 +2011,13 @@ fn a_quantized_downlink_is_the_rounds_reference() {
 fn sampling_from_the_registry_gives_the_connected_run_round_for_round() {
     let ids: Vec<String> = (0..12).map(|i| format!("c{i:02}")).collect();
     // Two claims far above the median, so the claim cap binds and must be the same in both.
-    let claim = |id: &str| if id == "c03" || id == "c07" { 5_000 } else { 100 + id.len() as u64 };
+    let claim = |id: &str| {
+        if id == "c03" || id == "c07" {
+            5_000
+        } else {
+            100 + id.len() as u64
+        }
+    };
     let mut c = config(Strategy::FedAvg);
     c.rounds = 3;
     c.sampling.fraction = 0.5;
@@ -2022,7 +2028,12 @@ fn sampling_from_the_registry_gives_the_connected_run_round_for_round() {
     let answer = |sim: &mut Sim, client: &str, round: u64| {
         let task = sim.task(client);
         assert_eq!(task.round, round);
-        let u = perturbed(&task, client, claim(client), 1000 * round + client.len() as u64);
+        let u = perturbed(
+            &task,
+            client,
+            claim(client),
+            1000 * round + client.len() as u64,
+        );
         assert_eq!(sim.verdict(client, u), Outcome::Accepted);
     };
 
@@ -2050,7 +2061,10 @@ fn sampling_from_the_registry_gives_the_connected_run_round_for_round() {
     let mut sorted = ids.clone();
     sorted.sort();
     for round in 0..3 {
-        let status = registered.engine.open_round().expect("opens with no client connected");
+        let status = registered
+            .engine
+            .open_round()
+            .expect("opens with no client connected");
         assert_eq!((status.round, status.attempt), (round, 0));
         let sample: Vec<String> = aggregator_core::engine::round_sample(c.seed, round, 0, 12, 6)
             .into_iter()
@@ -2089,7 +2103,10 @@ fn sampling_from_the_registry_gives_the_connected_run_round_for_round() {
         .filter(|(c, _)| claim(c) == 5_000)
         .map(|(_, &w)| w)
         .collect();
-    assert!(!heavy.is_empty() && heavy.iter().all(|&w| w == 206.0), "{heavy:?}");
+    assert!(
+        !heavy.is_empty() && heavy.iter().all(|&w| w == 206.0),
+        "{heavy:?}"
+    );
     assert_eq!(
         bits(connected.engine.global_params()),
         bits(registered.engine.global_params())

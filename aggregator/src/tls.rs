@@ -393,9 +393,17 @@ mod tests {
         }
         // Another key's token for the same id is refused, and one id's token opens no other.
         let other = derived_token(&[7; 32], &ids[0]).into_bytes();
-        assert!(registry.verify(&ids[0], &protocol::Auth::Token(other)).is_err());
+        assert!(
+            registry
+                .verify(&ids[0], &protocol::Auth::Token(other))
+                .is_err()
+        );
         let first = client_token(&creds, &ids[0]).unwrap();
-        assert!(registry.verify(&ids[1], &protocol::Auth::Token(first)).is_err());
+        assert!(
+            registry
+                .verify(&ids[1], &protocol::Auth::Token(first))
+                .is_err()
+        );
     }
 
     #[test]

@@ -71,8 +71,11 @@ pub struct Visit {
     /// Another (round, attempt) worth waiting through: the one the visitor saw last, still
     /// open when it checks in for the next.
     pub or_after: Option<(u64, u32)>,
-    /// How long to wait for a task after the welcome.
+    /// How long to wait for a task after the welcome (and, in the last round, for the end).
     pub patience: Duration,
+    /// The run's last round: stay after the verdict for the final model and the goodbye,
+    /// which tell the visitor the run is over.
+    pub last_round: bool,
 }
 
 impl Visit {
@@ -340,9 +343,11 @@ pub async fn run(
                 }
                 if let Some(visit) = &opts.visit {
                     let seen = session.last_welcome();
-                    if verdict || (welcome && !seen.is_some_and(|s| visit.waits_at(s))) {
+                    if (verdict && !visit.last_round)
+                        || (welcome && !seen.is_some_and(|s| visit.waits_at(s)))
+                    {
                         pending.extend(session.handle(now(), Event::Shutdown));
-                    } else if welcome {
+                    } else if welcome || verdict {
                         patience = Some(tokio::time::Instant::now() + visit.patience);
                     }
                 }

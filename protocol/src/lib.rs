@@ -36,5 +36,5 @@ pub use message::{
     LocalNoise, MAX_SECAGG_NEIGHBOURS, Message, Outcome, RejectReason, RevealedShare, RoundTask,
     SealedShares, SecAgg, SecAggAdvertise, SecAggInbox, SecAggMasked, SecAggPeer, SecAggReveal,
     SecAggRoster, SecAggSetup, SecAggShares, SecAggUnmask, Subject, TrainSpec, Update,
-    UpdateMetrics, Verdict, Welcome, WireScope, WsaSpec, client_id, indexed_classes,
+    UpdateMetrics, Verdict, Welcome, WireScope, WsaSpec, client_id, client_index, indexed_classes,
 };

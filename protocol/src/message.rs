@@ -68,6 +68,13 @@ pub fn client_id(index: usize) -> String {
     format!("client-{index:04}")
 }
 
+/// The index of a conventional client id ([`client_id`]), if `id` is one.
+pub fn client_index(id: &str) -> Option<usize> {
+    let digits = id.strip_prefix("client-")?;
+    let index: usize = digits.parse().ok()?;
+    (client_id(index) == id).then_some(index)
+}
+
 /// The names `"0"`, `"1"`, … of `count` classes known only by index: what a run or a client
 /// without class names uses, so both sides still match classes by name.
 pub fn indexed_classes(count: usize) -> Vec<String> {

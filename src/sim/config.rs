@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use aggregator::backends::BackendChoice;
 use aggregator_core::engine::SecureAggregation;
-use aggregator_core::engine::{EngineConfig, Sampling, UpdateBounds};
+use aggregator_core::engine::{EngineConfig, Population, Sampling, UpdateBounds};
 use aggregator_core::privacy::Privacy;
 use aggregator_core::strategy::{Aggregation, Strategy, TargetPolicy};
 use edge_client::Adversary;
@@ -83,6 +83,38 @@ impl Byzantine {
     }
 }
 
+/// A fleet of virtual clients: registered (credentials derived from one key, data a recipe or
+/// a partition), but alive only while a worker acts as one for the round that sampled it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Pool {
+    /// Worker processes (at most `per_round`); each acts as its share of every round's sample.
+    pub workers: usize,
+    /// How long a worker's client waits for its task after checking in before the worker
+    /// asks again where the run stands (ms).
+    #[serde(default = "default_patience_ms")]
+    pub patience_ms: u64,
+    /// Start the workers here (false: the user starts `wsa-fl worker` processes, on this
+    /// machine or others, and the run waits for them).
+    #[serde(default = "default_spawn_workers")]
+    pub spawn: bool,
+    /// Where the aggregator listens (default: a free loopback port); workers on other
+    /// machines need an address they can reach.
+    #[serde(default)]
+    pub listen: Option<std::net::SocketAddr>,
+    /// A name the aggregator's certificate also carries, for workers that reach it by that
+    /// name (`localhost` and `127.0.0.1` are always there).
+    #[serde(default)]
+    pub server_name: Option<String>,
+}
+
+fn default_patience_ms() -> u64 {
+    10_000
+}
+
+fn default_spawn_workers() -> bool {
+    true
+}
+
 /// Everything a fleet run does; written to the run folder as `config.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FleetConfig {
@@ -155,6 +187,11 @@ pub struct FleetConfig {
     /// then has this process to itself, and its memory can be measured apart.
     #[serde(default)]
     pub client_processes: usize,
+    /// Virtual clients: the aggregator samples from the registry of all `clients`, and a pool
+    /// of worker processes acts as each round's sampled clients (none: every client stays
+    /// connected for the run).
+    #[serde(default)]
+    pub pool: Option<Pool>,
     /// The run folder.
     pub out: PathBuf,
 }
@@ -200,9 +237,15 @@ pub(crate) fn engine_config(
         min_clients: cfg.per_round,
         over_selection: 1.0,
     };
-    // Every client is online in a simulation: wait for all, and count a round only when all
-    // asked clients answered, so strategies see the same number of updates.
-    c.min_connected = cfg.clients;
+    if cfg.pool.is_some() {
+        // Virtual clients check in when sampled: the round samples the registry.
+        c.sampling.population = Population::Registered;
+    } else {
+        // Every client is online in a simulation: wait for all.
+        c.min_connected = cfg.clients;
+    }
+    // Count a round only when all asked clients answered, so strategies see the same number
+    // of updates.
     c.quorum = cfg.quorum.unwrap_or(cfg.per_round).clamp(1, cfg.per_round);
     c.round_timeout_ms = 600_000;
     c

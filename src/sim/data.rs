@@ -10,7 +10,7 @@ use wsa::synthetic::{SyntheticProblem, SyntheticSpec};
 use aggregator_core::engine::BackboneRef;
 
 use super::config::{DataSource, FleetConfig};
-use crate::partition::partition;
+use crate::partition::{Recipe, Scheme, partition};
 
 /// A run's features, the names of their classes, and the backbone that made them.
 pub(crate) struct Dataset {
@@ -160,8 +160,7 @@ pub(crate) fn seed_data(
     all_train: &LabelledFeatures,
     seed: u64,
 ) -> Result<SeedData> {
-    let (train, validation) =
-        all_train.hold_out(cfg.validation_fraction, seed ^ 0x7661_6c69_6461_7465)?;
+    let (train, validation) = hold_out(cfg, all_train, seed)?;
     let split = partition(
         train.labels(),
         train.classes(),
@@ -180,6 +179,54 @@ pub(crate) fn seed_data(
         split,
         shards,
     })
+}
+
+/// The training rows left to the clients of `seed`, and the validation hold-out.
+pub(crate) fn hold_out(
+    cfg: &FleetConfig,
+    all_train: &LabelledFeatures,
+    seed: u64,
+) -> Result<(LabelledFeatures, Option<LabelledFeatures>)> {
+    Ok(all_train.hold_out(cfg.validation_fraction, seed ^ 0x7661_6c69_6461_7465)?)
+}
+
+/// Which rows each client of a seed holds, materialised one client at a time: what a pool of
+/// virtual clients needs. A recipe costs nothing per client; any other scheme keeps its
+/// partition (each training row once).
+pub(crate) enum ClientRows {
+    Partitioned(Vec<Vec<usize>>),
+    Drawn(Recipe),
+}
+
+impl ClientRows {
+    /// The rows of `cfg`'s clients over `train` (after the hold-out) for `seed`: the same
+    /// rows [`seed_data`] gives each client.
+    pub(crate) fn new(cfg: &FleetConfig, train: &LabelledFeatures, seed: u64) -> Result<Self> {
+        Ok(match cfg.partition {
+            Scheme::Recipe { alpha, rows } => ClientRows::Drawn(Recipe::new(
+                train.labels(),
+                train.classes(),
+                alpha,
+                rows,
+                seed,
+            )?),
+            ref scheme => ClientRows::Partitioned(
+                partition(train.labels(), train.classes(), cfg.clients, scheme, seed)?.clients,
+            ),
+        })
+    }
+
+    /// Client `index`'s features.
+    pub(crate) fn client(
+        &self,
+        train: &LabelledFeatures,
+        index: usize,
+    ) -> Result<LabelledFeatures> {
+        Ok(match self {
+            ClientRows::Partitioned(clients) => train.select(&clients[index])?,
+            ClientRows::Drawn(recipe) => train.select(&recipe.rows_of(index))?,
+        })
+    }
 }
 
 #[cfg(test)]

@@ -116,9 +116,17 @@ pub struct FleetSummary {
     pub feature_seconds: f64,
     /// Seconds of the whole run.
     pub total_seconds: f64,
+    /// Seconds from the start to the first run: the features, and the credentials of every
+    /// client.
+    #[serde(default)]
+    pub setup_seconds: f64,
     /// Peak resident memory of the simulator's process, MiB: the aggregator (and the shared
     /// feature matrix), plus every client unless they ran in their own processes.
     pub peak_rss_mib: Option<f64>,
+    /// Under a pool of virtual clients: each worker's peak resident memory, MiB (the largest
+    /// over the sweep's runs).
+    #[serde(default)]
+    pub workers_peak_rss_mib: Vec<f64>,
     /// The plot.
     pub plot: PathBuf,
 }

@@ -16,12 +16,13 @@ use tokio::sync::{mpsc, watch};
 use wsa::{Head, HeadSpec, LabelledFeatures, Sgd, TrainConfig};
 
 use super::config::{FleetConfig, engine_config};
-use super::data::{Dataset, SeedData, load_data, seed_data};
+use super::data::{Dataset, SeedData, hold_out, load_data, seed_data};
 use super::report::{
     FleetSummary, PLOTS, RoundLog, RoundRow, markdown_table, mean_std, peak_rss_mib, read_rounds,
     summarize, write_plot,
 };
 use crate::fleet::{Deployment, spawn_server};
+use aggregator::tls::Tokens;
 
 /// Runs one strategy on one seed's shards; returns one row per round.
 async fn run_strategy(
@@ -36,17 +37,21 @@ async fn run_strategy(
     // The clients name their data's classes as the run does.
     let classes = engine.config().classes.clone();
     let (observer, mut lines) = mpsc::unbounded_channel::<RoundLine>();
-    let mut options = deployment.server_options(
-        "127.0.0.1:0".parse().expect("literal"),
-        None,
-        Some(cfg.out.join("aggregator-rounds.jsonl")),
-    )?;
+    let listen = cfg
+        .pool
+        .as_ref()
+        .and_then(|p| p.listen)
+        .unwrap_or_else(|| "127.0.0.1:0".parse().expect("literal"));
+    let mut options =
+        deployment.server_options(listen, None, Some(cfg.out.join("aggregator-rounds.jsonl")))?;
     options.round_observer = Some(observer);
     options.model_dir = Some(model_dir(cfg, label, seed));
-    // Every simulated client stays connected, and thousands of TLS handshakes on a couple of
-    // cores take a while.
-    options.max_connections = options.max_connections.max(cfg.clients + 16);
-    options.max_unauthenticated = options.max_connections;
+    if cfg.pool.is_none() {
+        // Every simulated client stays connected, and thousands of TLS handshakes on a couple
+        // of cores take a while.
+        options.max_connections = options.max_connections.max(cfg.clients + 16);
+        options.max_unauthenticated = options.max_connections;
+    }
     options.hello_timeout = Duration::from_secs(120);
     let server = deployment.bind(options)?;
     let addr = server.local_addr()?;
@@ -54,7 +59,33 @@ async fn run_strategy(
     let (_keep_clients, stop) = watch::channel(false);
     let mut clients = Vec::new();
     let mut children = Vec::new();
-    if cfg.client_processes == 0 {
+    if let Some(pool) = &cfg.pool {
+        if pool.spawn {
+            let exe = std::env::current_exe()?;
+            for index in 0..pool.workers {
+                let child = std::process::Command::new(&exe)
+                    .arg("worker")
+                    .arg("--fleet")
+                    .arg(&cfg.out)
+                    .args(["--server", &addr.to_string()])
+                    .args(["--seed", &seed.to_string()])
+                    .args(["--index", &index.to_string()])
+                    .args(["--workers", &pool.workers.to_string()])
+                    .spawn()
+                    .with_context(|| format!("starting worker {index}"))?;
+                children.push(child);
+            }
+        } else {
+            tracing::info!(
+                "{label}, seed {seed}: waiting for {} workers; start worker I (0 ≤ I < {}) with \
+                 `wsa-fl worker --fleet {} --server {addr} --seed {seed} --index I --workers {}`",
+                pool.workers,
+                pool.workers,
+                cfg.out.display(),
+                pool.workers
+            );
+        }
+    } else if cfg.client_processes == 0 {
         let named = shards
             .iter()
             .enumerate()
@@ -100,7 +131,10 @@ async fn run_strategy(
     }
     for mut child in children {
         let status = tokio::task::spawn_blocking(move || child.wait()).await??;
-        ensure!(status.success(), "a client process failed: {status}");
+        ensure!(
+            status.success(),
+            "a client or worker process failed: {status}"
+        );
     }
     let rows = progress_task.await??;
     ensure!(summary.finished, "{label}: the run did not finish");
@@ -285,11 +319,29 @@ fn model_dir(cfg: &FleetConfig, label: &str, seed: u64) -> std::path::PathBuf {
 }
 
 /// Which clients attack: `client_id(i)` for `i` below the Byzantine count.
-fn adversaries(cfg: &FleetConfig) -> impl Fn(&str) -> Option<Adversary> + use<> {
+pub(crate) fn adversaries(cfg: &FleetConfig) -> impl Fn(&str) -> Option<Adversary> + use<> {
     let count = cfg.byzantine.as_ref().map_or(0, |b| b.count(cfg.clients));
-    let attackers: Vec<String> = (0..count).map(protocol::client_id).collect();
     let attack = cfg.byzantine.as_ref().map(|b| b.attack.clone());
-    move |id| attack.clone().filter(|_| attackers.iter().any(|a| a == id))
+    move |id| {
+        attack
+            .clone()
+            .filter(|_| protocol::client_index(id).is_some_and(|i| i < count))
+    }
+}
+
+/// The peak RSS (MiB) of each worker index over the sweep's runs, as the workers left it.
+fn workers_peak_rss(cfg: &FleetConfig, workers: usize) -> Vec<f64> {
+    (0..workers)
+        .map(|index| {
+            cfg.seeds
+                .iter()
+                .filter_map(|&seed| {
+                    std::fs::read_to_string(super::worker::rss_file(&cfg.out, seed, index)).ok()
+                })
+                .filter_map(|text| text.trim().parse::<f64>().ok())
+                .fold(0.0, f64::max)
+        })
+        .collect()
 }
 
 /// Runs the whole comparison and writes the run folder.
@@ -339,6 +391,18 @@ fn sweep(cfg: &FleetConfig, done: Vec<RoundRow>) -> Result<FleetSummary> {
         cfg.rounds > 0 && !cfg.seeds.is_empty(),
         "need rounds and at least one seed"
     );
+    if let Some(pool) = &cfg.pool {
+        ensure!(
+            pool.workers > 0 && pool.workers <= cfg.per_round,
+            "a pool needs 1 ≤ workers ≤ per_round, got {} workers",
+            pool.workers
+        );
+        ensure!(
+            !cfg.centralized && cfg.client_processes == 0 && cfg.secure.is_none(),
+            "a pool of virtual clients runs without the centralized reference, client \
+             processes or secure aggregation"
+        );
+    }
     let started = Instant::now();
     std::fs::create_dir_all(&cfg.out).with_context(|| format!("creating {}", cfg.out.display()))?;
     std::fs::write(
@@ -358,7 +422,18 @@ fn sweep(cfg: &FleetConfig, done: Vec<RoundRow>) -> Result<FleetSummary> {
     let feature_seconds = started.elapsed().as_secs_f64();
     let head = HeadSpec::mlp(train.dim(), &cfg.hidden, train.classes());
     let ids: Vec<String> = (0..cfg.clients).map(protocol::client_id).collect();
-    let deployment = Deployment::generate(&cfg.out.join("creds"), &ids)?;
+    let deployment = match &cfg.pool {
+        // A token file per virtual client would be a million files.
+        Some(pool) => Deployment::generate_with(
+            &cfg.out.join("creds"),
+            &ids,
+            Tokens::Derived,
+            pool.server_name.as_deref(),
+        )?,
+        None => Deployment::generate(&cfg.out.join("creds"), &ids)?,
+    };
+    drop(ids);
+    let setup_seconds = started.elapsed().as_secs_f64();
 
     let aggregations = if cfg.aggregations.is_empty() {
         vec![Aggregation::Mean]
@@ -395,18 +470,24 @@ fn sweep(cfg: &FleetConfig, done: Vec<RoundRow>) -> Result<FleetSummary> {
         "validation fraction must be in [0, 0.9)"
     );
     for &seed in &cfg.seeds {
-        let SeedData {
-            train,
-            validation,
-            split,
-            shards,
-        } = seed_data(cfg, &train, seed)?;
-        split.write_json(
-            &cfg.out.join(format!("partition-seed{seed}.json")),
-            train.labels(),
-            train.classes(),
-        )?;
-        skews.push(split.skew(train.labels(), train.classes()));
+        let (validation, shards, split) = if cfg.pool.is_some() {
+            // The workers build each sampled client themselves.
+            (hold_out(cfg, &train, seed)?.1, Vec::new(), None)
+        } else {
+            let SeedData {
+                train,
+                validation,
+                split,
+                shards,
+            } = seed_data(cfg, &train, seed)?;
+            split.write_json(
+                &cfg.out.join(format!("partition-seed{seed}.json")),
+                train.labels(),
+                train.classes(),
+            )?;
+            skews.push(split.skew(train.labels(), train.classes()));
+            (validation, shards, Some(split))
+        };
         for &(strategy, aggregation) in &plans {
             let mut config = engine_config(cfg, &head, strategy, aggregation, seed);
             config.classes = classes.clone();
@@ -434,7 +515,7 @@ fn sweep(cfg: &FleetConfig, done: Vec<RoundRow>) -> Result<FleetSummary> {
             ))?;
             rows.extend(r);
         }
-        if cfg.centralized {
+        if let Some(split) = split.filter(|_| cfg.centralized) {
             if !labels.contains(&"centralized".to_owned()) {
                 labels.push("centralized".into());
             }
@@ -442,7 +523,8 @@ fn sweep(cfg: &FleetConfig, done: Vec<RoundRow>) -> Result<FleetSummary> {
                 continue;
             }
             let union: Vec<usize> = split.clients.iter().flatten().copied().collect();
-            let all = train.select(&union)?;
+            let (rest, _) = hold_out(cfg, &train, seed)?;
+            let all = rest.select(&union)?;
             rows.extend(run_centralized(
                 cfg,
                 &head,
@@ -480,7 +562,13 @@ fn sweep(cfg: &FleetConfig, done: Vec<RoundRow>) -> Result<FleetSummary> {
         data_shape: (train.len(), test.len(), train.dim()),
         feature_seconds,
         total_seconds: started.elapsed().as_secs_f64(),
+        setup_seconds,
         peak_rss_mib: peak_rss_mib(),
+        workers_peak_rss_mib: cfg
+            .pool
+            .as_ref()
+            .map(|pool| workers_peak_rss(cfg, pool.workers))
+            .unwrap_or_default(),
         plot,
     };
     std::fs::write(

@@ -66,9 +66,8 @@ pub fn round_sample(
     use rand::SeedableRng;
     use rand::seq::SliceRandom;
     let mut positions: Vec<usize> = (0..population).collect();
-    let mut rng = rand_chacha::ChaCha8Rng::from_seed(super::derive_seed(
-        b"sample", seed, round, attempt,
-    ));
+    let mut rng =
+        rand_chacha::ChaCha8Rng::from_seed(super::derive_seed(b"sample", seed, round, attempt));
     // A full shuffle, not a partial one: its first `select` are the sample every earlier
     // build drew, so runs and checkpoints keep their meaning.
     positions.shuffle(&mut rng);
@@ -484,9 +483,11 @@ impl EngineConfig {
                 ));
             }
             if self.sampling.population == Population::Registered {
-                return bad("secure aggregation keys a round's sample when it opens, so every \
+                return bad(
+                    "secure aggregation keys a round's sample when it opens, so every \
                      sampled client must be connected then: sampling.population = \"connected\""
-                    .into());
+                        .into(),
+                );
             }
         }
         Ok(())

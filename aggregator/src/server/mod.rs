@@ -17,9 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use aggregator_core::engine::{
-    Action, ClosedBy, Engine, EngineConfig, Event, Millis, Population,
-};
+use aggregator_core::engine::{Action, ClosedBy, Engine, EngineConfig, Event, Millis, Population};
 use anyhow::{Context, Result};
 use protocol::{GoodbyeReason, Message, encode_frame};
 use tokio::sync::{mpsc, watch};

@@ -1,0 +1,223 @@
+//! A worker of a pool of virtual clients (`wsa-fl worker`): it follows the run from the
+//! welcomes its clients get, and for each (round, attempt) acts as its share of the sample,
+//! the same one the engine draws ([`round_sample`]). Each sampled client is built from its
+//! index (rows, derived token), checks in over real QUIC with its own identity, answers its
+//! one task and leaves ([`Visit`]); nothing of it is kept after. Workers never talk to each
+//! other or to the coordinator: the aggregator's welcomes are the only shared state, so they
+//! run the same on one machine or many.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aggregator_core::engine::{round_sample, sample_sizes};
+use aggregator_core::strategy::{Aggregation, Strategy};
+use anyhow::{Context, Result, ensure};
+use edge_client::LocalData;
+use edge_client::net::{ClientReport, RunEnd, Visit};
+use tokio::sync::watch;
+use wsa::{HeadSpec, LabelledFeatures};
+
+use super::config::{FleetConfig, engine_config};
+use super::data::{ClientRows, Dataset, hold_out, load_data};
+use super::report::peak_rss_mib;
+use super::run::adversaries;
+use crate::fleet::Deployment;
+
+/// Where a worker writes its peak RSS (MiB) when it ends, in the fleet folder.
+pub(crate) fn rss_file(fleet: &Path, seed: u64, index: usize) -> std::path::PathBuf {
+    fleet
+        .join("workers")
+        .join(format!("seed{seed}-worker{index}.rss"))
+}
+
+/// The body of `wsa-fl worker`: worker `index` of `workers` for the run of `seed` in the fleet
+/// folder `fleet` (its `config.json` and `creds/`), against `server`, until the run ends.
+pub fn run_worker(
+    folder: &Path,
+    server: SocketAddr,
+    server_name: &str,
+    seed: u64,
+    index: usize,
+    workers: usize,
+) -> Result<()> {
+    let path = folder.join("config.json");
+    let cfg: FleetConfig = serde_json::from_str(
+        &std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?,
+    )
+    .with_context(|| format!("parsing {}", path.display()))?;
+    let pool = cfg
+        .pool
+        .clone()
+        .with_context(|| format!("{} runs no pool of virtual clients", path.display()))?;
+    ensure!(
+        workers > 0 && index < workers && workers <= cfg.per_round,
+        "worker {index} of {workers}: need 0 ≤ index < workers ≤ per_round ({})",
+        cfg.per_round
+    );
+    let Dataset { train, classes, .. } = load_data(&cfg.data)?;
+    let (train, _) = hold_out(&cfg, &train, seed)?;
+    let rows = ClientRows::new(&cfg, &train, seed)?;
+    // The engine's sampling of this run; the strategy does not change it.
+    let engine = engine_config(
+        &cfg,
+        &HeadSpec::mlp(train.dim(), &cfg.hidden, train.classes()),
+        Strategy::FedAvg,
+        Aggregation::Mean,
+        seed,
+    );
+    let (_, select) = sample_sizes(&engine.sampling, engine.quorum, cfg.clients);
+    let population = sorted_population(cfg.clients);
+    let fleet = Fleet {
+        cfg: &cfg,
+        deployment: Deployment::open(&folder.join("creds")),
+        server,
+        server_name,
+        train,
+        classes,
+        rows,
+        patience: Duration::from_millis(pool.patience_ms),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let result = runtime.block_on(async {
+        // Where the run is believed to stand, and the last (round, attempt) this worker
+        // answered, still open while others finish it.
+        let mut state = (0u64, 0u32);
+        let mut previous = None;
+        loop {
+            let past_the_end = state.0 >= cfg.rounds;
+            let sample = round_sample(engine.seed, state.0, state.1, cfg.clients, select);
+            let mine: Vec<usize> = sample
+                .iter()
+                .enumerate()
+                .filter(|(k, _)| k % workers == index)
+                .map(|(_, &position)| population[position] as usize)
+                // Past the last round one client asks where the run stands.
+                .take(if past_the_end { 1 } else { usize::MAX })
+                .collect();
+            let visit = Visit {
+                expect: state,
+                or_after: previous,
+                patience: fleet.patience,
+                last_round: state.0 + 1 == cfg.rounds,
+            };
+            let reports = fleet.visit(&mine, visit, past_the_end).await?;
+            if reports
+                .iter()
+                .any(|r| r.as_ref().is_some_and(|r| r.end == RunEnd::RunFinished))
+            {
+                break;
+            }
+            let seen = reports
+                .iter()
+                .flatten()
+                .filter_map(|r| r.last_welcome)
+                .max();
+            if past_the_end && (reports.iter().any(Option::is_none) || seen.is_none()) {
+                // The aggregator is gone: the run is over.
+                break;
+            }
+            if seen.is_some_and(|(round, _)| round >= cfg.rounds) {
+                break;
+            }
+            let answered = reports.iter().all(|r| {
+                r.as_ref()
+                    .is_some_and(|r| r.rounds.iter().any(|round| round.round == state.0))
+            });
+            if answered && !past_the_end {
+                previous = Some(state);
+                state = (state.0 + 1, 0);
+            } else if let Some(seen) = seen
+                && seen != state
+                && Some(seen) != previous
+            {
+                tracing::debug!(?state, ?seen, "the run is elsewhere; following it");
+                state = seen;
+            }
+            // Otherwise the run stood where expected and no task came in time: ask again.
+        }
+        anyhow::Ok(())
+    });
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    if let Some(rss) = peak_rss_mib() {
+        let file = rss_file(folder, seed, index);
+        if let Some(dir) = file.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(&file, format!("{rss}\n"))?;
+    }
+    result
+}
+
+/// Client indices in the order of their ids as strings: the order the engine sorts the
+/// registry in (`client-10000` comes before `client-1001`).
+fn sorted_population(clients: usize) -> Vec<u32> {
+    let mut ids: Vec<(String, u32)> = (0..clients)
+        .map(|i| (protocol::client_id(i), i as u32))
+        .collect();
+    ids.sort_unstable();
+    ids.into_iter().map(|(_, i)| i).collect()
+}
+
+/// What a worker needs to bring any client of the fleet to life.
+struct Fleet<'a> {
+    cfg: &'a FleetConfig,
+    deployment: Deployment,
+    server: SocketAddr,
+    server_name: &'a str,
+    train: LabelledFeatures,
+    classes: Vec<String>,
+    rows: ClientRows,
+    patience: Duration,
+}
+
+impl Fleet<'_> {
+    /// Client `index` checks in for `visit`, all of `clients` at once; each one's report, or
+    /// `None` where it could not reach the aggregator and `tolerate_absence` (past the last
+    /// round, when the aggregator may be gone).
+    async fn visit(
+        &self,
+        clients: &[usize],
+        visit: Visit,
+        tolerate_absence: bool,
+    ) -> Result<Vec<Option<ClientReport>>> {
+        let (_keep, stop) = watch::channel(false);
+        let attack = adversaries(self.cfg);
+        let mut running = Vec::with_capacity(clients.len());
+        for &index in clients {
+            let id = protocol::client_id(index);
+            let data = LocalData::new(
+                Arc::new(self.rows.client(&self.train, index)?),
+                self.classes.clone(),
+            )?;
+            let mut options = self.deployment.client_options(self.server, &id)?;
+            options.server_name = self.server_name.to_owned();
+            options.adversary = attack(&id);
+            options.visit = Some(visit);
+            if tolerate_absence {
+                // The aggregator may be gone: a silent address should cost seconds, not the
+                // minute a live connection is allowed to go quiet.
+                options.backoff.max_attempts = Some(2);
+                options.quic.idle_timeout = Duration::from_secs(2);
+                options.quic.keep_alive = Duration::from_millis(500);
+            }
+            running.push(tokio::spawn(edge_client::net::run(
+                options,
+                data,
+                stop.clone(),
+            )));
+        }
+        let mut reports = Vec::with_capacity(running.len());
+        for handle in running {
+            match handle.await.context("client task")? {
+                Ok(report) => reports.push(Some(report)),
+                Err(_) if tolerate_absence => reports.push(None),
+                Err(e) => return Err(e).context("a virtual client failed"),
+            }
+        }
+        Ok(reports)
+    }
+}
