@@ -73,10 +73,14 @@ pub struct Visit {
     pub or_after: Option<(u64, u32)>,
     /// How long to wait for a task after the welcome (and, in the last round, for the end).
     pub patience: Duration,
-    /// The run's last round: stay after the verdict for the final model and the goodbye,
-    /// which tell the visitor the run is over.
+    /// The run's last round: stay a moment after the verdict for the final model and the
+    /// goodbye, which tell the visitor the run is over.
     pub last_round: bool,
 }
+
+/// How long a visitor waits where it did not expect the run (the previous round still open,
+/// or the end of the last) before it looks again.
+const RECHECK: Duration = Duration::from_secs(1);
 
 impl Visit {
     /// Whether a welcome announcing `seen` is worth waiting on for a task.
@@ -348,7 +352,17 @@ pub async fn run(
                     {
                         pending.extend(session.handle(now(), Event::Shutdown));
                     } else if welcome || verdict {
-                        patience = Some(tokio::time::Instant::now() + visit.patience);
+                        // At the expected round the task comes as it opens. Anywhere else (the
+                        // previous round still open, or after the last verdict, whose end
+                        // follows the last update at once) the run may instead fail the round
+                        // and try it again, which only a new welcome would tell: look again
+                        // soon.
+                        let wait = if welcome && seen == Some(visit.expect) {
+                            visit.patience
+                        } else {
+                            visit.patience.min(RECHECK)
+                        };
+                        patience = Some(tokio::time::Instant::now() + wait);
                     }
                 }
             }
