@@ -2132,3 +2132,33 @@ fn a_client_sampled_from_the_registry_gets_the_encoding_it_can_take() {
     assert_eq!(sent_to(&actions), [("a".to_owned(), 0)]);
     assert_eq!(sim.task("a").encoding, Encoding::F32);
 }
+
+#[test]
+fn a_client_sampled_from_the_registry_that_leaves_is_still_awaited() {
+    let mut c = config(Strategy::FedAvg);
+    c.sampling.population = aggregator_core::engine::Population::Registered;
+    c.quorum = 2;
+    let mut sim = Sim::new(c);
+    sim.engine.set_population(["a".to_owned(), "b".to_owned()]);
+    sim.event(Event::Tick);
+    sim.connect("a", 10);
+    let task = sim.task("a");
+    assert_eq!(
+        sim.verdict("a", perturbed(&task, "a", 10, 1)),
+        Outcome::Accepted
+    );
+    // b checks in and leaves before answering: with a answered, a connected-population
+    // round would close below quorum here; this one waits for b to come back.
+    sim.connect("b", 10);
+    sim.event(Event::Disconnected { client: "b".into() });
+    assert!(reports(&sim.log).is_empty());
+    assert_eq!(sent_to(&sim.connect("b", 10)), [("b".to_owned(), 0)]);
+    let task = sim.task("b");
+    assert_eq!(
+        sim.verdict("b", perturbed(&task, "b", 10, 2)),
+        Outcome::Accepted
+    );
+    let report = reports(&sim.log).remove(0);
+    assert_eq!(report.accepted.len(), 2);
+    assert_eq!(report.closed_by, ClosedBy::Target);
+}

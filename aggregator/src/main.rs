@@ -173,6 +173,12 @@ const CONFIG_HEADER: &str = r#"# The aggregator's run configuration (aggregator 
 # are ablations, and [targets] align_head = true rescales each merged tensor to its target
 # before broadcasting (the scale restoration that made FedAvg 14 points better at 0.1).
 #
+# Sampling: [sampling] population = "connected" (the default) samples each round from the
+# clients connected when it opens; "registered" samples from every client in the registry and
+# sends a sampled client its task when it checks in, until the round's deadline (devices woken
+# only when asked, or a simulator's workers: wsa-fl --workers). Such a round waits for a
+# sampled client that leaves to come back; secure aggregation needs "connected".
+#
 # Trust: the server weighs and bounds from what it measures, never from what a client claims.
 # - quorum = 4, min_connected = 4: a round opens with at least 4 clients connected and moves
 #   the head only with 4 accepted updates, so no one client closes rounds alone (after a

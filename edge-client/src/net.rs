@@ -336,8 +336,13 @@ pub async fn run(
                     }
                     Io::Event(event) => event,
                 };
-                if matches!(event, Event::Task(_)) {
-                    patience = None;
+                if let Event::Task(Message::RoundTask(task)) = &event
+                    && let Some(visit) = &opts.visit
+                {
+                    // Training and the verdict fit in the round's own deadline; a visitor
+                    // never waits longer than that and its patience.
+                    let bound = Duration::from_millis(task.deadline_ms) + visit.patience;
+                    patience = Some(tokio::time::Instant::now() + bound);
                 }
                 let verdict = matches!(event, Event::Verdict(_));
                 let welcome = matches!(event, Event::Control(Message::Welcome(_)));

@@ -190,6 +190,18 @@ pub(crate) fn hold_out(
     Ok(all_train.hold_out(cfg.validation_fraction, seed ^ 0x7661_6c69_6461_7465)?)
 }
 
+/// The validation hold-out of `seed` alone (no copy of the rest when there is none).
+pub(crate) fn validation_of(
+    cfg: &FleetConfig,
+    all_train: &LabelledFeatures,
+    seed: u64,
+) -> Result<Option<LabelledFeatures>> {
+    if cfg.validation_fraction == 0.0 {
+        return Ok(None);
+    }
+    Ok(hold_out(cfg, all_train, seed)?.1)
+}
+
 /// Which rows each client of a seed holds, materialised one client at a time: what a pool of
 /// virtual clients needs. A recipe costs nothing per client; any other scheme keeps its
 /// partition (each training row once).

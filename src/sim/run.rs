@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, watch};
 use wsa::{Head, HeadSpec, LabelledFeatures, Sgd, TrainConfig};
 
 use super::config::{FleetConfig, engine_config};
-use super::data::{Dataset, SeedData, hold_out, load_data, seed_data};
+use super::data::{Dataset, SeedData, load_data, seed_data, validation_of};
 use super::report::{
     FleetSummary, PLOTS, RoundLog, RoundRow, markdown_table, mean_std, peak_rss_mib, read_rounds,
     summarize, write_plot,
@@ -469,24 +469,38 @@ fn sweep(cfg: &FleetConfig, done: Vec<RoundRow>) -> Result<FleetSummary> {
         (0.0..0.9).contains(&cfg.validation_fraction),
         "validation fraction must be in [0, 0.9)"
     );
-    for &seed in &cfg.seeds {
-        let (validation, shards, split) = if cfg.pool.is_some() {
-            // The workers build each sampled client themselves.
-            (hold_out(cfg, &train, seed)?.1, Vec::new(), None)
-        } else {
-            let SeedData {
-                train,
-                validation,
-                split,
-                shards,
-            } = seed_data(cfg, &train, seed)?;
-            split.write_json(
-                &cfg.out.join(format!("partition-seed{seed}.json")),
-                train.labels(),
-                train.classes(),
-            )?;
-            skews.push(split.skew(train.labels(), train.classes()));
-            (validation, shards, Some(split))
+    let data_shape = (train.len(), test.len(), train.dim());
+    // A pool's workers build each sampled client themselves: the simulator keeps only each
+    // seed's validation rows, not the training matrix.
+    let (train, mut pool_validation) = match cfg.pool {
+        Some(_) => {
+            let validation = cfg
+                .seeds
+                .iter()
+                .map(|&seed| validation_of(cfg, &train, seed))
+                .collect::<Result<Vec<_>>>()?;
+            (None, validation)
+        }
+        None => (Some(train), Vec::new()),
+    };
+    for (k, &seed) in cfg.seeds.iter().enumerate() {
+        let (validation, shards, clients) = match &train {
+            None => (pool_validation[k].take(), Vec::new(), None),
+            Some(train) => {
+                let SeedData {
+                    train,
+                    validation,
+                    split,
+                    shards,
+                } = seed_data(cfg, train, seed)?;
+                split.write_json(
+                    &cfg.out.join(format!("partition-seed{seed}.json")),
+                    train.labels(),
+                    train.classes(),
+                )?;
+                skews.push(split.skew(train.labels(), train.classes()));
+                (validation, shards, Some((train, split)))
+            }
         };
         for &(strategy, aggregation) in &plans {
             let mut config = engine_config(cfg, &head, strategy, aggregation, seed);
@@ -515,7 +529,7 @@ fn sweep(cfg: &FleetConfig, done: Vec<RoundRow>) -> Result<FleetSummary> {
             ))?;
             rows.extend(r);
         }
-        if let Some(split) = split.filter(|_| cfg.centralized) {
+        if let Some((train, split)) = clients.filter(|_| cfg.centralized) {
             if !labels.contains(&"centralized".to_owned()) {
                 labels.push("centralized".into());
             }
@@ -523,8 +537,7 @@ fn sweep(cfg: &FleetConfig, done: Vec<RoundRow>) -> Result<FleetSummary> {
                 continue;
             }
             let union: Vec<usize> = split.clients.iter().flatten().copied().collect();
-            let (rest, _) = hold_out(cfg, &train, seed)?;
-            let all = rest.select(&union)?;
+            let all = train.select(&union)?;
             rows.extend(run_centralized(
                 cfg,
                 &head,
@@ -559,7 +572,7 @@ fn sweep(cfg: &FleetConfig, done: Vec<RoundRow>) -> Result<FleetSummary> {
             .map(|l| summarize(l, &rows, &cfg.seeds, cfg.target_accuracy))
             .collect(),
         partition_skew: skews,
-        data_shape: (train.len(), test.len(), train.dim()),
+        data_shape,
         feature_seconds,
         total_seconds: started.elapsed().as_secs_f64(),
         setup_seconds,

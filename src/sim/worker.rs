@@ -56,8 +56,17 @@ pub fn run_worker(
         "worker {index} of {workers}: need 0 ≤ index < workers ≤ per_round ({})",
         cfg.per_round
     );
-    let Dataset { train, classes, .. } = load_data(&cfg.data)?;
-    let (train, _) = hold_out(&cfg, &train, seed)?;
+    let Dataset {
+        train: all,
+        classes,
+        ..
+    } = load_data(&cfg.data)?;
+    // Without a validation split the rows are the clients' as they are: no second copy.
+    let train = if cfg.validation_fraction == 0.0 {
+        all
+    } else {
+        hold_out(&cfg, &all, seed)?.0
+    };
     let rows = ClientRows::new(&cfg, &train, seed)?;
     // The engine's sampling of this run; the strategy does not change it.
     let engine = engine_config(

@@ -650,9 +650,13 @@ impl Engine {
 
     fn on_disconnected(&mut self, now: Millis, client: &str, out: &mut Vec<Action>) {
         self.clients.remove(client);
+        // Sampled from the registry, a client that leaves may check in again before the
+        // deadline, as one that has not come yet may: it is still awaited.
+        let awaited_after_leaving = self.config.sampling.population == Population::Registered;
         if let Some(open) = &mut self.open
             && let Some(sel) = open.selected.get_mut(client)
             && sel.answer == Answer::Pending
+            && !awaited_after_leaving
         {
             sel.answer = Answer::Disconnected;
         }
