@@ -102,18 +102,7 @@ impl Recipe {
                 samples: labels.len(),
             });
         }
-        let mut by_class: Vec<Vec<usize>> = vec![Vec::new(); classes];
-        for (index, &label) in labels.iter().enumerate() {
-            let class = label as usize;
-            if class >= classes {
-                return Err(PartitionError::LabelOutOfRange {
-                    index,
-                    label,
-                    classes,
-                });
-            }
-            by_class[class].push(index);
-        }
+        let mut by_class = group_by_class(labels, classes)?;
         by_class.retain(|members| !members.is_empty());
         Ok(Self {
             by_class,
@@ -355,23 +344,7 @@ pub fn partition(
             samples: labels.len(),
         });
     }
-    // Grouping by the classes actually present (not `classes`) keeps a huge declared class
-    // count from turning into a huge allocation.
-    let mut by_class: Vec<Vec<usize>> = Vec::new();
-    for (index, &label) in labels.iter().enumerate() {
-        let class = label as usize;
-        if class >= classes {
-            return Err(PartitionError::LabelOutOfRange {
-                index,
-                label,
-                classes,
-            });
-        }
-        if class >= by_class.len() {
-            by_class.resize_with(class + 1, Vec::new);
-        }
-        by_class[class].push(index);
-    }
+    let mut by_class = group_by_class(labels, classes)?;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut assigned = match *scheme {
         Scheme::Iid => iid(labels.len(), clients, &mut rng),
@@ -408,6 +381,28 @@ pub fn partition(
         seed,
         clients: assigned,
     })
+}
+
+/// The sample indices of each class, by class, up to the largest label present: grouping by
+/// the classes actually present (not `classes`) keeps a huge declared class count from turning
+/// into a huge allocation.
+fn group_by_class(labels: &[u32], classes: usize) -> Result<Vec<Vec<usize>>, PartitionError> {
+    let mut by_class: Vec<Vec<usize>> = Vec::new();
+    for (index, &label) in labels.iter().enumerate() {
+        let class = label as usize;
+        if class >= classes {
+            return Err(PartitionError::LabelOutOfRange {
+                index,
+                label,
+                classes,
+            });
+        }
+        if class >= by_class.len() {
+            by_class.resize_with(class + 1, Vec::new);
+        }
+        by_class[class].push(index);
+    }
+    Ok(by_class)
 }
 
 fn iid(samples: usize, clients: usize, rng: &mut ChaCha8Rng) -> Vec<Vec<usize>> {

@@ -2,8 +2,12 @@
 //! QUIC writes a complete run folder: config, partition, per-round CSV and JSON lines, a
 //! summary, the markdown table and the plot; a sweep cut short resumes where it stopped.
 
+mod common;
+
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
+
+use common::wsa_fl;
 
 /// A fleet of 8 synthetic clients, 4 a round, 3 rounds, small data and head: seconds to run.
 const SMALL_FLEET: [&str; 13] = [
@@ -21,23 +25,6 @@ const SMALL_FLEET: [&str; 13] = [
     "--hidden",
     "32",
 ];
-
-/// Runs `wsa-fl` with `args` into `out` and asserts it succeeded.
-fn wsa_fl(args: &[&str], out: &Path) -> Output {
-    let run = Command::new(env!("CARGO_BIN_EXE_wsa-fl"))
-        .args(args)
-        .arg("--out")
-        .arg(out)
-        .env("RUST_LOG", "error")
-        .output()
-        .expect("run wsa-fl");
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    run
-}
 
 #[test]
 fn a_small_fleet_writes_its_run_folder() {

@@ -3,6 +3,8 @@
 //! for bit: with a partition and with a recipe, through failed rounds, and with the workers
 //! started by hand as they would be on other machines.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -27,20 +29,7 @@ const FLEET: [&str; 16] = [
 ];
 
 fn wsa_fl(args: &[&str], out: &Path) -> Output {
-    let run = Command::new(env!("CARGO_BIN_EXE_wsa-fl"))
-        .args(FLEET)
-        .args(args)
-        .arg("--out")
-        .arg(out)
-        .env("RUST_LOG", "error")
-        .output()
-        .expect("run wsa-fl");
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    run
+    common::wsa_fl(&[&FLEET[..], args].concat(), out)
 }
 
 /// The model's trajectory in `rounds.csv`: the columns `scripts/compare-rounds.py` holds to

@@ -73,18 +73,21 @@ pub struct Visit {
     pub or_after: Option<(u64, u32)>,
     /// How long to wait for a task after the welcome (and, in the last round, for the end).
     pub patience: Duration,
-    /// The run's last round: stay a moment after the verdict for the final model and the
-    /// goodbye, which tell the visitor the run is over.
+    /// The run's last round: a rechecking visitor stays after its verdict for the final model
+    /// and the goodbye, which tell it the run is over.
     pub last_round: bool,
+    /// Leave after a second of waiting, so the visitor's owner can look again: a welcome is
+    /// all a visitor learns of the run, and the run may fail a round and try it again, or open
+    /// the next, while others wait. One visitor of a group doing so is enough.
+    pub recheck: bool,
 }
 
-/// How long a visitor waits where it did not expect the run (the previous round still open,
-/// or the end of the last) before it looks again.
+/// How long a rechecking visitor waits before it leaves to look again.
 const RECHECK: Duration = Duration::from_secs(1);
 
 impl Visit {
     /// Whether a welcome announcing `seen` is worth waiting on for a task.
-    fn waits_at(&self, seen: (u64, u32)) -> bool {
+    pub fn waits_at(&self, seen: (u64, u32)) -> bool {
         seen == self.expect || Some(seen) == self.or_after
     }
 }
@@ -352,20 +355,15 @@ pub async fn run(
                 }
                 if let Some(visit) = &opts.visit {
                     let seen = session.last_welcome();
-                    if (verdict && !visit.last_round)
+                    if (verdict && !(visit.last_round && visit.recheck))
                         || (welcome && !seen.is_some_and(|s| visit.waits_at(s)))
                     {
                         pending.extend(session.handle(now(), Event::Shutdown));
                     } else if welcome || verdict {
-                        // At the expected round the task comes as it opens. Anywhere else (the
-                        // previous round still open, or after the last verdict, whose end
-                        // follows the last update at once) the run may instead fail the round
-                        // and try it again, which only a new welcome would tell: look again
-                        // soon.
-                        let wait = if welcome && seen == Some(visit.expect) {
-                            visit.patience
-                        } else {
+                        let wait = if visit.recheck {
                             visit.patience.min(RECHECK)
+                        } else {
+                            visit.patience
                         };
                         patience = Some(tokio::time::Instant::now() + wait);
                     }

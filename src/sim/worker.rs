@@ -9,6 +9,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use aggregator_core::engine::{round_sample, sample_sizes};
@@ -112,7 +113,9 @@ pub fn run_worker(
                 or_after: previous,
                 patience: fleet.patience,
                 last_round: state.0 + 1 == cfg.rounds,
+                recheck: false,
             };
+            tracing::debug!(index, ?state, ?previous, clients = mine.len(), "visiting");
             let reports = fleet.visit(&mine, visit, past_the_end).await?;
             if reports
                 .iter()
@@ -184,19 +187,23 @@ struct Fleet<'a> {
 }
 
 impl Fleet<'_> {
-    /// Client `index` checks in for `visit`, all of `clients` at once; each one's report, or
-    /// `None` where it could not reach the aggregator and `tolerate_absence` (past the last
-    /// round, when the aggregator may be gone).
+    /// Each of `clients` checks in for `visit`, all at once, until it has answered a task, the
+    /// run is over, or one of them finds the run elsewhere (then all leave). The first checks
+    /// in again every second ([`Visit::recheck`]) until the others are done, so a round that
+    /// fails or closes while they wait is seen within a second; the others wait. Each one's last report, or `None` where it could not reach the aggregator
+    /// and `tolerate_absence` (past the last round, when the aggregator may be gone).
     async fn visit(
         &self,
         clients: &[usize],
         visit: Visit,
         tolerate_absence: bool,
     ) -> Result<Vec<Option<ClientReport>>> {
-        let (_keep, stop) = watch::channel(false);
+        let (moved, stop) = watch::channel(false);
+        let moved = Arc::new(moved);
+        let waiting = Arc::new(AtomicUsize::new(clients.len()));
         let attack = adversaries(self.cfg);
         let mut running = Vec::with_capacity(clients.len());
-        for &index in clients {
+        for (k, &index) in clients.iter().enumerate() {
             let id = protocol::client_id(index);
             let data = LocalData::new(
                 Arc::new(self.rows.client(&self.train, index)?),
@@ -205,7 +212,10 @@ impl Fleet<'_> {
             let mut options = self.deployment.client_options(self.server, &id)?;
             options.server_name = self.server_name.to_owned();
             options.adversary = attack(&id);
-            options.visit = Some(visit);
+            options.visit = Some(Visit {
+                recheck: k == 0,
+                ..visit
+            });
             if tolerate_absence {
                 // The aggregator may be gone: a silent address should cost seconds, not the
                 // minute a live connection is allowed to go quiet.
@@ -213,19 +223,51 @@ impl Fleet<'_> {
                 options.quic.idle_timeout = Duration::from_secs(2);
                 options.quic.keep_alive = Duration::from_millis(500);
             }
-            running.push(tokio::spawn(edge_client::net::run(
-                options,
-                data,
-                stop.clone(),
-            )));
+            let (stop, moved, waiting) = (stop.clone(), Arc::clone(&moved), Arc::clone(&waiting));
+            let prober = k == 0;
+            running.push(tokio::spawn(async move {
+                let mut answered = None;
+                let result = loop {
+                    let report =
+                        match edge_client::net::run(options.clone(), data.clone(), stop.clone())
+                            .await
+                        {
+                            Ok(report) => report,
+                            Err(_) if tolerate_absence => break Ok(None),
+                            Err(e) => break Err(e),
+                        };
+                    let elsewhere = report.last_welcome.is_none_or(|s| !visit.waits_at(s));
+                    if elsewhere {
+                        // The run is not where this worker thought: all of its clients leave.
+                        let _ = moved.send(true);
+                    }
+                    if !report.rounds.is_empty() {
+                        answered = Some(report.clone());
+                    }
+                    let others_done = waiting.load(Ordering::Acquire) == 1;
+                    if elsewhere
+                        || tolerate_absence
+                        || *stop.borrow()
+                        || report.end == RunEnd::RunFinished
+                        || (answered.is_some() && (!prober || others_done))
+                    {
+                        break Ok(Some(answered.unwrap_or(report)));
+                    }
+                    // Waited and no task came, or the prober waits on the others: check in
+                    // again.
+                };
+                waiting.fetch_sub(1, Ordering::AcqRel);
+                result
+            }));
         }
         let mut reports = Vec::with_capacity(running.len());
         for handle in running {
-            match handle.await.context("client task")? {
-                Ok(report) => reports.push(Some(report)),
-                Err(_) if tolerate_absence => reports.push(None),
-                Err(e) => return Err(e).context("a virtual client failed"),
-            }
+            reports.push(
+                handle
+                    .await
+                    .context("client task")?
+                    .context("a virtual client failed")?,
+            );
         }
         Ok(reports)
     }

@@ -52,3 +52,20 @@ pub fn synthetic_shard(
     let problem = wsa::synthetic::SyntheticProblem::new(spec, problem_seed).unwrap();
     std::sync::Arc::new(problem.sample(n, seed).unwrap())
 }
+
+/// Runs `wsa-fl` with `args` into `out` and asserts it succeeded.
+pub fn wsa_fl(args: &[&str], out: &Path) -> std::process::Output {
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_wsa-fl"))
+        .args(args)
+        .arg("--out")
+        .arg(out)
+        .env("RUST_LOG", "error")
+        .output()
+        .expect("run wsa-fl");
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    run
+}
