@@ -68,12 +68,15 @@ pub enum Scheme {
     /// rows, so a fleet may have more clients than there are rows (a million phones over
     /// Fashion-MNIST), and a simulator materialises only the clients a round samples.
     Recipe {
-        /// Concentration of each client's class mix: finite and > 0.
+        /// Concentration of each client's class mix: finite and ≥ 1e-6.
         alpha: f64,
         /// A client's typical row count (≥ 1).
         rows: usize,
     },
 }
+
+/// The largest typical row count of a recipe (a client holds up to 1.5× that).
+pub const MAX_RECIPE_ROWS: usize = 1 << 24;
 
 /// A [`Scheme::Recipe`] over one training set: a client's rows from its index alone.
 #[derive(Debug, Clone)]
@@ -93,10 +96,11 @@ impl Recipe {
         rows: usize,
         seed: u64,
     ) -> Result<Self, PartitionError> {
-        if !(alpha.is_finite() && alpha > 0.0) {
+        // Below 1e-6 a class's log-weight can underflow to −∞ for every class.
+        if !(alpha.is_finite() && alpha >= 1e-6) {
             return Err(PartitionError::BadAlpha { alpha });
         }
-        if rows == 0 || labels.is_empty() {
+        if rows == 0 || rows > MAX_RECIPE_ROWS || labels.is_empty() {
             return Err(PartitionError::EmptyRecipe {
                 rows,
                 samples: labels.len(),
@@ -218,8 +222,10 @@ impl FromStr for PartitionKind {
 /// A bad input to [`partition`], or a Dirichlet constraint that could not be met.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum PartitionError {
-    /// A recipe of no rows, or over no samples.
-    #[error("a recipe needs rows ≥ 1 and samples to draw from, got {rows} rows over {samples}")]
+    /// A recipe of no rows or too many, or over no samples.
+    #[error(
+        "a recipe needs 1 ≤ rows ≤ 2^24 and samples to draw from, got {rows} rows over {samples}"
+    )]
     EmptyRecipe {
         /// The typical row count asked for.
         rows: usize,

@@ -2162,3 +2162,32 @@ fn a_client_sampled_from_the_registry_that_leaves_is_still_awaited() {
     assert_eq!(report.accepted.len(), 2);
     assert_eq!(report.closed_by, ClosedBy::Target);
 }
+
+#[test]
+fn a_private_round_sampled_from_the_registry_is_charged_at_the_registrys_rate() {
+    // Two of eight registered clients a round, none connected when it opens: q = 1/4, not
+    // the 2 sampled over the 0 connected.
+    let mut c = private_config(1.0, 1.0, None);
+    c.sampling.population = aggregator_core::engine::Population::Registered;
+    c.sampling.fraction = 0.25;
+    c.quorum = 2;
+    let mut sim = Sim::new(c.clone());
+    let ids: Vec<String> = (0..8).map(|i| format!("c{i}")).collect();
+    sim.engine.set_population(ids.clone());
+    sim.event(Event::Tick);
+    let sample: Vec<String> = aggregator_core::engine::round_sample(c.seed, 0, 0, 8, 2)
+        .into_iter()
+        .map(|i| ids[i].clone())
+        .collect();
+    for client in &sample {
+        sim.connect(client, 1);
+        let u = perturbed(&sim.task(client), client, 1, 3);
+        assert_eq!(sim.verdict(client, u), Outcome::Accepted);
+    }
+    let report = reports(&sim.log).remove(0);
+    let p = report.privacy.unwrap();
+    assert_eq!(p.sampling_rate, 0.25);
+    let mut expected = RdpAccountant::default();
+    expected.compose(0.25, 1.0, 1);
+    assert!((p.epsilon - expected.epsilon(1e-5)).abs() < 1e-12);
+}

@@ -55,7 +55,7 @@ async fn run_strategy(
     options.hello_timeout = Duration::from_secs(120);
     let server = deployment.bind(options)?;
     let addr = server.local_addr()?;
-    let (handle, _stop_server) = spawn_server(server, engine);
+    let (mut handle, stop_server) = spawn_server(server, engine);
     let (_keep_clients, stop) = watch::channel(false);
     let mut clients = Vec::new();
     let mut children = Vec::new();
@@ -125,7 +125,19 @@ async fn run_strategy(
             anyhow::Ok(rows)
         })
     };
-    let summary = handle.await.context("aggregator task")??;
+    // A client or worker process that dies would leave its share of every round unserved and
+    // the run waiting out deadlines for ever: stop the run instead.
+    let summary = tokio::select! {
+        summary = &mut handle => summary.context("aggregator task")??,
+        failure = first_failure(&mut children) => {
+            let _ = stop_server.send(true);
+            for child in &mut children {
+                let _ = child.kill();
+            }
+            let _ = handle.await;
+            anyhow::bail!("{label}, seed {seed}: {failure}");
+        }
+    };
     for c in clients {
         c.await.context("client task")?.context("client")?;
     }
@@ -139,6 +151,20 @@ async fn run_strategy(
     let rows = progress_task.await??;
     ensure!(summary.finished, "{label}: the run did not finish");
     Ok(rows)
+}
+
+/// Resolves when one of `children` has exited with a failure (never, if none does).
+async fn first_failure(children: &mut [std::process::Child]) -> String {
+    loop {
+        for child in children.iter_mut() {
+            if let Ok(Some(status)) = child.try_wait()
+                && !status.success()
+            {
+                return format!("a client or worker process failed: {status}");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Where finished rounds go: the round log on disk, and the progress bar.

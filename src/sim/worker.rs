@@ -26,6 +26,10 @@ use super::report::peak_rss_mib;
 use super::run::adversaries;
 use crate::fleet::Deployment;
 
+/// Probes past the last round that must fail in a row before a worker takes the aggregator for
+/// gone (each tries twice, with a 2 s idle timeout).
+const UNREACHABLE_PROBES: u32 = 3;
+
 /// Where a worker writes its peak RSS (MiB) when it ends, in the fleet folder.
 pub(crate) fn rss_file(fleet: &Path, seed: u64, index: usize) -> std::path::PathBuf {
     fleet
@@ -53,9 +57,15 @@ pub fn run_worker(
         .clone()
         .with_context(|| format!("{} runs no pool of virtual clients", path.display()))?;
     ensure!(
-        workers > 0 && index < workers && workers <= cfg.per_round,
-        "worker {index} of {workers}: need 0 ≤ index < workers ≤ per_round ({})",
-        cfg.per_round
+        workers == pool.workers && index < workers,
+        "worker {index} of {workers}: the run has {} workers (index 0 to {})",
+        pool.workers,
+        pool.workers.saturating_sub(1)
+    );
+    ensure!(
+        cfg.seeds.contains(&seed),
+        "seed {seed} is not one of the run's seeds {:?}",
+        cfg.seeds
     );
     let Dataset {
         train: all,
@@ -97,6 +107,10 @@ pub fn run_worker(
         // answered, still open while others finish it.
         let mut state = (0u64, 0u32);
         let mut previous = None;
+        // This worker's clients that answered the task of `state` (they are not sent again).
+        let mut done: Vec<usize> = Vec::new();
+        // Probes past the last round in a row that could not reach the aggregator.
+        let mut unreachable = 0;
         loop {
             let past_the_end = state.0 >= cfg.rounds;
             let sample = round_sample(engine.seed, state.0, state.1, cfg.clients, select);
@@ -105,6 +119,7 @@ pub fn run_worker(
                 .enumerate()
                 .filter(|(k, _)| k % workers == index)
                 .map(|(_, &position)| population[position] as usize)
+                .filter(|i| !done.contains(i))
                 // Past the last round one client asks where the run stands.
                 .take(if past_the_end { 1 } else { usize::MAX })
                 .collect();
@@ -129,25 +144,37 @@ pub fn run_worker(
                 .filter_map(|r| r.last_welcome)
                 .max();
             if past_the_end && (reports.iter().any(Option::is_none) || seen.is_none()) {
-                // The aggregator is gone: the run is over.
-                break;
+                // Gone, or too busy to answer: three probes in a row (some 15 s) say gone.
+                unreachable += 1;
+                if unreachable >= UNREACHABLE_PROBES {
+                    break;
+                }
+                continue;
             }
+            unreachable = 0;
             if seen.is_some_and(|(round, _)| round >= cfg.rounds) {
                 break;
             }
-            let answered = reports.iter().all(|r| {
-                r.as_ref()
+            for (&client, report) in mine.iter().zip(&reports) {
+                if report
+                    .as_ref()
                     .is_some_and(|r| r.rounds.iter().any(|round| round.round == state.0))
-            });
+                {
+                    done.push(client);
+                }
+            }
+            let answered = mine.iter().all(|c| done.contains(c));
             if answered && !past_the_end {
                 previous = Some(state);
                 state = (state.0 + 1, 0);
+                done.clear();
             } else if let Some(seen) = seen
                 && seen != state
                 && Some(seen) != previous
             {
                 tracing::debug!(?state, ?seen, "the run is elsewhere; following it");
                 state = seen;
+                done.clear();
             }
             // Otherwise the run stood where expected and no task came in time: ask again.
         }
@@ -226,7 +253,7 @@ impl Fleet<'_> {
             let (stop, moved, waiting) = (stop.clone(), Arc::clone(&moved), Arc::clone(&waiting));
             let prober = k == 0;
             running.push(tokio::spawn(async move {
-                let mut answered = None;
+                let mut answered: Option<ClientReport> = None;
                 let result = loop {
                     let report =
                         match edge_client::net::run(options.clone(), data.clone(), stop.clone())
@@ -234,24 +261,43 @@ impl Fleet<'_> {
                         {
                             Ok(report) => report,
                             Err(_) if tolerate_absence => break Ok(None),
+                            // A prober that answered the last round and finds no aggregator:
+                            // the run ended while it looked again.
+                            Err(_) if answered.is_some() && visit.last_round => {
+                                break Ok(answered);
+                            }
                             Err(e) => break Err(e),
                         };
+                    let finished = report.end == RunEnd::RunFinished;
                     let elsewhere = report.last_welcome.is_none_or(|s| !visit.waits_at(s));
-                    if elsewhere {
-                        // The run is not where this worker thought: all of its clients leave.
+                    if elsewhere || finished {
+                        // The run is not where this worker thought, or over: all of its
+                        // clients leave.
                         let _ = moved.send(true);
                     }
                     if !report.rounds.is_empty() {
                         answered = Some(report.clone());
                     }
-                    let others_done = waiting.load(Ordering::Acquire) == 1;
+                    // A prober keeps looking while the others wait, as long as its answer was
+                    // accepted: a refused one would be asked again at each check-in.
+                    let keeps_probing = prober
+                        && answered.as_ref().is_some_and(|a| {
+                            a.rounds.last().is_some_and(|r| r.outcome == "accepted")
+                        })
+                        && waiting.load(Ordering::Acquire) > 1;
                     if elsewhere
+                        || finished
                         || tolerate_absence
                         || *stop.borrow()
-                        || report.end == RunEnd::RunFinished
-                        || (answered.is_some() && (!prober || others_done))
+                        || (answered.is_some() && !keeps_probing)
                     {
                         break Ok(Some(answered.unwrap_or(report)));
+                    }
+                    if answered.is_some() && visit.last_round {
+                        // Looking again after the last verdict: the aggregator may be gone.
+                        options.backoff.max_attempts = Some(2);
+                        options.quic.idle_timeout = Duration::from_secs(2);
+                        options.quic.keep_alive = Duration::from_millis(500);
                     }
                     // Waited and no task came, or the prober waits on the others: check in
                     // again.

@@ -75,9 +75,9 @@ pub fn round_sample(
     positions
 }
 
-/// `(target, selected)` for `connected` clients: target = max(ceil(fraction·connected),
-/// min_clients, quorum) capped at connected; selected = ceil(target·over_selection) capped
-/// likewise. The target is never below the quorum, or reaching it would close a round that
+/// `(target, selected)` for a population of `connected` clients (those connected, or the
+/// registry's): target = max(ceil(fraction·connected), min_clients, quorum) capped at the
+/// population; selected = ceil(target·over_selection) capped likewise. The target is never below the quorum, or reaching it would close a round that
 /// cannot count.
 pub fn sample_sizes(sampling: &Sampling, quorum: usize, connected: usize) -> (usize, usize) {
     let target = ((sampling.fraction * connected as f64).ceil() as usize)

@@ -69,8 +69,8 @@ enum Answer {
 struct Selected {
     encoding: Encoding,
     answer: Answer,
-    /// The sample count it claimed at its last hello; `None` while a client sampled from the
-    /// registry has not connected.
+    /// The sample count it claimed at its first hello of the round (the one its claim cap
+    /// counts); `None` while a client sampled from the registry has not connected.
     claim: Option<u64>,
 }
 
@@ -88,6 +88,8 @@ struct OpenRound {
     round: u64,
     attempt: u32,
     connected: usize,
+    /// What the round sampled from: the connected clients, or the registry.
+    population: usize,
     opened_at: Millis,
     deadline: Millis,
     target: usize,
@@ -808,13 +810,14 @@ impl Engine {
         let mut eval = None;
         let mut test_eval = None;
         let mut test_per_class = None;
+        if open.fold.claim_cap_deferred() {
+            // Before the weights are read, whether or not the round counts.
+            let claims = open.selected.values().filter_map(|s| s.claim).collect();
+            open.fold.cap_claims(self.max_weight(claims));
+        }
         let fold = if open.secure.is_some() {
             self.finish_secure(&mut open, out)
         } else if open.accepted.len() >= quorum {
-            if open.fold.claim_cap_deferred() {
-                let claims = open.selected.values().filter_map(|s| s.claim).collect();
-                open.fold.cap_claims(self.max_weight(claims));
-            }
             open.fold
                 .finish()
                 .inspect_err(|e| {
@@ -1045,7 +1048,7 @@ impl Engine {
     /// round spent.
     fn spend_privacy(&mut self, open: &OpenRound, dp: DpFolded) -> Option<PrivacyRound> {
         let (privacy, state) = (self.config.privacy?, self.privacy.as_mut()?);
-        let q = open.order.len() as f64 / open.connected.max(1) as f64;
+        let q = open.order.len() as f64 / open.population.max(1) as f64;
         state.accountant.compose(q, privacy.noise_multiplier, 1);
         state.adapt(&privacy, dp.unclipped_fraction);
         Some(PrivacyRound {
@@ -1132,12 +1135,13 @@ impl Engine {
             Ok(dp) => dp,
             Err(()) => return,
         };
+        let claims_known = self.claims_known(&order);
         let policy = FoldPolicy {
             weighting: self.config.weighting,
             max_share: self.config.max_share,
             // Known at the open only when every sampled client has said hello; else set at
             // the close from the claims of those that came (the fold holds every update).
-            max_weight: if self.claims_known(&order) {
+            max_weight: if claims_known {
                 self.max_weight(self.selection_claims(&order))
             } else {
                 f64::INFINITY
@@ -1146,7 +1150,6 @@ impl Engine {
             floors: self.floors.clone(),
             dp,
         };
-        let claims_known = self.claims_known(&order);
         let mut fold = match RoundFold::open(
             self.backend.as_ref(),
             &self.fold_shape,
@@ -1269,6 +1272,7 @@ impl Engine {
             round: self.next_round,
             attempt: self.attempt,
             connected,
+            population,
             opened_at: now,
             deadline,
             target,

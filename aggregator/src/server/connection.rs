@@ -92,10 +92,9 @@ pub(super) struct Shared {
     /// The share of its rows each client holds out for federated evaluation, for every
     /// welcome.
     pub(super) eval_fraction: f64,
-    /// Failed attempts at `round` so far (both set by the server loop).
-    pub(super) attempt: std::sync::atomic::AtomicU32,
-    /// The round a `Welcome` announces.
-    pub(super) round: AtomicU64,
+    /// The round the run is in and the failed attempts at it, as the welcome announces them
+    /// (set together by the server loop, so no welcome pairs one round with another's attempt).
+    pub(super) round: std::sync::Mutex<(u64, u32)>,
     pub(super) sessions: AtomicU64,
 }
 
@@ -280,14 +279,15 @@ async fn connection(
     let client = hello.client_id;
     let session = shared.sessions.fetch_add(1, Ordering::Relaxed);
     let (out_tx, mut out) = mpsc::unbounded_channel();
+    let (round, attempt) = *shared.round.lock().unwrap_or_else(|e| e.into_inner());
     write_message(
         &mut control_send,
         &Message::Welcome(Welcome {
             run_id: shared.run_id,
-            round: shared.round.load(Ordering::Relaxed),
+            round,
             classes: shared.classes.clone(),
             eval_fraction: shared.eval_fraction,
-            attempt: shared.attempt.load(Ordering::Relaxed),
+            attempt,
         }),
     )
     .await?;

@@ -14,7 +14,7 @@ mod options;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
 use aggregator_core::engine::{Action, ClosedBy, Engine, EngineConfig, Event, Millis, Population};
@@ -95,8 +95,7 @@ impl Server {
             run_id: engine.config().run_id,
             classes: engine.config().classes.clone(),
             eval_fraction: engine.config().eval_fraction,
-            round: AtomicU64::new(engine.round()),
-            attempt: std::sync::atomic::AtomicU32::new(engine.attempt()),
+            round: std::sync::Mutex::new((engine.round(), engine.attempt())),
             sessions: AtomicU64::new(0),
         });
         let gate = Arc::new(Gate::new(
@@ -232,8 +231,8 @@ impl Server {
                         }
                         summary.rounds.push(line);
                         round_started = Instant::now();
-                        shared.round.store(engine.round(), Ordering::Relaxed);
-                        shared.attempt.store(engine.attempt(), Ordering::Relaxed);
+                        *shared.round.lock().unwrap_or_else(|e| e.into_inner()) =
+                            (engine.round(), engine.attempt());
                     }
                     Action::Finished => {
                         summary.finished = true;
