@@ -2191,3 +2191,22 @@ fn a_private_round_sampled_from_the_registry_is_charged_at_the_registrys_rate() 
     expected.compose(0.25, 1.0, 1);
     assert!((p.epsilon - expected.epsilon(1e-5)).abs() < 1e-12);
 }
+
+#[test]
+fn a_registry_sample_too_large_to_hold_until_the_close_is_refused() {
+    let mut c = config(Strategy::FedAvg);
+    c.sampling.population = aggregator_core::engine::Population::Registered;
+    let engine = Engine::new(c.clone()).unwrap();
+    // Every one of 10⁸ registered clients a round, each update held till the close.
+    assert!(matches!(
+        engine.check_round_capacity(100_000_000),
+        Err(EngineError::InvalidConfig(_))
+    ));
+    c.sampling.fraction = 1e-6;
+    assert!(
+        Engine::new(c)
+            .unwrap()
+            .check_round_capacity(100_000_000)
+            .is_ok()
+    );
+}

@@ -361,6 +361,16 @@ impl Engine {
             self.config.quorum,
             clients.max(needed),
         );
+        // Sampled from the registry, a round holds its updates until the claim cap is known.
+        let held = select.saturating_mul(self.fold_shape.len).saturating_mul(4);
+        if self.config.sampling.population == Population::Registered && held > MAX_HELD_BYTES {
+            return Err(EngineError::InvalidConfig(format!(
+                "a round of {select} clients sampled from the registry holds {:.1} GiB of \
+                 updates until its close (at most {} GiB): lower sampling.fraction",
+                held as f64 / (1u64 << 30) as f64,
+                MAX_HELD_BYTES >> 30
+            )));
+        }
         self.backend
             .accumulator(
                 &self.fold_shape,
@@ -1217,7 +1227,7 @@ impl Engine {
         } else {
             None
         };
-        if secure.is_none() {
+        if secure.is_none() && self.config.sampling.population == Population::Registered {
             // Always there, for a sampled client that connects later to be asked from.
             tasks.insert(
                 self.config.update_encoding as u8,
@@ -1288,6 +1298,9 @@ impl Engine {
         });
     }
 }
+
+/// The most update bytes a registry-sampled round may hold until its close.
+const MAX_HELD_BYTES: usize = 8 << 30;
 
 /// Consecutive failed attempts of one round from which each failure is logged as an error.
 const FAILURES_WORTH_AN_ERROR: u32 = 3;
