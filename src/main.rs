@@ -592,11 +592,7 @@ fn main() -> Result<()> {
     }
     let cfg = match cli.run.config.clone() {
         Some(path) => {
-            let mut cfg: FleetConfig = serde_json::from_str(
-                &std::fs::read_to_string(&path)
-                    .with_context(|| format!("reading {}", path.display()))?,
-            )
-            .with_context(|| format!("parsing {}", path.display()))?;
+            let mut cfg = FleetConfig::load(&path)?;
             if let Some(out) = cli.run.out {
                 cfg.out = out;
             }

@@ -196,6 +196,16 @@ pub struct FleetConfig {
     pub out: PathBuf,
 }
 
+impl FleetConfig {
+    /// Reads a run's `config.json` (what `wsa-fl` writes into every run folder).
+    pub fn load(path: &std::path::Path) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+}
+
 /// The engine configuration of one run: `strategy` under `aggregation` on `seed`'s data.
 fn default_max_scope_ratio() -> f64 {
     UpdateBounds::default().max_scope_ratio

@@ -61,19 +61,14 @@ async fn run_strategy(
     let mut children = Vec::new();
     if let Some(pool) = &cfg.pool {
         if pool.spawn {
-            let exe = std::env::current_exe()?;
             for index in 0..pool.workers {
-                let child = std::process::Command::new(&exe)
-                    .arg("worker")
-                    .arg("--fleet")
-                    .arg(&cfg.out)
-                    .args(["--server", &addr.to_string()])
-                    .args(["--seed", &seed.to_string()])
-                    .args(["--index", &index.to_string()])
-                    .args(["--workers", &pool.workers.to_string()])
-                    .spawn()
-                    .with_context(|| format!("starting worker {index}"))?;
-                children.push(child);
+                let (index, workers) = (index.to_string(), pool.workers.to_string());
+                children.push(spawn_this_binary(
+                    &["worker".as_ref(), "--fleet".as_ref(), cfg.out.as_os_str()],
+                    addr,
+                    seed,
+                    &[("--index", &index), ("--workers", &workers)],
+                )?);
             }
         } else {
             tracing::info!(
@@ -98,19 +93,15 @@ async fn run_strategy(
             .collect::<Result<Vec<_>>>()?;
         clients = deployment.spawn_clients_with(addr, named, &stop, adversaries(cfg))?;
     } else {
-        let exe = std::env::current_exe()?;
+        let config = cfg.out.join("config.json");
         for group in 0..cfg.client_processes {
-            let child = std::process::Command::new(&exe)
-                .arg("clients")
-                .arg("--config")
-                .arg(cfg.out.join("config.json"))
-                .args(["--server", &addr.to_string()])
-                .args(["--seed", &seed.to_string()])
-                .args(["--group", &group.to_string()])
-                .args(["--groups", &cfg.client_processes.to_string()])
-                .spawn()
-                .with_context(|| format!("starting client process {group}"))?;
-            children.push(child);
+            let (group, groups) = (group.to_string(), cfg.client_processes.to_string());
+            children.push(spawn_this_binary(
+                &["clients".as_ref(), "--config".as_ref(), config.as_os_str()],
+                addr,
+                seed,
+                &[("--group", &group), ("--groups", &groups)],
+            )?);
         }
     }
     let progress_task = {
@@ -151,6 +142,27 @@ async fn run_strategy(
     let rows = progress_task.await??;
     ensure!(summary.finished, "{label}: the run did not finish");
     Ok(rows)
+}
+
+/// Starts this binary as `command` (a subcommand and its folder) for the run of `seed` on
+/// `server`, with `share` naming its part of the fleet.
+fn spawn_this_binary(
+    command: &[&std::ffi::OsStr],
+    server: std::net::SocketAddr,
+    seed: u64,
+    share: &[(&str, &str)],
+) -> Result<std::process::Child> {
+    let mut child = std::process::Command::new(std::env::current_exe()?);
+    child
+        .args(command)
+        .args(["--server", &server.to_string()])
+        .args(["--seed", &seed.to_string()]);
+    for (flag, value) in share {
+        child.args([flag, value]);
+    }
+    child
+        .spawn()
+        .with_context(|| format!("starting {command:?} {share:?}"))
 }
 
 /// Resolves when one of `children` has exited with a failure (never, if none does).
@@ -295,10 +307,7 @@ pub fn run_client_group(
     group: usize,
     groups: usize,
 ) -> Result<()> {
-    let cfg: FleetConfig = serde_json::from_str(
-        &std::fs::read_to_string(config)
-            .with_context(|| format!("reading {}", config.display()))?,
-    )?;
+    let cfg = FleetConfig::load(config)?;
     ensure!(groups > 0 && group < groups, "group {group} of {groups}");
     let Dataset { train, classes, .. } = load_data(&cfg.data)?;
     let data = seed_data(&cfg, &train, seed)?;
@@ -380,11 +389,7 @@ pub fn run_fleet(cfg: &FleetConfig) -> Result<FleetSummary> {
 /// `rounds.csv` are kept, and the others run again from their first round. The aggregator's
 /// own log (`aggregator-rounds.jsonl`) keeps the lines of the interrupted attempt too.
 pub fn resume_fleet(out: &Path) -> Result<FleetSummary> {
-    let path = out.join("config.json");
-    let mut cfg: FleetConfig = serde_json::from_str(
-        &std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?,
-    )
-    .with_context(|| format!("parsing {}", path.display()))?;
+    let mut cfg = FleetConfig::load(&out.join("config.json"))?;
     cfg.out = out.to_owned();
     let rows = read_rounds(out)?;
     let finished: Vec<(String, u64)> = rows

@@ -16,7 +16,7 @@ use aggregator_core::engine::{round_sample, sample_sizes};
 use aggregator_core::strategy::{Aggregation, Strategy};
 use anyhow::{Context, Result, ensure};
 use edge_client::LocalData;
-use edge_client::net::{ClientReport, RunEnd, Visit};
+use edge_client::net::{ClientReport, ConnectOptions, RunEnd, Visit};
 use tokio::sync::watch;
 use wsa::{HeadSpec, LabelledFeatures};
 
@@ -48,10 +48,7 @@ pub fn run_worker(
     workers: usize,
 ) -> Result<()> {
     let path = folder.join("config.json");
-    let cfg: FleetConfig = serde_json::from_str(
-        &std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?,
-    )
-    .with_context(|| format!("parsing {}", path.display()))?;
+    let cfg = FleetConfig::load(&path)?;
     let pool = cfg
         .pool
         .clone()
@@ -191,6 +188,14 @@ pub fn run_worker(
     result
 }
 
+/// For a check-in when the aggregator may be gone: a silent address should cost seconds, not
+/// the minute a live connection is allowed to go quiet.
+fn impatient(options: &mut ConnectOptions) {
+    options.backoff.max_attempts = Some(2);
+    options.quic.idle_timeout = Duration::from_secs(2);
+    options.quic.keep_alive = Duration::from_millis(500);
+}
+
 /// Client indices in the order of their ids as strings: the order the engine sorts the
 /// registry in (`client-10000` comes before `client-1001`).
 fn sorted_population(clients: usize) -> Vec<u32> {
@@ -244,11 +249,7 @@ impl Fleet<'_> {
                 ..visit
             });
             if tolerate_absence {
-                // The aggregator may be gone: a silent address should cost seconds, not the
-                // minute a live connection is allowed to go quiet.
-                options.backoff.max_attempts = Some(2);
-                options.quic.idle_timeout = Duration::from_secs(2);
-                options.quic.keep_alive = Duration::from_millis(500);
+                impatient(&mut options);
             }
             let (stop, moved, waiting) = (stop.clone(), Arc::clone(&moved), Arc::clone(&waiting));
             let prober = k == 0;
@@ -295,9 +296,7 @@ impl Fleet<'_> {
                     }
                     if answered.is_some() && visit.last_round {
                         // Looking again after the last verdict: the aggregator may be gone.
-                        options.backoff.max_attempts = Some(2);
-                        options.quic.idle_timeout = Duration::from_secs(2);
-                        options.quic.keep_alive = Duration::from_millis(500);
+                        impatient(&mut options);
                     }
                     // Waited and no task came, or the prober waits on the others: check in
                     // again.
