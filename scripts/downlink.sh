@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # The accuracy cost of an int8 downlink and uplink against f32 both ways (issue 19, part 2):
 # the settings of docs/results.md (100 clients, 10 a round, MLP head, 100 rounds, 3 seeds),
-# the shipped default strategy, at Dirichlet 0.1 and IID.
+# the shipped default strategy, at Dirichlet 0.1 and IID. Three ways to send the head:
+#   f32            f32 both ways;
+#   int8-keyframes int8 both ways, every task the quantized head (--no-downlink-deltas);
+#   int8           int8 both ways, a client holding its last task's head gets the change.
+# Writes docs/results/downlink/<partition>-<variant>/ and downlink.{csv,json} beside them.
 #   scripts/downlink.sh [PART...]   PART: a0.1 | iid (default: both)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,14 +16,62 @@ setup=(--clients 100 --per-round 10 --epochs 5 --batch-size 64 --lr 0.05 --momen
   --strategies wsa:100:mean-std:mu=0.1)
 parts=("$@")
 [ ${#parts[@]} -gt 0 ] || parts=(a0.1 iid)
+out=docs/results/downlink
 for part in "${parts[@]}"; do
   case "$part" in
     a0.1) partition=(--partition dirichlet --alpha 0.1) ;;
     iid) partition=(--partition iid) ;;
     *) echo "unknown partition $part" >&2; exit 2 ;;
   esac
-  for enc in f32 int8; do
-    target/release/wsa-fl "${setup[@]}" "${partition[@]}" --encoding "$enc" \
-      --downlink-encoding "$enc" --out "docs/results/downlink/$part-$enc"
-  done
+  target/release/wsa-fl "${setup[@]}" "${partition[@]}" --out "$out/$part-f32"
+  target/release/wsa-fl "${setup[@]}" "${partition[@]}" --encoding int8 \
+    --downlink-encoding int8 --no-downlink-deltas --out "$out/$part-int8-keyframes"
+  target/release/wsa-fl "${setup[@]}" "${partition[@]}" --encoding int8 \
+    --downlink-encoding int8 --out "$out/$part-int8"
 done
+python3 - "$out" <<'PY'
+import csv, json, statistics, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+rows = []
+for run in sorted(p for p in out.iterdir() if (p / "rounds.csv").exists()):
+    part, _, variant = run.name.partition("-")
+    by_seed = {}
+    for r in csv.DictReader(open(run / "rounds.csv")):
+        by_seed.setdefault(int(r["seed"]), []).append(r)
+    last10 = {s: statistics.mean(float(r["test_accuracy"]) for r in rs[-10:])
+              for s, rs in by_seed.items()}
+    jsonl = run / "aggregator-rounds.jsonl"
+    out_b = in_b = deltas = n = 0
+    if jsonl.exists():
+        for line in open(jsonl):
+            d = json.loads(line)
+            out_b += d["transport"]["bytes_out"]; in_b += d["wire_bytes_in"]
+            deltas += d.get("delta_tasks", 0); n += 1
+    rows.append({"partition": part, "variant": variant,
+                 "last10_by_seed": last10,
+                 "mean": statistics.mean(last10.values()),
+                 "std": statistics.stdev(last10.values()) if len(last10) > 1 else 0.0,
+                 "bytes_out_per_round": out_b / max(n, 1),
+                 "bytes_in_per_round": in_b / max(n, 1),
+                 "delta_tasks_per_round": deltas / max(n, 1)})
+base = {r["partition"]: r for r in rows if r["variant"] == "f32"}
+for r in rows:
+    b = base.get(r["partition"])
+    if b:
+        diffs = [100 * (r["last10_by_seed"][s] - b["last10_by_seed"][s]) for s in b["last10_by_seed"]]
+        r["points_vs_f32"] = statistics.mean(diffs)
+        r["points_vs_f32_std"] = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+json.dump(rows, open(out / "downlink.json", "w"), indent=1)
+with open(out / "downlink.csv", "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["partition", "variant", "last10_mean", "last10_std", "points_vs_f32",
+                "points_vs_f32_std", "bytes_out_per_round", "bytes_in_per_round",
+                "delta_tasks_per_round"])
+    for r in rows:
+        w.writerow([r["partition"], r["variant"], f"{r['mean']:.4f}", f"{r['std']:.4f}",
+                    f"{r.get('points_vs_f32', 0):+.2f}", f"{r.get('points_vs_f32_std', 0):.2f}",
+                    f"{r['bytes_out_per_round']:.0f}", f"{r['bytes_in_per_round']:.0f}",
+                    f"{r['delta_tasks_per_round']:.1f}"])
+print(open(out / "downlink.csv").read())
+PY

@@ -280,10 +280,14 @@ struct Args {
     /// Update encoding: `f32`, `f16` or `int8`.
     #[arg(long, default_value = "f32")]
     encoding: Encoding,
-    /// The encoding round tasks carry the global head in: `f32`, `f16` or `int8` (the
-    /// aggregator quantizes the head once a round and measures steps from what clients decode).
+    /// The encoding round tasks carry the global head in: `f32`, `f16` or `int8` (steps are
+    /// measured from what each client decodes and applied to the exact head).
     #[arg(long, default_value = "f32")]
     downlink_encoding: Encoding,
+    /// With a lossy downlink, send every client the quantized head, never the change from the
+    /// head its last task gave it.
+    #[arg(long)]
+    no_downlink_deltas: bool,
     /// Test accuracy for the "rounds to reach" column.
     #[arg(long, default_value_t = 0.75)]
     target: f64,
@@ -508,6 +512,7 @@ fn config(args: Args) -> Result<FleetConfig> {
         },
         update_encoding: args.encoding,
         downlink_encoding: args.downlink_encoding,
+        downlink_deltas: !args.no_downlink_deltas,
         target_accuracy: args.target,
         validation_fraction: args.validation_fraction,
         eval_fraction: args.eval_fraction,

@@ -167,6 +167,7 @@ fn catalogue() -> Vec<Case> {
                     auth: Auth::Token(vec![1]),
                     capabilities: Capabilities::default(),
                     n_samples: 1,
+                    held: None,
                 }))
                 .unwrap()
             },
@@ -362,6 +363,7 @@ async fn hello(
         auth: Auth::Token(token),
         capabilities: Capabilities::default(),
         n_samples: 60,
+        held: None,
     });
     write_message(&mut send, &hello).await.unwrap();
     let answer = read_message(&mut recv, &Limits::default()).await.unwrap();
@@ -396,6 +398,7 @@ async fn mallory(
         auth: Auth::Token(token),
         capabilities: Capabilities::default(),
         n_samples: 60,
+        held: None,
     });
     write_message(&mut control, &hello).await.unwrap();
     let limits = Limits::default();

@@ -85,6 +85,7 @@ async fn join(deployment: &Deployment, addr: SocketAddr, id: &str) -> Option<Dur
                 auth: Auth::Token(token.trim().as_bytes().to_vec()),
                 capabilities: Capabilities::default(),
                 n_samples: 10,
+                held: None,
             });
             write_message(&mut send, &hello).await.ok()?;
             match read_message(&mut recv, &Limits::default())

@@ -131,6 +131,7 @@ async fn malformed_client(run: &Run, addr: SocketAddr, id: &str) -> Vec<RejectRe
         auth: Auth::Token(token),
         capabilities: Capabilities::default(),
         n_samples: 50,
+        held: None,
     });
     write_message(&mut send, &hello).await.unwrap();
     let limits = Limits::default();

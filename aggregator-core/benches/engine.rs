@@ -138,6 +138,7 @@ fn main() {
                     client: client(i),
                     n_samples: 1_000_000,
                     capabilities: caps,
+                    held: None,
                 },
             );
             assert!(a.is_empty());
@@ -149,6 +150,7 @@ fn main() {
                 client: client(clients),
                 n_samples: 1_000_000,
                 capabilities: caps,
+                held: None,
             },
         );
         let open_us = micros(t);

@@ -92,6 +92,7 @@ impl Sim {
             client: client.into(),
             n_samples,
             capabilities: all_caps(),
+            held: None,
         })
     }
 
@@ -969,6 +970,7 @@ fn f16_and_int8_updates_of_trained_heads_pass_the_scope_check() {
             client: "old".into(),
             n_samples: 1000,
             capabilities: Capabilities::default(),
+            held: None,
         });
         let task = sim.task("a");
         assert_eq!(task.encoding, encoding);
@@ -1976,27 +1978,208 @@ fn privacy_refuses_robust_rules_and_claimed_weights() {
 /// exactly what clients decode, and a client that sends its starting point back unchanged has
 /// a zero step, so the next head is that point bit for bit.
 #[test]
-fn a_quantized_downlink_is_the_rounds_reference() {
+fn a_lossy_downlink_leaves_the_global_head_exact() {
     let mut c = config(Strategy::FedAvg);
     c.downlink_encoding = Encoding::Int8RowScaled;
     let clients = [("a", 10u64), ("b", 10)];
     let mut sim = Sim::start(c, &clients);
+    let exact = sim.engine.global_params().to_vec();
     let task = sim.task("a");
     assert_eq!(task.global.encoding, Encoding::Int8RowScaled);
+    assert_eq!(task.base, None);
     // One byte a value (plus a scale a row), where f32 takes four.
     assert_eq!(task.global.data.len(), task.global.count as usize);
     let start = global_of(&task);
-    assert_eq!(bits(sim.engine.global_params()), bits(&start));
+    assert_ne!(bits(&start), bits(&exact), "int8 rounds the head");
     for (client, n) in clients {
         let u = update_with(&sim.task(client), client, n, &start);
         assert_eq!(sim.verdict(client, u), Outcome::Accepted);
     }
+    // Each step is measured from the start the client decoded, and applied to the exact head:
+    // clients that send their start back leave the head as it was, bit for bit.
     let report = reports(&sim.log).pop().unwrap();
     assert_eq!(report.step_norms, Some((0.0, 0.0)));
-    let next = sim.task("a");
-    assert_eq!(next.round, 1);
-    // The next head, re-encoded for round 1, decodes to the same values.
-    assert_eq!(bits(&global_of(&next)), bits(&start));
+    assert_eq!(bits(sim.engine.global_params()), bits(&exact));
+}
+
+/// A client of a lossy downlink, as edge clients do it: the head its last task gave it, and
+/// the start of the next task from it ([`EncodedParams::add_to`]).
+#[derive(Default)]
+struct LossyClient {
+    held: Option<(protocol::HeadRef, Vec<f32>)>,
+}
+
+impl LossyClient {
+    fn start_of(&mut self, task: &RoundTask) -> Vec<f32> {
+        let layout = RowLayout::of_head(&task.shape.to_spec().unwrap());
+        let start = match task.base {
+            None => task.global.decode(&layout).unwrap(),
+            Some(base) => {
+                let (held, head) = self.held.as_ref().expect("a delta needs a held head");
+                assert_eq!(
+                    held.digest, base.digest,
+                    "the delta starts from the held head"
+                );
+                task.global.add_to(head, &layout).unwrap()
+            }
+        };
+        let digest = protocol::head_digest(&start);
+        self.held = Some((
+            protocol::HeadRef {
+                round: task.round,
+                digest,
+            },
+            start.clone(),
+        ));
+        start
+    }
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn a_client_that_holds_its_last_start_gets_the_change_from_it() {
+    let mut c = config(Strategy::FedAvg);
+    c.downlink_encoding = Encoding::Int8RowScaled;
+    let names = ["a", "b", "c"];
+    let clients: Vec<(&str, u64)> = names.iter().map(|&n| (n, 10)).collect();
+    let mut sim = Sim::start(c, &clients);
+    let mut held: BTreeMap<&str, LossyClient> = BTreeMap::new();
+    for round in 0..3u64 {
+        let exact = sim.engine.global_params().to_vec();
+        let layout = RowLayout::of_head(&spec());
+        let keyframe = EncodedParams::encode(&exact, &layout, Encoding::Int8RowScaled)
+            .unwrap()
+            .decode(&layout)
+            .unwrap();
+        for (i, &name) in names.iter().enumerate() {
+            let task = sim.task(name);
+            assert_eq!(task.round, round);
+            // Every client holds the start of its last task: from round 1 on, all get the
+            // change from it, in the same int8 bytes as the head.
+            assert_eq!(task.base.is_some(), round > 0);
+            assert_eq!(task.global.data.len(), task.global.count as usize);
+            let start = held.entry(name).or_default().start_of(&task);
+            if round > 0 {
+                // The change's rounding is far below the head's.
+                assert!(
+                    max_abs_diff(&start, &exact) < 0.2 * max_abs_diff(&keyframe, &exact),
+                    "round {round}: delta start off by {}, keyframe by {}",
+                    max_abs_diff(&start, &exact),
+                    max_abs_diff(&keyframe, &exact)
+                );
+            }
+            // Clients "a" and "b" send their start back; "c" moves.
+            let params: Vec<f32> = if i < 2 {
+                start.clone()
+            } else {
+                let mut rng = ChaCha8Rng::seed_from_u64(round * 10 + i as u64);
+                start
+                    .iter()
+                    .map(|&w| w + rng.random_range(-0.05f32..0.05))
+                    .collect()
+            };
+            let u = update_with(&task, name, 10, &params);
+            assert_eq!(sim.verdict(name, u), Outcome::Accepted);
+        }
+        // The engine measured the steps from exactly the starts the clients decoded: the
+        // median step is 0.
+        let report = reports(&sim.log).pop().unwrap();
+        assert_eq!(report.round, round);
+        assert_eq!(report.step_norms.unwrap().0, 0.0);
+        assert_eq!(report.delta_tasks, if round > 0 { 3 } else { 0 });
+    }
+}
+
+#[test]
+fn a_client_whose_head_is_unknown_gets_the_keyframe() {
+    let mut c = config(Strategy::FedAvg);
+    c.downlink_encoding = Encoding::Int8RowScaled;
+    c.min_connected = 2;
+    let mut sim = Sim::new(c);
+    sim.connect("a", 10);
+    sim.event(Event::Connected {
+        client: "b".into(),
+        n_samples: 10,
+        capabilities: all_caps(),
+        held: Some(protocol::HeadRef {
+            round: 0,
+            digest: [7; 32],
+        }),
+    });
+    assert_eq!(sim.task("b").base, None);
+    assert_eq!(sim.task("b").global, sim.task("a").global);
+}
+
+#[test]
+fn a_delta_task_is_resent_while_the_client_can_decode_it() {
+    let mut c = config(Strategy::FedAvg);
+    c.downlink_encoding = Encoding::Int8RowScaled;
+    let clients = [("a", 10u64), ("b", 10)];
+    let mut sim = Sim::start(c, &clients);
+    let mut a = LossyClient::default();
+    let mut b = LossyClient::default();
+    for (name, client) in [("a", &mut a), ("b", &mut b)] {
+        let task = sim.task(name);
+        let start = client.start_of(&task);
+        let u = update_with(&task, name, 10, &start);
+        assert_eq!(sim.verdict(name, u), Outcome::Accepted);
+    }
+    let first = sim.task("a");
+    assert!(first.base.is_some());
+    let base_held = a.held.clone();
+    let start = a.start_of(&first);
+    // Lost mid-round after decoding the task: it still holds the task's base, so the same
+    // task comes back.
+    sim.event(Event::Disconnected { client: "a".into() });
+    sim.event(Event::Connected {
+        client: "a".into(),
+        n_samples: 10,
+        capabilities: all_caps(),
+        held: a.held.as_ref().map(|h| h.0),
+    });
+    let again = sim.task("a");
+    assert_eq!(again.base, first.base);
+    assert_eq!(again.global, first.global);
+    a.held = base_held;
+    assert_eq!(bits(&a.start_of(&again)), bits(&start));
+    // Restarted with nothing: the keyframe, and its step is measured from it.
+    sim.event(Event::Disconnected { client: "a".into() });
+    sim.connect("a", 10);
+    let fresh = sim.task("a");
+    assert_eq!(fresh.base, None);
+    let start = LossyClient::default().start_of(&fresh);
+    let u = update_with(&fresh, "a", 10, &start);
+    assert_eq!(sim.verdict("a", u), Outcome::Accepted);
+    let task = sim.task("b");
+    let u = update_with(&task, "b", 10, &b.start_of(&task));
+    assert_eq!(sim.verdict("b", u), Outcome::Accepted);
+    assert_eq!(
+        reports(&sim.log).pop().unwrap().step_norms,
+        Some((0.0, 0.0))
+    );
+}
+
+#[test]
+fn without_deltas_every_task_carries_the_head() {
+    let mut c = config(Strategy::FedAvg);
+    c.downlink_encoding = Encoding::Int8RowScaled;
+    c.downlink_deltas = false;
+    let clients = [("a", 10u64), ("b", 10)];
+    let mut sim = Sim::start(c, &clients);
+    for round in 0..2 {
+        for (name, n) in clients {
+            let task = sim.task(name);
+            assert_eq!((task.round, task.base), (round, None));
+            let u = perturbed(&task, name, n, round);
+            assert_eq!(sim.verdict(name, u), Outcome::Accepted);
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2128,6 +2311,7 @@ fn a_client_sampled_from_the_registry_gets_the_encoding_it_can_take() {
             f16: false,
             int8: false,
         },
+        held: None,
     });
     assert_eq!(sent_to(&actions), [("a".to_owned(), 0)]);
     assert_eq!(sim.task("a").encoding, Encoding::F32);

@@ -90,6 +90,7 @@ impl Sim {
                 client: id,
                 n_samples: 100,
                 capabilities: Default::default(),
+                held: None,
             });
             sim.deliver(actions);
         }
@@ -304,6 +305,7 @@ fn a_client_that_leaves_after_sharing_is_not_in_the_sum_and_the_round_still_coun
             client: id,
             n_samples: 100,
             capabilities: Default::default(),
+            held: None,
         }));
     }
     // Keys and shares from everyone: deliver until the inboxes go out, then c2 leaves.
@@ -343,6 +345,7 @@ fn a_plain_update_in_a_secure_round_is_refused() {
                 client: c.into(),
                 n_samples: 10,
                 capabilities: Default::default(),
+                held: None,
             },
         ) {
             if let Action::SendSecureTask { task: t, .. } = a {
@@ -396,6 +399,7 @@ fn a_round_whose_clients_go_silent_fails_at_the_step_deadline() {
                 client: c.into(),
                 n_samples: 10,
                 capabilities: Default::default(),
+                held: None,
             },
         );
     }

@@ -209,9 +209,11 @@ const CONFIG_HEADER: &str = r#"# The aggregator's run configuration (aggregator 
 #   length but not its direction.
 #
 # Downlink: downlink_encoding = "int8-row-scaled" (or "f16"; f32 when absent) sends the head in
-# round tasks at a quarter (half) of the bytes. The aggregator quantizes the head once when a
-# round opens and uses what clients decode as the round's head, so steps are measured from
-# exactly where every client starts.
+# round tasks at a quarter (half) of the bytes. Each client's step is measured from exactly the
+# head it decoded and applied to the aggregator's exact head, so rounding never accumulates in
+# the model. A client that holds the head of its last lossy task gets the change from it
+# instead (same bytes, a far smaller rounding); downlink_deltas = false sends every client the
+# quantized head.
 #
 # Privacy (off here; docs/privacy.md): a [privacy] table turns on client-level differential
 # privacy (DP-FedAvg). Each round clips every client's step to C and its scope offsets to
@@ -512,6 +514,7 @@ fn load_config(path: &Path) -> Result<EngineConfig> {
         epsilon_budget: Some(8.0),
     });
     every_key.downlink_encoding = protocol::Encoding::Int8RowScaled;
+    every_key.downlink_deltas = false;
     every_key.secure = Some(aggregator_core::engine::SecureAggregation::default());
     let known = toml::Table::try_from(every_key).context("listing the config keys")?;
     let config: EngineConfig = support::config::from_table_strict(table, &known)

@@ -16,9 +16,9 @@
 use std::time::Duration;
 
 use protocol::{
-    Auth, Capabilities, EncodedParams, Goodbye, GoodbyeReason, HeldOutEval, Hello, Message,
-    Outcome, PROTOCOL_VERSION, RejectReason, RoundTask, RowLayout, SecAgg, SecAggInbox,
-    SecAggSetup, Subject, Update, UpdateMetrics, WireScope,
+    Auth, Capabilities, EncodedParams, Encoding, Goodbye, GoodbyeReason, HeadRef, HeldOutEval,
+    Hello, Message, Outcome, PROTOCOL_VERSION, RejectReason, RoundTask, RowLayout, SecAgg,
+    SecAggInbox, SecAggSetup, Subject, Update, UpdateMetrics, WireScope,
 };
 use secagg::ClientRound;
 use secagg::ring::FixedPoint;
@@ -330,6 +330,8 @@ pub struct Session {
     welcomed: bool,
     /// Where the run stood at the last welcome: its round and the failed attempts at it.
     last_welcome: Option<(u64, u32)>,
+    /// Heads lossy tasks gave it, which later tasks may be changes from.
+    held: HeldHeads,
     phase: Phase,
     rounds: Vec<RoundRecord>,
     connections: u32,
@@ -348,6 +350,7 @@ impl Session {
             failures: 0,
             welcomed: false,
             last_welcome: None,
+            held: HeldHeads::default(),
             phase: Phase::Connecting,
             rounds: Vec::new(),
             connections: 0,
@@ -460,6 +463,7 @@ impl Session {
                 int8: true,
             },
             n_samples: self.identity.n_samples,
+            held: self.held.newest(),
         });
         vec![Action::Connect(Box::new(hello))]
     }
@@ -616,7 +620,11 @@ impl Session {
         let Message::RoundTask(wire) = message else {
             return self.fail(now, "protocol: expected a round task");
         };
-        match training_task(&wire, *classes) {
+        let training = self
+            .held
+            .start_of(&wire)
+            .and_then(|start| training_task(&wire, *classes, start));
+        match training {
             Ok(training) => {
                 *task = TaskState::Training {
                     task: Box::new(wire),
@@ -690,7 +698,12 @@ impl Session {
         };
         match message {
             Message::RoundTask(wire) if secure.task.is_none() => {
-                match training_task(&wire, *classes) {
+                // Its masked input is a step from `global` as carried: no change from a head.
+                let start = match wire.base {
+                    None => decode_head(&wire),
+                    Some(_) => Err("protocol: a secure round's task must carry the head".into()),
+                };
+                match start.and_then(|start| training_task(&wire, *classes, start)) {
                     Ok(training) => {
                         secure.task = Some(Box::new(wire));
                         secure.started = now;
@@ -766,39 +779,30 @@ impl Session {
         let Some(task) = secure.task.as_ref().filter(|t| t.round == trained.round) else {
             return Vec::new();
         };
-        let input = task
-            .shape
-            .to_spec()
-            .map_err(|e| e.to_string())
-            .and_then(|spec| {
-                task.global
-                    .decode(&RowLayout::of_head(&spec))
-                    .map_err(|e| e.to_string())
-            })
-            .and_then(|global| {
-                let code = FixedPoint::for_sum(secure.setup.clip, secure.setup.participants)
-                    .map_err(|e| e.to_string())?;
-                let scopes: Vec<WireScope> = trained
-                    .scopes
-                    .iter()
-                    .copied()
-                    .map(WireScope::from)
-                    .collect();
-                let mut input = protocol::secure::secure_input(&trained.params, &global, &scopes);
-                // Under DP the step goes out clipped and noised, and no scope leaves the
-                // client: the targets then come from the released head.
-                if let Some(noise) = &secure.setup.local_noise {
-                    let (step, stats) = input.split_at_mut(trained.params.len());
-                    secagg::noise::privatize(step, noise).map_err(|e| e.to_string())?;
-                    stats.fill(0.0);
-                }
-                let mut coded = Vec::new();
-                let clipped = code.encode(input, &mut coded);
-                if clipped > 0 {
-                    tracing::debug!(clipped, clip = secure.setup.clip, "secure input clipped");
-                }
-                Ok((coded, scopes))
-            });
+        let input = decode_head(task).and_then(|global| {
+            let code = FixedPoint::for_sum(secure.setup.clip, secure.setup.participants)
+                .map_err(|e| e.to_string())?;
+            let scopes: Vec<WireScope> = trained
+                .scopes
+                .iter()
+                .copied()
+                .map(WireScope::from)
+                .collect();
+            let mut input = protocol::secure::secure_input(&trained.params, &global, &scopes);
+            // Under DP the step goes out clipped and noised, and no scope leaves the
+            // client: the targets then come from the released head.
+            if let Some(noise) = &secure.setup.local_noise {
+                let (step, stats) = input.split_at_mut(trained.params.len());
+                secagg::noise::privatize(step, noise).map_err(|e| e.to_string())?;
+                stats.fill(0.0);
+            }
+            let mut coded = Vec::new();
+            let clipped = code.encode(input, &mut coded);
+            if clipped > 0 {
+                tracing::debug!(clipped, clip = secure.setup.clip, "secure input clipped");
+            }
+            Ok((coded, scopes))
+        });
         match input {
             Ok((coded, scopes)) => {
                 secure.record = Some(RoundRecord {
@@ -1076,32 +1080,111 @@ fn seal_update(
     .seal())
 }
 
-/// The task a wire task describes, checked against the run's class count: a protocol error
-/// (the session fails on it) if it does not fit.
-fn training_task(wire: &RoundTask, classes: usize) -> Result<TrainingTask, String> {
+/// The heads the last lossy tasks gave a client, newest last: two, because a task resent
+/// after a reconnect is still the change from the head before.
+#[derive(Debug, Default)]
+struct HeldHeads(Vec<(HeadRef, Vec<f32>)>);
+
+impl HeldHeads {
+    const KEPT: usize = 2;
+
+    fn newest(&self) -> Option<HeadRef> {
+        self.0.last().map(|(r, _)| *r)
+    }
+
+    /// The head `wire` starts training from: its head, or the change it carries added to the
+    /// held head it names (the aggregator's rule, `EncodedParams::add_to`). Kept, named by
+    /// its digest, when the task was lossy.
+    fn start_of(&mut self, wire: &RoundTask) -> Result<Vec<f32>, String> {
+        let head = match wire.base {
+            None => decode_head(wire)?,
+            Some(base) => {
+                let Some((_, held)) = self.0.iter().find(|(r, _)| r.digest == base.digest) else {
+                    // Asked again, the client reports what it holds and gets a keyframe.
+                    self.0.clear();
+                    return Err(format!(
+                        "protocol: the task is a change from a head of round {} this client \
+                         does not hold",
+                        base.round
+                    ));
+                };
+                let spec = wire
+                    .shape
+                    .to_spec()
+                    .map_err(|e| format!("task head: {e}"))?;
+                wire.global
+                    .add_to(held, &RowLayout::of_head(&spec))
+                    .map_err(|e| format!("protocol: task head change: {e}"))?
+            }
+        };
+        if wire.global.encoding == Encoding::F32 {
+            self.0.clear();
+        } else {
+            let digest = protocol::head_digest(&head);
+            self.0.retain(|(r, _)| r.digest != digest);
+            self.0.push((
+                HeadRef {
+                    round: wire.round,
+                    digest,
+                },
+                head.clone(),
+            ));
+            if self.0.len() > Self::KEPT {
+                self.0.remove(0);
+            }
+        }
+        Ok(head)
+    }
+}
+
+/// The head a task carries whole, decoded against its shape.
+fn decode_head(wire: &RoundTask) -> Result<Vec<f32>, String> {
+    let spec = wire
+        .shape
+        .to_spec()
+        .map_err(|e| format!("task head: {e}"))?;
+    wire.global
+        .decode(&RowLayout::of_head(&spec))
+        .map_err(|_| "protocol: task head parameters do not decode".to_owned())
+}
+
+/// The task a wire task describes from `start`, checked against the run's class count: a
+/// protocol error (the session fails on it) if it does not fit.
+fn training_task(
+    wire: &RoundTask,
+    classes: usize,
+    start: Vec<f32>,
+) -> Result<TrainingTask, String> {
     if wire.shape.classes as usize != classes {
         return Err(format!(
             "protocol: the task's head has {} outputs, the run {} classes",
             wire.shape.classes, classes
         ));
     }
-    TrainingTask::from_wire(wire).map_err(|e| format!("protocol: {e}"))
+    TrainingTask::from_wire_start(wire, &start).map_err(|e| format!("protocol: {e}"))
 }
 
 impl TrainingTask {
     /// The task a wire [`RoundTask`] describes, checked: its head's shape, its parameters
     /// decoded against that shape, its training settings and targets.
+    /// A task that is a change from a head ([`RoundTask::base`]) needs that head:
+    /// [`TrainingTask::from_wire_start`].
     pub fn from_wire(task: &RoundTask) -> Result<Self, String> {
+        if task.base.is_some() {
+            return Err("the task is a change from a head it does not carry".into());
+        }
+        Self::from_wire_start(task, &decode_head(task)?)
+    }
+
+    /// The task a wire [`RoundTask`] describes, starting from `start` (its head decoded, or
+    /// added to the head it is a change from).
+    pub fn from_wire_start(task: &RoundTask, start: &[f32]) -> Result<Self, String> {
         let spec = task
             .shape
             .to_spec()
             .map_err(|e| format!("task head: {e}"))?;
-        let global = task
-            .global
-            .decode(&RowLayout::of_head(&spec))
-            .ok()
-            .and_then(|flat| Head::from_flat(&spec, &flat).ok())
-            .ok_or_else(|| "task head parameters do not decode".to_owned())?;
+        let global = Head::from_flat(&spec, start)
+            .map_err(|_| "task head parameters do not fit its shape".to_owned())?;
         let train = task
             .train
             .to_config(&task.targets)

@@ -37,6 +37,7 @@ fn task() -> RoundTask {
         train: TrainSpec::from(&TrainConfig::default()),
         encoding: Encoding::F32,
         deadline_ms: 60_000,
+        base: None,
     }
 }
 

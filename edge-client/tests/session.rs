@@ -56,6 +56,7 @@ fn task(round: u64, encoding: Encoding) -> RoundTask {
         train: TrainSpec::from(&TrainConfig::default()),
         encoding,
         deadline_ms: 60_000,
+        base: None,
     }
 }
 
@@ -594,4 +595,110 @@ fn a_welcome_asking_to_hold_out_all_the_data_is_a_protocol_error() {
         );
         assert!(!d.session.is_done(), "the session ends, not the run");
     }
+}
+
+/// The hello a reconnecting session sends after losing its connection.
+fn hello_after_loss(d: &mut Driver) -> protocol::Hello {
+    d.on(Event::ControlFailed("connection lost".into()));
+    let deadline = d.session.next_deadline().unwrap().0;
+    match &d.at(deadline, Event::Tick)[..] {
+        [Action::Connect(hello)] => match hello.as_ref() {
+            Message::Hello(h) => h.clone(),
+            other => panic!("{other:?}"),
+        },
+        other => panic!("expected a connect, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_lossy_task_is_held_and_the_next_is_a_change_from_it() {
+    let layout = RowLayout::of_head(&spec());
+    let (mut d, _) = Driver::new(None);
+    d.join();
+    // Round 0: the head in int8. The client trains from what it decodes.
+    let first = task(0, Encoding::F32);
+    let exact0 = first.global.decode(&layout).unwrap();
+    let keyframe = RoundTask {
+        global: EncodedParams::encode(&exact0, &layout, Encoding::Int8RowScaled).unwrap(),
+        ..first.clone()
+    };
+    let start0 = keyframe.global.decode(&layout).unwrap();
+    let t0 = match &d.on(Event::Task(Message::RoundTask(keyframe)))[..] {
+        [Action::Train(t)] => (**t).clone(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(t0.global.to_flat(), start0);
+    d.finish_training(&t0, 10);
+    d.on(Event::Verdict(verdict(0, Outcome::Accepted)));
+    let held0 = protocol::HeadRef {
+        round: 0,
+        digest: protocol::head_digest(&start0),
+    };
+    // Round 1: the change from the head it holds, added as the aggregator adds it.
+    let exact1: Vec<f32> = exact0.iter().map(|w| w * 0.9 + 0.003).collect();
+    let change: Vec<f32> = exact1.iter().zip(&start0).map(|(g, s)| g - s).collect();
+    let delta = EncodedParams::encode(&change, &layout, Encoding::Int8RowScaled).unwrap();
+    let start1 = delta.add_to(&start0, &layout).unwrap();
+    let t1 = match &d.on(Event::Task(Message::RoundTask(RoundTask {
+        round: 1,
+        global: delta.clone(),
+        base: Some(held0),
+        ..first.clone()
+    })))[..]
+    {
+        [Action::Train(t)] => (**t).clone(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(t1.global.to_flat(), start1);
+    // Reconnecting, it names the head it now holds.
+    let hello = hello_after_loss(&mut d);
+    assert_eq!(
+        hello.held,
+        Some(protocol::HeadRef {
+            round: 1,
+            digest: protocol::head_digest(&start1),
+        })
+    );
+    // The same task again (its base is still held) gives the same start.
+    d.join();
+    let again = match &d.on(Event::Task(Message::RoundTask(RoundTask {
+        round: 1,
+        global: delta.clone(),
+        base: Some(held0),
+        ..first.clone()
+    })))[..]
+    {
+        [Action::Train(t)] => (**t).clone(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(again.global.to_flat(), start1);
+    // A change from a head it does not hold is a protocol error: it reconnects naming none.
+    d.on(Event::Trained(Err("dropped".into())));
+    let hello = {
+        let deadline = d.session.next_deadline().unwrap().0;
+        d.at(deadline, Event::Tick);
+        d.join();
+        let out = d.on(Event::Task(Message::RoundTask(RoundTask {
+            round: 2,
+            global: delta,
+            base: Some(protocol::HeadRef {
+                round: 1,
+                digest: [5; 32],
+            }),
+            ..first
+        })));
+        assert!(
+            !out.iter().any(|a| matches!(a, Action::Train(_))),
+            "{out:?}"
+        );
+        let deadline = d.session.next_deadline().unwrap().0;
+        match &d.at(deadline, Event::Tick)[..] {
+            [Action::Connect(hello)] => match hello.as_ref() {
+                Message::Hello(h) => h.clone(),
+                other => panic!("{other:?}"),
+            },
+            other => panic!("expected a connect, got {other:?}"),
+        }
+    };
+    assert_eq!(hello.held, None);
 }

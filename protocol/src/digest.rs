@@ -1,10 +1,24 @@
-//! The update digest: sha256 over a canonical byte sequence of the update's fields.
+//! The update digest: sha256 over a canonical byte sequence of the update's fields; and the
+//! digest that names a head.
 
 use sha2::{Digest, Sha256};
 
 use crate::message::Update;
 
 const DOMAIN: &[u8] = b"wsa-fl update v3\0";
+const HEAD_DOMAIN: &[u8] = b"wsa-fl head v1\0";
+
+/// sha256 of a head's values, bit for bit: the name a client and the aggregator give the head
+/// a task left the client with ([`crate::HeadRef`]).
+pub fn head_digest(values: &[f32]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(HEAD_DOMAIN);
+    h.update((values.len() as u64).to_le_bytes());
+    for v in values {
+        h.update(v.to_le_bytes());
+    }
+    h.finalize().into()
+}
 
 impl Update {
     /// sha256 of everything but the digest itself. Run, round and client are inside, so an

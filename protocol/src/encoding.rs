@@ -263,6 +263,23 @@ impl EncodedParams {
         Ok(out)
     }
 
+    /// `base` plus these values decoded: the head a task that is a change from `base` gives.
+    /// The one rule both sides follow, so the client and the aggregator hold the same bits
+    /// (f32 addition is exactly rounded and commutes on every platform).
+    pub fn add_to(&self, base: &[f32], layout: &RowLayout) -> Result<Vec<f32>, EncodingError> {
+        if base.len() != layout.len() {
+            return Err(EncodingError::Length {
+                expected: layout.len(),
+                got: base.len(),
+            });
+        }
+        let mut out = self.decode(layout)?;
+        for (o, &b) in out.iter_mut().zip(base) {
+            *o += b;
+        }
+        Ok(out)
+    }
+
     /// Decodes into `out` (of `layout.len()` values).
     pub fn decode_into(&self, layout: &RowLayout, out: &mut [f32]) -> Result<(), EncodingError> {
         if out.len() != layout.len() {

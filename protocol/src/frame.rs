@@ -12,7 +12,7 @@ pub const MAGIC: [u8; 4] = *b"WSA1";
 /// The protocol version this crate speaks. 5 added the secure-aggregation steps
 /// ([`crate::SecAgg`]), which a version-4 peer could not decode; 6 the round's attempt in
 /// [`crate::Welcome`].
-pub const PROTOCOL_VERSION: u16 = 6;
+pub const PROTOCOL_VERSION: u16 = 7;
 /// Bytes of the fixed header.
 pub const HEADER_LEN: usize = 10;
 

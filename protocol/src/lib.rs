@@ -25,6 +25,7 @@ mod message;
 pub mod quic;
 pub mod secure;
 
+pub use digest::head_digest;
 pub use encoding::{EncodedParams, Encoding, EncodingError, RowLayout};
 pub use error::ProtocolError;
 pub use frame::{
@@ -32,7 +33,7 @@ pub use frame::{
 };
 pub use limits::Limits;
 pub use message::{
-    Auth, Capabilities, FinalModel, Goodbye, GoodbyeReason, HeadShape, HeldOutEval, Hello,
+    Auth, Capabilities, FinalModel, Goodbye, GoodbyeReason, HeadRef, HeadShape, HeldOutEval, Hello,
     LocalNoise, MAX_SECAGG_NEIGHBOURS, Message, Outcome, RejectReason, RevealedShare, RoundTask,
     SealedShares, SecAgg, SecAggAdvertise, SecAggInbox, SecAggMasked, SecAggPeer, SecAggReveal,
     SecAggRoster, SecAggSetup, SecAggShares, SecAggUnmask, Subject, TrainSpec, Update,

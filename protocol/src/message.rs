@@ -94,6 +94,20 @@ pub struct Hello {
     pub capabilities: Capabilities,
     /// Rows of local training data it holds (the aggregator bounds what updates may claim).
     pub n_samples: u64,
+    /// The head its last lossy-encoded task gave it, if it still holds it: the aggregator may
+    /// send the next head as a change from it ([`RoundTask::base`]).
+    pub held: Option<HeadRef>,
+}
+
+/// A head a client holds: the round of the task that gave it and its [`head_digest`]
+/// (crate::head_digest), which is what names it (two attempts or two clients may hold
+/// different heads for one round).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeadRef {
+    /// The round of the task that gave it.
+    pub round: u64,
+    /// sha256 of its values ([`crate::head_digest`]).
+    pub digest: [u8; 32],
 }
 
 /// The aggregator's answer to an accepted hello.
@@ -178,8 +192,13 @@ pub struct RoundTask {
     pub round: u64,
     /// The head's shape.
     pub shape: HeadShape,
-    /// The global head's parameters (flat layout of `wsa::Head`).
+    /// The global head's parameters (flat layout of `wsa::Head`), or with `base` their
+    /// change from that head.
     pub global: EncodedParams,
+    /// `Some`: `global` is a change from this head, which the client reported holding, and
+    /// the task's head is the one [`EncodedParams::add_to`] makes of the two. `None`:
+    /// `global` is the head.
+    pub base: Option<HeadRef>,
     /// The target scope of each scoped tensor (the fused scopes of the last round).
     pub targets: Vec<WireScope>,
     /// How to train.

@@ -115,6 +115,10 @@ fn default_spawn_workers() -> bool {
     true
 }
 
+fn default_downlink_deltas() -> bool {
+    true
+}
+
 /// Everything a fleet run does; written to the run folder as `config.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FleetConfig {
@@ -173,6 +177,10 @@ pub struct FleetConfig {
     /// How round tasks carry the global head (f32 by default).
     #[serde(default)]
     pub downlink_encoding: Encoding,
+    /// With a lossy downlink, whether clients holding their last task's head get the change
+    /// from it.
+    #[serde(default = "default_downlink_deltas")]
+    pub downlink_deltas: bool,
     /// For "rounds to reach": the test accuracy a strategy must reach.
     pub target_accuracy: f64,
     /// Fraction of the training set held out (per seed, before partitioning) as the
@@ -241,6 +249,7 @@ pub(crate) fn engine_config(
     c.eval_fraction = cfg.eval_fraction;
     c.update_encoding = cfg.update_encoding;
     c.downlink_encoding = cfg.downlink_encoding;
+    c.downlink_deltas = cfg.downlink_deltas;
     c.sampling = Sampling {
         population: Default::default(),
         fraction: cfg.per_round as f64 / cfg.clients as f64,

@@ -9,8 +9,9 @@
 //!    client was selected (`NotSelected`); not yet accepted this round (`Duplicate`) — from
 //!    here on the client has answered, whatever the verdict;
 //! 4. digest (`DigestMismatch`); the task's encoding (`WrongEncoding`); parameter and scope
-//!    counts (`WrongShape`); decoding (`WrongShape`, `Malformed`); every parameter, scope and
-//!    metric finite (`NonFinite`);
+//!    counts (`WrongShape`); decoding (`WrongShape`, `Malformed`), then the parameters moved
+//!    from the client's start onto the global head ([`super::downlink`]); every parameter,
+//!    scope and metric finite (`NonFinite`);
 //! 5. sample count in `1..=min(hello's, max)` (`BadSampleCount`); every reported σ > 0 and
 //!    the reported scopes within tolerance of the measured ones (`BadScope`); each measured
 //!    σ within a factor of the global head's (`BadScope`); distance from the global head
@@ -70,7 +71,7 @@ impl Engine {
         }
         // From here on the client has answered, whatever the verdict.
         sel.answer = Answer::Rejected;
-        let encoding = sel.encoding;
+        let (encoding, start) = (sel.encoding, sel.start);
         if !received.digest_ok() {
             return Err(RejectReason::DigestMismatch);
         }
@@ -80,6 +81,7 @@ impl Engine {
             &self.layout,
             self.fold_shape.tensors.len(),
             &mut self.scratch,
+            |params| open.downlink.rebase(start, &self.global, params),
             &mut open.fold,
         )?;
         let bounds = &self.config.bounds;
@@ -154,13 +156,15 @@ struct Checked {
     measurement: Measurement,
 }
 
-/// Encoding, counts, decoding into `scratch`, finiteness; then the measurement.
+/// Encoding, counts, decoding into `scratch` and moving it onto the global head
+/// (`rebase`, [`super::downlink`]), finiteness; then the measurement.
 fn check_contents(
     update: &Update,
     encoding: Encoding,
     layout: &RowLayout,
     want_scopes: usize,
     scratch: &mut [f32],
+    rebase: impl FnOnce(&mut [f32]),
     fold: &mut RoundFold,
 ) -> Result<Checked, RejectReason> {
     if update.params.encoding != encoding {
@@ -185,6 +189,7 @@ fn check_contents(
             | protocol::EncodingError::Scales { .. } => RejectReason::WrongShape(e.to_string()),
             other => RejectReason::Malformed(other.to_string()),
         })?;
+    rebase(scratch);
     let measurement = fold.measure(scratch).map_err(|e| match e {
         BackendError::Core(wsa::Error::NonFinite { .. }) => RejectReason::NonFinite,
         other => RejectReason::Malformed(other.to_string()),

@@ -174,12 +174,17 @@ pub struct EngineConfig {
     /// The encoding clients are asked to send updates in (f32 for a client that cannot).
     #[serde(default)]
     pub update_encoding: Encoding,
-    /// The encoding round tasks carry the global head in. Not f32, the aggregator quantizes
-    /// the head once when a round opens and makes the decoded result the round's global
-    /// head: every client starts from exactly it, and every step is measured from it. Left
-    /// out of the config hash at its f32 default.
+    /// The encoding round tasks carry the global head in. Not f32, each client starts from
+    /// what it decodes, its step is measured from that and applied to the exact global head
+    /// (the rule is in the engine's `downlink` module). Left out of the config hash at its f32
+    /// default.
     #[serde(default, skip_serializing_if = "is_f32")]
     pub downlink_encoding: Encoding,
+    /// With a lossy downlink, a client that reports a head an earlier task gave it gets the
+    /// change from that head (in `downlink_encoding`) instead of the head: the same bytes,
+    /// a smaller rounding. Left out of the config hash at its default (on).
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub downlink_deltas: bool,
     /// Which clients a round asks.
     #[serde(default)]
     pub sampling: Sampling,
@@ -250,6 +255,7 @@ impl EngineConfig {
             targets: TargetPolicy::default(),
             update_encoding: Encoding::F32,
             downlink_encoding: Encoding::F32,
+            downlink_deltas: true,
             sampling: Sampling::default(),
             backbone: BackboneRef::default(),
             quorum: 1,
@@ -496,6 +502,14 @@ impl EngineConfig {
 
 fn is_f32(e: &Encoding) -> bool {
     *e == Encoding::F32
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 /// A run's class list: one unique, non-empty name per head output, within what the wire's

@@ -4,7 +4,9 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use protocol::{Capabilities, RejectReason, RoundTask, SecAgg, SecAggSetup, Update, Verdict};
+use protocol::{
+    Capabilities, HeadRef, RejectReason, RoundTask, SecAgg, SecAggSetup, Update, Verdict,
+};
 use serde::{Deserialize, Serialize};
 use wsa::{Evaluation, Scope};
 
@@ -65,6 +67,8 @@ pub enum Event {
         n_samples: u64,
         /// Encodings it can produce.
         capabilities: Capabilities,
+        /// The head its hello said it holds from an earlier lossy task.
+        held: Option<HeadRef>,
     },
     /// A client's session ended.
     Disconnected {
@@ -321,6 +325,10 @@ pub struct RoundReport {
     pub wire_bytes_in: u64,
     /// Parameter payload bytes of the accepted updates.
     pub accepted_payload_bytes: u64,
+    /// Tasks sent that carried the change from a head the client held; the others carried
+    /// the head.
+    #[serde(default)]
+    pub delta_tasks: u64,
     /// When it opened.
     pub opened_at: Millis,
     /// When it closed.

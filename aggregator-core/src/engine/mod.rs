@@ -22,6 +22,7 @@
 
 pub mod admission;
 mod config;
+mod downlink;
 mod events;
 mod secure;
 
@@ -29,8 +30,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use protocol::{
-    Capabilities, EncodedParams, Encoding, HeadShape, HeldOutEval, Outcome, RejectReason,
-    RoundTask, RowLayout, Subject, TrainSpec, Verdict, WireScope,
+    Capabilities, Encoding, HeadRef, HeadShape, HeldOutEval, Outcome, RejectReason, RoundTask,
+    RowLayout, Subject, TrainSpec, Verdict, WireScope,
 };
 use sha2::{Digest, Sha256};
 use tracing::{debug, error, info, warn};
@@ -50,11 +51,14 @@ use crate::backend::{Backend, BackendError, CpuBackend, FoldShape};
 use crate::checkpoint::{Checkpoint, History};
 use crate::privacy::{Clip, PrivacyState};
 use crate::strategy::{DpFolded, DpRound, FoldPolicy, Folded, RoundFold, layer_scales};
+use downlink::{HeldHeads, KEYFRAME, RoundDownlink};
 
 #[derive(Debug, Clone, Copy)]
 struct ClientInfo {
     n_samples: u64,
     capabilities: Capabilities,
+    /// The head its hello said it holds from an earlier lossy task.
+    held: Option<HeadRef>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +76,8 @@ struct Selected {
     /// The sample count it claimed at its first hello of the round (the one its claim cap
     /// counts); `None` while a client sampled from the registry has not connected.
     claim: Option<u64>,
+    /// The start its task gave it ([`RoundDownlink`]).
+    start: usize,
 }
 
 /// What an accepted client reported of its training (telemetry, weighted at the close).
@@ -95,8 +101,12 @@ struct OpenRound {
     target: usize,
     order: Vec<String>,
     selected: BTreeMap<String, Selected>,
-    /// The task as sent, per encoding, for clients that reconnect mid-round.
-    tasks: BTreeMap<EncodingKey, Arc<RoundTask>>,
+    /// The task as sent, per update encoding and start, for clients that reconnect mid-round.
+    tasks: BTreeMap<(EncodingKey, usize), Arc<RoundTask>>,
+    /// The task with the keyframe and f32 updates, which the others are made from.
+    template: RoundTask,
+    downlink: RoundDownlink,
+    delta_tasks: u64,
     fold: RoundFold,
     accepted: Vec<String>,
     accepted_payload_bytes: u64,
@@ -157,6 +167,8 @@ pub struct Engine {
     test: Option<LabelledFeatures>,
     /// Decoded parameters of the update being checked, reused across updates.
     scratch: Vec<f32>,
+    /// Heads recent lossy tasks gave, for deltas from them.
+    held_heads: HeldHeads,
     /// Under client-level DP: the clip norm and the privacy spent.
     privacy: Option<PrivacyState>,
 }
@@ -313,6 +325,7 @@ impl Engine {
             validation: None,
             test: None,
             scratch,
+            held_heads: HeldHeads::default(),
             privacy,
         })
     }
@@ -533,7 +546,8 @@ impl Engine {
                 client,
                 n_samples,
                 capabilities,
-            } => self.on_connected(now, client, n_samples, capabilities, &mut out),
+                held,
+            } => self.on_connected(now, client, n_samples, capabilities, held, &mut out),
             Event::Disconnected { client } => self.on_disconnected(now, &client, &mut out),
             Event::Update {
                 client,
@@ -580,6 +594,7 @@ impl Engine {
         client: String,
         n_samples: u64,
         capabilities: Capabilities,
+        held: Option<HeadRef>,
         out: &mut Vec<Action>,
     ) {
         self.clients.insert(
@@ -587,6 +602,7 @@ impl Engine {
             ClientInfo {
                 n_samples,
                 capabilities,
+                held,
             },
         );
         // A selected client that comes back mid-round (or, sampled from the registry, comes
@@ -600,21 +616,29 @@ impl Engine {
         {
             sel.answer = Answer::Pending;
             if sel.claim.is_none() {
-                // Its first hello of the round: the encoding it can take, and its claim for
-                // the round's cap.
+                // Its first hello of the round: the encoding it can take, its claim for the
+                // round's cap, and where its task starts from.
                 sel.encoding = encoding;
                 sel.claim = Some(n_samples);
+                sel.start =
+                    open.downlink
+                        .start_for(held, &self.global, &self.layout, &mut self.held_heads);
+            } else {
+                sel.start = open.downlink.start_on_return(
+                    sel.start,
+                    held,
+                    &self.global,
+                    &self.layout,
+                    &mut self.held_heads,
+                );
             }
-            let Some(template) = open.tasks.values().next().map(Arc::clone) else {
-                return;
-            };
-            let task = open.tasks.entry(sel.encoding as u8).or_insert_with(|| {
-                Arc::new(RoundTask {
-                    encoding: sel.encoding,
-                    ..RoundTask::clone(&template)
-                })
-            });
-            let mut task = RoundTask::clone(task);
+            if let Some(info) = self.clients.get_mut(&client) {
+                info.held = open.downlink.given(sel.start);
+            }
+            let (encoding, start) = (sel.encoding, sel.start);
+            open.delta_tasks += u64::from(start != KEYFRAME);
+            let task = open.task(encoding, start);
+            let mut task = RoundTask::clone(&task);
             task.deadline_ms = open.deadline.since(now);
             out.push(Action::SendTask {
                 client,
@@ -964,6 +988,7 @@ impl Engine {
             payload_bytes_in: tally.payload_bytes,
             wire_bytes_in: tally.wire_bytes,
             accepted_payload_bytes: open.accepted_payload_bytes,
+            delta_tasks: open.delta_tasks,
             opened_at: open.opened_at,
             closed_at: now,
             duration_ms: now.since(open.opened_at),
@@ -985,26 +1010,6 @@ impl Engine {
         );
         out.push(Action::RoundClosed(Box::new(report)));
         out.push(Action::Checkpoint(Box::new(self.checkpoint())));
-    }
-
-    /// The global head as the round's tasks carry it, in the run's downlink encoding. A lossy
-    /// encoding is decoded back here and the result becomes the global head, so that the
-    /// aggregator measures steps from, clips toward and folds around exactly the head every
-    /// client decodes; the f32 encoding leaves the head as it is.
-    fn encode_downlink(&mut self) -> Result<EncodedParams, protocol::EncodingError> {
-        let encoded =
-            EncodedParams::encode(&self.global, &self.layout, self.config.downlink_encoding)?;
-        if self.config.downlink_encoding != Encoding::F32 {
-            self.global = encoded.decode(&self.layout)?;
-            self.global_norm = l2_norm(&self.global);
-            if let Ok(scopes) = self
-                .global_head()
-                .scopes(self.config.scope_selection, self.eps)
-            {
-                self.global_scopes = scopes;
-            }
-        }
-        Ok(encoded)
     }
 
     /// Under DP, the clip and noise of a round that asks `select` of `connected` clients to
@@ -1134,8 +1139,15 @@ impl Engine {
         };
 
         let deadline = now.plus(self.config.round_timeout_ms);
-        let global = match self.encode_downlink() {
-            Ok(g) => g,
+        let mut downlink = match RoundDownlink::open(
+            self.next_round,
+            &self.global,
+            &self.layout,
+            self.config.downlink_encoding,
+            self.config.downlink_deltas,
+            &mut self.held_heads,
+        ) {
+            Ok(d) => d,
             Err(e) => {
                 error!(error = %e, "cannot encode the global head; no round opens");
                 return;
@@ -1191,13 +1203,15 @@ impl Engine {
             run_id: self.config.run_id,
             round: self.next_round,
             shape: self.shape.clone(),
-            global,
+            global: downlink.start(KEYFRAME).global.clone(),
+            base: None,
             targets: self.targets.iter().copied().map(WireScope::from).collect(),
             train: TrainSpec::from(&train),
             encoding: Encoding::F32,
             deadline_ms: self.config.round_timeout_ms,
         };
-        let mut tasks: BTreeMap<EncodingKey, Arc<RoundTask>> = BTreeMap::new();
+        let mut tasks: BTreeMap<(EncodingKey, usize), Arc<RoundTask>> = BTreeMap::new();
+        let mut delta_tasks = 0;
         let mut selected = BTreeMap::new();
         let secure = if self.config.secure.is_some() {
             // Masked inputs are f32 steps in the ring, whatever the update encoding.
@@ -1211,10 +1225,11 @@ impl Engine {
                                 encoding: Encoding::F32,
                                 answer: Answer::Pending,
                                 claim: self.clients.get(client).map(|c| c.n_samples),
+                                start: KEYFRAME,
                             },
                         );
                     }
-                    tasks.insert(Encoding::F32 as u8, task);
+                    tasks.insert((Encoding::F32 as u8, KEYFRAME), task);
                     Some(state)
                 }
                 Err(e) => {
@@ -1230,7 +1245,7 @@ impl Engine {
         if secure.is_none() && self.config.sampling.population == Population::Registered {
             // Always there, for a sampled client that connects later to be asked from.
             tasks.insert(
-                self.config.update_encoding as u8,
+                (self.config.update_encoding as u8, KEYFRAME),
                 Arc::new(RoundTask {
                     encoding: self.config.update_encoding,
                     ..template.clone()
@@ -1245,26 +1260,29 @@ impl Engine {
                 Some(info) => self.encoding_for(info.capabilities),
                 None => self.config.update_encoding,
             };
+            let start = match info {
+                Some(info) => {
+                    downlink.start_for(info.held, &self.global, &self.layout, &mut self.held_heads)
+                }
+                None => KEYFRAME,
+            };
             selected.insert(
                 client.clone(),
                 Selected {
                     encoding,
                     answer: Answer::Pending,
                     claim: info.map(|i| i.n_samples),
+                    start,
                 },
             );
-            if info.is_none() {
+            let Some(info) = self.clients.get_mut(client) else {
                 continue;
-            }
-            let task = tasks
-                .entry(encoding as u8)
-                .or_insert_with(|| {
-                    Arc::new(RoundTask {
-                        encoding,
-                        ..template.clone()
-                    })
-                })
-                .clone();
+            };
+            // What it holds once it decodes the task, for the next round's delta; a client
+            // that loses it says so in its next hello.
+            info.held = downlink.given(start);
+            delta_tasks += u64::from(start != KEYFRAME);
+            let task = task_of(&mut tasks, &template, &downlink, encoding, start);
             out.push(Action::SendTask {
                 client: client.clone(),
                 task,
@@ -1289,6 +1307,9 @@ impl Engine {
             order,
             selected,
             tasks,
+            template,
+            downlink,
+            delta_tasks,
             fold,
             accepted: Vec::new(),
             accepted_payload_bytes: 0,
@@ -1296,6 +1317,38 @@ impl Engine {
             step_norms: Vec::new(),
             secure,
         });
+    }
+}
+
+/// The task for updates in `encoding` from `start`, made from `template` the first time.
+fn task_of(
+    tasks: &mut BTreeMap<(EncodingKey, usize), Arc<RoundTask>>,
+    template: &RoundTask,
+    downlink: &RoundDownlink,
+    encoding: Encoding,
+    start: usize,
+) -> Arc<RoundTask> {
+    let made = tasks.entry((encoding as u8, start)).or_insert_with(|| {
+        let start = downlink.start(start);
+        Arc::new(RoundTask {
+            encoding,
+            global: start.global.clone(),
+            base: start.base,
+            ..template.clone()
+        })
+    });
+    Arc::clone(made)
+}
+
+impl OpenRound {
+    fn task(&mut self, encoding: Encoding, start: usize) -> Arc<RoundTask> {
+        task_of(
+            &mut self.tasks,
+            &self.template,
+            &self.downlink,
+            encoding,
+            start,
+        )
     }
 }
 

@@ -299,6 +299,7 @@ async fn connection(
                 client: client.clone(),
                 n_samples: hello.n_samples,
                 capabilities: hello.capabilities,
+                held: hello.held,
             },
         })
         .await;
