@@ -23,6 +23,8 @@ use tokio::task::JoinHandle;
 #[derive(Debug, Clone)]
 pub struct Deployment {
     creds: PathBuf,
+    /// Both ends' QUIC limits.
+    quic: QuicLimits,
 }
 
 impl Deployment {
@@ -52,16 +54,21 @@ impl Deployment {
             true,
             tokens,
         )?;
-        Ok(Self {
-            creds: creds.to_owned(),
-        })
+        Ok(Self::open(creds))
     }
 
     /// A credentials folder made earlier (by [`Deployment::generate`] or `gen-certs`).
     pub fn open(creds: &Path) -> Self {
         Self {
             creds: creds.to_owned(),
+            quic: QuicLimits::default(),
         }
+    }
+
+    /// Both ends' UDP socket buffers in bytes ([`QuicLimits::udp_buffer`]); 0: the OS default.
+    pub fn with_udp_buffer(mut self, bytes: usize) -> Self {
+        self.quic.udp_buffer = bytes;
+        self
     }
 
     /// The credentials folder.
@@ -84,6 +91,7 @@ impl Deployment {
             max_unauthenticated: 4096,
             max_per_address: usize::MAX,
             hello_timeout: Duration::from_secs(30),
+            quic: self.quic,
             checkpoint,
             rounds_log,
             ..ServerOptions::new(listen, &self.creds)?
@@ -120,7 +128,7 @@ impl Deployment {
             client_id: id.into(),
             token: client_token(&self.creds, id)?,
             limits: Limits::default(),
-            quic: QuicLimits::default(),
+            quic: self.quic,
             backoff: Backoff {
                 initial: Duration::from_millis(50),
                 max: Duration::from_millis(1000),

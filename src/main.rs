@@ -210,6 +210,10 @@ struct Args {
     /// Round 0 under strong label skew can take an honest logits layer past the shipped 4.
     #[arg(long, default_value_t = UpdateBounds::default().max_scope_ratio)]
     max_scope_ratio: f64,
+    /// Every endpoint's UDP socket buffers in bytes (0: the OS default); the shipped default
+    /// when absent (8 MiB, capped by the kernel's net.core.rmem_max).
+    #[arg(long)]
+    udp_buffer: Option<usize>,
     /// Client-level differential privacy (docs/privacy.md) with this noise multiplier z: each
     /// round clips every client's step and scope offsets, adds Gaussian noise to their sums
     /// and charges the RDP accountant (ε in rounds.csv). Off when not given.
@@ -500,6 +504,7 @@ fn config(args: Args) -> Result<FleetConfig> {
         }),
         quorum: args.quorum,
         max_scope_ratio: args.max_scope_ratio,
+        udp_buffer: args.udp_buffer,
         centralized: !args.no_centralized,
         seeds: args.seeds,
         hidden,

@@ -154,8 +154,12 @@ pub async fn run(
     } else {
         "0.0.0.0:0".parse().expect("literal")
     };
+    let setup = |e: std::io::Error| ClientError::Setup(e.to_string());
+    let (socket, _) = protocol::quic::bind_udp(bind, opts.quic.udp_buffer).map_err(setup)?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| ClientError::Setup("no async runtime for the endpoint".into()))?;
     let mut endpoint =
-        quinn::Endpoint::client(bind).map_err(|e| ClientError::Setup(e.to_string()))?;
+        quinn::Endpoint::new(Default::default(), None, socket, runtime).map_err(setup)?;
     endpoint.set_default_client_config(config);
 
     let clock = Instant::now();

@@ -149,6 +149,10 @@ pub struct FleetConfig {
     /// The aggregator's bound on a tensor's σ change in one update (`bounds.max_scope_ratio`).
     #[serde(default = "default_max_scope_ratio")]
     pub max_scope_ratio: f64,
+    /// Every endpoint's UDP socket buffers in bytes, 0 for the OS default; `None`: the
+    /// shipped default ([`protocol::quic::QuicLimits::udp_buffer`]).
+    #[serde(default)]
+    pub udp_buffer: Option<usize>,
     /// Clients that attack (robustness experiments); none by default.
     #[serde(default)]
     pub byzantine: Option<Byzantine>,
@@ -205,6 +209,14 @@ pub struct FleetConfig {
 }
 
 impl FleetConfig {
+    /// `deployment` with this run's transport settings.
+    pub fn transport(&self, deployment: crate::fleet::Deployment) -> crate::fleet::Deployment {
+        match self.udp_buffer {
+            Some(bytes) => deployment.with_udp_buffer(bytes),
+            None => deployment,
+        }
+    }
+
     /// Reads a run's `config.json` (what `wsa-fl` writes into every run folder).
     pub fn load(path: &std::path::Path) -> anyhow::Result<Self> {
         use anyhow::Context;

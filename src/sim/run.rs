@@ -56,7 +56,7 @@ async fn run_strategy(
     let server = deployment.bind(options)?;
     let addr = server.local_addr()?;
     let (mut handle, stop_server) = spawn_server(server, engine);
-    let (_keep_clients, stop) = watch::channel(false);
+    let (stop_clients, stop) = watch::channel(false);
     let mut clients = Vec::new();
     let mut children = Vec::new();
     if let Some(pool) = &cfg.pool {
@@ -129,6 +129,9 @@ async fn run_strategy(
             anyhow::bail!("{label}, seed {seed}: {failure}");
         }
     };
+    // The aggregator has said its goodbyes and closed: a client that missed its goodbye
+    // would otherwise retry the closed address until its reconnect policy gives up.
+    let _ = stop_clients.send(true);
     for c in clients {
         c.await.context("client task")?.context("client")?;
     }
@@ -312,7 +315,7 @@ pub fn run_client_group(
     let Dataset { train, classes, .. } = load_data(&cfg.data)?;
     let data = seed_data(&cfg, &train, seed)?;
     drop(train);
-    let deployment = Deployment::open(&cfg.out.join("creds"));
+    let deployment = cfg.transport(Deployment::open(&cfg.out.join("creds")));
     let mine = data
         .shards
         .into_iter()
@@ -453,7 +456,7 @@ fn sweep(cfg: &FleetConfig, done: Vec<RoundRow>) -> Result<FleetSummary> {
     let feature_seconds = started.elapsed().as_secs_f64();
     let head = HeadSpec::mlp(train.dim(), &cfg.hidden, train.classes());
     let ids: Vec<String> = (0..cfg.clients).map(protocol::client_id).collect();
-    let deployment = match &cfg.pool {
+    let deployment = cfg.transport(match &cfg.pool {
         // A token file per virtual client would be a million files.
         Some(pool) => Deployment::generate_with(
             &cfg.out.join("creds"),
@@ -462,7 +465,7 @@ fn sweep(cfg: &FleetConfig, done: Vec<RoundRow>) -> Result<FleetSummary> {
             pool.server_name.as_deref(),
         )?,
         None => Deployment::generate(&cfg.out.join("creds"), &ids)?,
-    };
+    });
     drop(ids);
     let setup_seconds = started.elapsed().as_secs_f64();
 

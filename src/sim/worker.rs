@@ -88,7 +88,7 @@ pub fn run_worker(
     let population = sorted_population(cfg.clients);
     let fleet = Fleet {
         cfg: &cfg,
-        deployment: Deployment::open(&folder.join("creds")),
+        deployment: cfg.transport(Deployment::open(&folder.join("creds"))),
         server,
         server_name,
         train,

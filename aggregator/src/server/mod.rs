@@ -57,8 +57,17 @@ impl Server {
         endpoint_config.cid_generator(move || {
             Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
         });
-        let socket = std::net::UdpSocket::bind(opts.listen)
+        let (socket, granted) = protocol::quic::bind_udp(opts.listen, opts.quic.udp_buffer)
             .with_context(|| format!("binding {}", opts.listen))?;
+        // Linux grants twice what it keeps for data, up to twice `net.core.rmem_max`.
+        if granted < opts.quic.udp_buffer {
+            tracing::warn!(
+                asked = opts.quic.udp_buffer,
+                granted,
+                "the UDP receive buffer is smaller than asked: a large fleet's updates may be \
+                 dropped and resent; raise net.core.rmem_max"
+            );
+        }
         let runtime = quinn::default_runtime().context("no async runtime for the endpoint")?;
         let endpoint = quinn::Endpoint::new(endpoint_config, Some(config), socket, runtime)
             .with_context(|| format!("starting the endpoint on {}", opts.listen))?;
