@@ -6,7 +6,8 @@
 #   int8-keyframes int8 both ways, every task the quantized head (--no-downlink-deltas);
 #   int8           int8 both ways, a client holding its last task's head gets the change.
 # Writes docs/results/downlink/<partition>-<variant>/ and downlink.{csv,json} beside them.
-#   scripts/downlink.sh [PART...]   PART: a0.1 | iid (default: both)
+#   [VARIANTS="f32 int8-keyframes int8"] scripts/downlink.sh [PART...]
+#   PART: a0.1 | iid (default: both). A run folder left from an earlier run counts in the table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --locked --bin wsa-fl
@@ -17,17 +18,24 @@ setup=(--clients 100 --per-round 10 --epochs 5 --batch-size 64 --lr 0.05 --momen
 parts=("$@")
 [ ${#parts[@]} -gt 0 ] || parts=(a0.1 iid)
 out=docs/results/downlink
+variants=${VARIANTS:-f32 int8-keyframes int8}
 for part in "${parts[@]}"; do
   case "$part" in
     a0.1) partition=(--partition dirichlet --alpha 0.1) ;;
     iid) partition=(--partition iid) ;;
     *) echo "unknown partition $part" >&2; exit 2 ;;
   esac
-  target/release/wsa-fl "${setup[@]}" "${partition[@]}" --out "$out/$part-f32"
-  target/release/wsa-fl "${setup[@]}" "${partition[@]}" --encoding int8 \
-    --downlink-encoding int8 --no-downlink-deltas --out "$out/$part-int8-keyframes"
-  target/release/wsa-fl "${setup[@]}" "${partition[@]}" --encoding int8 \
-    --downlink-encoding int8 --out "$out/$part-int8"
+  for variant in $variants; do
+    case "$variant" in
+      f32) wire=() ;;
+      int8-keyframes) wire=(--encoding int8 --downlink-encoding int8 --no-downlink-deltas) ;;
+      int8) wire=(--encoding int8 --downlink-encoding int8) ;;
+      *) echo "unknown variant $variant" >&2; exit 2 ;;
+    esac
+    target/release/wsa-fl "${setup[@]}" "${partition[@]}" "${wire[@]}" --out "$out/$part-$variant"
+    # Keep what the table and plots need; credentials, models and logs stay out of git.
+    rm -rf "$out/$part-$variant"/{creds,creds-ca,models,partition-seed*.json,rounds.jsonl}
+  done
 done
 python3 - "$out" <<'PY'
 import csv, json, statistics, sys
