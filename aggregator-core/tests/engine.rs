@@ -2002,37 +2002,54 @@ fn a_lossy_downlink_leaves_the_global_head_exact() {
     assert_eq!(bits(sim.engine.global_params()), bits(&exact));
 }
 
-/// A client of a lossy downlink, as edge clients do it: the head its last task gave it, and
-/// the start of the next task from it ([`EncodedParams::add_to`]).
-#[derive(Default)]
+/// A client of a lossy downlink, as edge clients do it: the heads its last two tasks gave it,
+/// and the start of the next task from one of them ([`EncodedParams::add_to`]).
+#[derive(Default, Clone)]
 struct LossyClient {
-    held: Option<(protocol::HeadRef, Vec<f32>)>,
+    held: Vec<(protocol::HeadRef, Vec<f32>)>,
 }
 
 impl LossyClient {
+    fn newest(&self) -> Option<protocol::HeadRef> {
+        self.held.last().map(|h| h.0)
+    }
+
     fn start_of(&mut self, task: &RoundTask) -> Vec<f32> {
         let layout = RowLayout::of_head(&task.shape.to_spec().unwrap());
         let start = match task.base {
             None => task.global.decode(&layout).unwrap(),
             Some(base) => {
-                let (held, head) = self.held.as_ref().expect("a delta needs a held head");
-                assert_eq!(
-                    held.digest, base.digest,
-                    "the delta starts from the held head"
-                );
+                let (_, head) = self
+                    .held
+                    .iter()
+                    .find(|(r, _)| r.digest == base.digest)
+                    .expect("the delta starts from a held head");
                 task.global.add_to(head, &layout).unwrap()
             }
         };
         let digest = protocol::head_digest(&start);
-        self.held = Some((
+        self.held.retain(|(r, _)| r.digest != digest);
+        self.held.push((
             protocol::HeadRef {
                 round: task.round,
                 digest,
             },
             start.clone(),
         ));
+        if self.held.len() > 2 {
+            self.held.remove(0);
+        }
         start
     }
+}
+
+/// `start` moved by noise from `seed`: a client's training.
+fn moved(start: &[f32], seed: u64) -> Vec<f32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    start
+        .iter()
+        .map(|&w| w + rng.random_range(-0.05f32..0.05))
+        .collect()
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -2075,14 +2092,10 @@ fn a_client_that_holds_its_last_start_gets_the_change_from_it() {
                 );
             }
             // Clients "a" and "b" send their start back; "c" moves.
-            let params: Vec<f32> = if i < 2 {
+            let params = if i < 2 {
                 start.clone()
             } else {
-                let mut rng = ChaCha8Rng::seed_from_u64(round * 10 + i as u64);
-                start
-                    .iter()
-                    .map(|&w| w + rng.random_range(-0.05f32..0.05))
-                    .collect()
+                moved(&start, round * 10 + i as u64)
             };
             let u = update_with(&task, name, 10, &params);
             assert_eq!(sim.verdict(name, u), Outcome::Accepted);
@@ -2127,12 +2140,12 @@ fn a_delta_task_is_resent_while_the_client_can_decode_it() {
     for (name, client) in [("a", &mut a), ("b", &mut b)] {
         let task = sim.task(name);
         let start = client.start_of(&task);
-        let u = update_with(&task, name, 10, &start);
+        let u = update_with(&task, name, 10, &moved(&start, 1));
         assert_eq!(sim.verdict(name, u), Outcome::Accepted);
     }
     let first = sim.task("a");
     assert!(first.base.is_some());
-    let base_held = a.held.clone();
+    let base_held = a.clone();
     let start = a.start_of(&first);
     // Lost mid-round after decoding the task: it still holds the task's base, so the same
     // task comes back.
@@ -2141,12 +2154,12 @@ fn a_delta_task_is_resent_while_the_client_can_decode_it() {
         client: "a".into(),
         n_samples: 10,
         capabilities: all_caps(),
-        held: a.held.as_ref().map(|h| h.0),
+        held: a.newest(),
     });
     let again = sim.task("a");
     assert_eq!(again.base, first.base);
     assert_eq!(again.global, first.global);
-    a.held = base_held;
+    let mut a = base_held;
     assert_eq!(bits(&a.start_of(&again)), bits(&start));
     // Restarted with nothing: the keyframe, and its step is measured from it.
     sim.event(Event::Disconnected { client: "a".into() });
@@ -2163,6 +2176,81 @@ fn a_delta_task_is_resent_while_the_client_can_decode_it() {
         reports(&sim.log).pop().unwrap().step_norms,
         Some((0.0, 0.0))
     );
+}
+
+#[test]
+fn a_retried_attempt_keeps_each_clients_start() {
+    let mut c = config(Strategy::FedAvg);
+    c.downlink_encoding = Encoding::Int8RowScaled;
+    c.quorum = 2;
+    let clients = [("a", 10u64), ("b", 10)];
+    let mut sim = Sim::start(c, &clients);
+    let mut held: BTreeMap<&str, LossyClient> = BTreeMap::new();
+    for (name, n) in clients {
+        let task = sim.task(name);
+        let start = held.entry(name).or_default().start_of(&task);
+        let u = update_with(&task, name, n, &moved(&start, n));
+        assert_eq!(sim.verdict(name, u), Outcome::Accepted);
+    }
+    // Round 1, attempt 0: deltas. Only "b" trains; the attempt fails at its deadline.
+    let first = sim.task("b");
+    assert!(first.base.is_some());
+    let start_b = held.get_mut("b").unwrap().start_of(&first);
+    let _ = held.get_mut("a").unwrap().start_of(&sim.task("a"));
+    let deadline = sim.engine.next_deadline().unwrap().0;
+    sim.tick_at(deadline);
+    assert_eq!(reports(&sim.log).pop().unwrap().closed_by, ClosedBy::Failed);
+    // Attempt 1 gives every client the start it holds, so "b"'s update, trained from the
+    // failed attempt's task and arriving now, is measured from where it started.
+    let again = sim.task("b");
+    assert_eq!(
+        (again.global.clone(), again.base),
+        (first.global.clone(), first.base)
+    );
+    let late = update_with(&first, "b", 10, &start_b);
+    assert_eq!(sim.verdict("b", late), Outcome::Accepted);
+    let task = sim.task("a");
+    let start_a = held.get_mut("a").unwrap().start_of(&task);
+    assert_eq!(
+        sim.verdict("a", update_with(&task, "a", 10, &start_a)),
+        Outcome::Accepted
+    );
+    let report = reports(&sim.log).pop().unwrap();
+    assert_eq!((report.round, report.attempt), (1, 1));
+    assert_eq!(report.step_norms, Some((0.0, 0.0)));
+}
+
+#[test]
+fn a_client_reporting_another_head_on_return_gets_the_keyframe() {
+    let mut c = config(Strategy::FedAvg);
+    c.downlink_encoding = Encoding::Int8RowScaled;
+    let clients = [("a", 10u64), ("b", 10)];
+    let mut sim = Sim::start(c, &clients);
+    let keyframe0 = LossyClient::default().start_of(&sim.task("a"));
+    let mut held: BTreeMap<&str, LossyClient> = BTreeMap::new();
+    for round in 0..2 {
+        for (name, n) in clients {
+            let task = sim.task(name);
+            let start = held.entry(name).or_default().start_of(&task);
+            let u = update_with(&task, name, n, &moved(&start, round * 10 + n));
+            assert_eq!(sim.verdict(name, u), Outcome::Accepted);
+        }
+    }
+    // Round 2 is a change from round 1's start. Back mid-round naming round 0's head, which
+    // the aggregator still keeps but is neither the task's base nor its head: no new start is
+    // built for it.
+    assert!(sim.task("a").base.is_some_and(|b| b.round == 1));
+    sim.event(Event::Disconnected { client: "a".into() });
+    sim.event(Event::Connected {
+        client: "a".into(),
+        n_samples: 10,
+        capabilities: all_caps(),
+        held: Some(protocol::HeadRef {
+            round: 0,
+            digest: protocol::head_digest(&keyframe0),
+        }),
+    });
+    assert_eq!(sim.task("a").base, None);
 }
 
 #[test]

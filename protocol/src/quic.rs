@@ -88,7 +88,9 @@ fn default_udp_buffer() -> usize {
 }
 
 /// A UDP socket bound to `addr` for a QUIC endpoint, its buffers asked to be `buffer` bytes
-/// (0: the OS default). Returns the socket and the receive buffer the kernel granted.
+/// (0: the OS default). Best effort: Linux caps a request silently, macOS and the BSDs refuse
+/// one above their cap, so a refused size is halved until one is taken (or the default
+/// kept). Returns the socket and the receive buffer the kernel granted.
 pub fn bind_udp(
     addr: std::net::SocketAddr,
     buffer: usize,
@@ -97,12 +99,17 @@ pub fn bind_udp(
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
         // As std's bind leaves it on Linux: the unspecified v6 address takes v4 peers too.
-        socket.set_only_v6(false)?;
+        // Some systems are v6-only and refuse; the socket still works for v6.
+        let _ = socket.set_only_v6(false);
     }
-    if buffer > 0 {
-        socket.set_recv_buffer_size(buffer)?;
-        socket.set_send_buffer_size(buffer)?;
-    }
+    let halving = |set: &dyn Fn(usize) -> std::io::Result<()>| {
+        let mut size = buffer;
+        while size > 0 && set(size).is_err() {
+            size = if size > 64 << 10 { size / 2 } else { 0 };
+        }
+    };
+    halving(&|size| socket.set_recv_buffer_size(size));
+    halving(&|size| socket.set_send_buffer_size(size));
     socket.bind(&addr.into())?;
     let granted = socket.recv_buffer_size()?;
     Ok((socket.into(), granted))

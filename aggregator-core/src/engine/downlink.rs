@@ -115,6 +115,11 @@ impl RoundDownlink {
         })
     }
 
+    /// The round whose starts these are.
+    pub(super) fn round(&self) -> u64 {
+        self.round
+    }
+
     pub(super) fn start(&self, index: usize) -> &Start {
         &self.starts[index]
     }
@@ -141,6 +146,15 @@ impl RoundDownlink {
         let Some(reported) = reported.filter(|_| self.deltas) else {
             return KEYFRAME;
         };
+        // Already holds one of this round's starts (from a failed attempt, or before a
+        // reconnect): it keeps it.
+        if let Some(i) = self
+            .starts
+            .iter()
+            .position(|s| s.head.is_some() && s.digest == reported.digest)
+        {
+            return i;
+        }
         if let Some(i) = self
             .starts
             .iter()
@@ -152,11 +166,8 @@ impl RoundDownlink {
             return KEYFRAME;
         };
         match self.delta_start(reported, &base, global, layout) {
-            Ok(start) => {
-                held.insert(
-                    start.digest,
-                    Arc::clone(start.head.as_ref().expect("lossy")),
-                );
+            Ok((start, head)) => {
+                held.insert(start.digest, head);
                 self.starts.push(start);
                 self.starts.len() - 1
             }
@@ -169,15 +180,10 @@ impl RoundDownlink {
 
     /// The start for a client sent `current` earlier this round that reconnects reporting
     /// `reported`: the same task while the client can still decode it (it holds that task's
-    /// base, or already its head), else a fresh choice.
-    pub(super) fn start_on_return(
-        &mut self,
-        current: usize,
-        reported: Option<HeadRef>,
-        global: &[f32],
-        layout: &RowLayout,
-        held: &mut HeldHeads,
-    ) -> usize {
+    /// base, or already its head), else the keyframe. Never a new delta: a client that
+    /// reconnects reporting one head after another would make the aggregator build and keep
+    /// a start for each.
+    pub(super) fn start_on_return(&self, current: usize, reported: Option<HeadRef>) -> usize {
         let start = &self.starts[current];
         let decodable = match start.base {
             None => true,
@@ -185,11 +191,7 @@ impl RoundDownlink {
                 reported.is_some_and(|r| r.digest == base.digest || r.digest == start.digest)
             }
         };
-        if decodable {
-            current
-        } else {
-            self.start_for(reported, global, layout, held)
-        }
+        if decodable { current } else { KEYFRAME }
     }
 
     fn delta_start(
@@ -198,16 +200,17 @@ impl RoundDownlink {
         base: &[f32],
         global: &[f32],
         layout: &RowLayout,
-    ) -> Result<Start, EncodingError> {
+    ) -> Result<(Start, Arc<Vec<f32>>), EncodingError> {
         let change: Vec<f32> = global.iter().zip(base).map(|(&g, &b)| g - b).collect();
         let encoded = EncodedParams::encode(&change, layout, self.encoding)?;
         let head = Arc::new(encoded.add_to(base, layout)?);
-        Ok(Start {
+        let start = Start {
             base: Some(base_ref),
             digest: head_digest(&head),
             global: encoded,
-            head: Some(head),
-        })
+            head: Some(Arc::clone(&head)),
+        };
+        Ok((start, head))
     }
 
     /// Moves `update`, trained from start `index`, onto `global`: `global + (update − start)`.

@@ -325,8 +325,8 @@ pub struct RoundReport {
     pub wire_bytes_in: u64,
     /// Parameter payload bytes of the accepted updates.
     pub accepted_payload_bytes: u64,
-    /// Tasks sent that carried the change from a head the client held; the others carried
-    /// the head.
+    /// Tasks sent (resent ones after a reconnect included) that carried the change from a
+    /// head the client held; the others carried the head.
     #[serde(default)]
     pub delta_tasks: u64,
     /// When it opened.

@@ -169,6 +169,10 @@ pub struct Engine {
     scratch: Vec<f32>,
     /// Heads recent lossy tasks gave, for deltas from them.
     held_heads: HeldHeads,
+    /// A failed attempt's starts, kept by the round's next attempt (the global head has not
+    /// moved): a client keeps its start, so an update trained from it that arrives late is
+    /// still measured from it.
+    retried_downlink: Option<RoundDownlink>,
     /// Under client-level DP: the clip norm and the privacy spent.
     privacy: Option<PrivacyState>,
 }
@@ -326,6 +330,7 @@ impl Engine {
             test: None,
             scratch,
             held_heads: HeldHeads::default(),
+            retried_downlink: None,
             privacy,
         })
     }
@@ -624,13 +629,7 @@ impl Engine {
                     open.downlink
                         .start_for(held, &self.global, &self.layout, &mut self.held_heads);
             } else {
-                sel.start = open.downlink.start_on_return(
-                    sel.start,
-                    held,
-                    &self.global,
-                    &self.layout,
-                    &mut self.held_heads,
-                );
+                sel.start = open.downlink.start_on_return(sel.start, held);
             }
             if let Some(info) = self.clients.get_mut(&client) {
                 info.held = open.downlink.given(sel.start);
@@ -1010,6 +1009,9 @@ impl Engine {
         );
         out.push(Action::RoundClosed(Box::new(report)));
         out.push(Action::Checkpoint(Box::new(self.checkpoint())));
+        if closed_by == ClosedBy::Failed {
+            self.retried_downlink = Some(open.downlink);
+        }
     }
 
     /// Under DP, the clip and noise of a round that asks `select` of `connected` clients to
@@ -1139,14 +1141,23 @@ impl Engine {
         };
 
         let deadline = now.plus(self.config.round_timeout_ms);
-        let mut downlink = match RoundDownlink::open(
-            self.next_round,
-            &self.global,
-            &self.layout,
-            self.config.downlink_encoding,
-            self.config.downlink_deltas,
-            &mut self.held_heads,
-        ) {
+        let retried = self
+            .retried_downlink
+            .take()
+            .filter(|d| d.round() == self.next_round);
+        let opened = match retried {
+            Some(downlink) => Ok(downlink),
+            None => RoundDownlink::open(
+                self.next_round,
+                &self.global,
+                &self.layout,
+                self.config.downlink_encoding,
+                // A secure round's masked steps are from the head as carried: no deltas.
+                self.config.downlink_deltas && self.config.secure.is_none(),
+                &mut self.held_heads,
+            ),
+        };
+        let mut downlink = match opened {
             Ok(d) => d,
             Err(e) => {
                 error!(error = %e, "cannot encode the global head; no round opens");
