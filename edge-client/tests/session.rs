@@ -154,7 +154,12 @@ impl Driver {
 
     /// A task of `round` arrives; returns what the machine asks to train.
     fn take_task(&mut self, round: u64) -> TrainingTask {
-        match self.on(Event::Task(Message::RoundTask(task(round, Encoding::F32))))[..] {
+        self.take(task(round, Encoding::F32))
+    }
+
+    /// `task` arrives; returns what the machine asks to train.
+    fn take(&mut self, task: RoundTask) -> TrainingTask {
+        match self.on(Event::Task(Message::RoundTask(task)))[..] {
             [Action::Train(ref t)] => (**t).clone(),
             ref other => panic!("expected a training request, got {other:?}"),
         }
@@ -600,6 +605,11 @@ fn a_welcome_asking_to_hold_out_all_the_data_is_a_protocol_error() {
 /// The hello a reconnecting session sends after losing its connection.
 fn hello_after_loss(d: &mut Driver) -> protocol::Hello {
     d.on(Event::ControlFailed("connection lost".into()));
+    hello_after_backoff(d)
+}
+
+/// The hello a session in backoff sends when its wait is over.
+fn hello_after_backoff(d: &mut Driver) -> protocol::Hello {
     let deadline = d.session.next_deadline().unwrap().0;
     match &d.at(deadline, Event::Tick)[..] {
         [Action::Connect(hello)] => match hello.as_ref() {
@@ -623,10 +633,7 @@ fn a_lossy_task_is_held_and_the_next_is_a_change_from_it() {
         ..first.clone()
     };
     let start0 = keyframe.global.decode(&layout).unwrap();
-    let t0 = match &d.on(Event::Task(Message::RoundTask(keyframe)))[..] {
-        [Action::Train(t)] => (**t).clone(),
-        other => panic!("{other:?}"),
-    };
+    let t0 = d.take(keyframe);
     assert_eq!(t0.global.to_flat(), start0);
     d.finish_training(&t0, 10);
     d.on(Event::Verdict(verdict(0, Outcome::Accepted)));
@@ -639,16 +646,12 @@ fn a_lossy_task_is_held_and_the_next_is_a_change_from_it() {
     let change: Vec<f32> = exact1.iter().zip(&start0).map(|(g, s)| g - s).collect();
     let delta = EncodedParams::encode(&change, &layout, Encoding::Int8RowScaled).unwrap();
     let start1 = delta.add_to(&start0, &layout).unwrap();
-    let t1 = match &d.on(Event::Task(Message::RoundTask(RoundTask {
+    let t1 = d.take(RoundTask {
         round: 1,
         global: delta.clone(),
         base: Some(held0),
         ..first.clone()
-    })))[..]
-    {
-        [Action::Train(t)] => (**t).clone(),
-        other => panic!("{other:?}"),
-    };
+    });
     assert_eq!(t1.global.to_flat(), start1);
     // Reconnecting, it names the head it now holds.
     let hello = hello_after_loss(&mut d);
@@ -661,16 +664,12 @@ fn a_lossy_task_is_held_and_the_next_is_a_change_from_it() {
     );
     // The same task again (its base is still held) gives the same start.
     d.join();
-    let again = match &d.on(Event::Task(Message::RoundTask(RoundTask {
+    let again = d.take(RoundTask {
         round: 1,
         global: delta.clone(),
         base: Some(held0),
         ..first.clone()
-    })))[..]
-    {
-        [Action::Train(t)] => (**t).clone(),
-        other => panic!("{other:?}"),
-    };
+    });
     assert_eq!(again.global.to_flat(), start1);
     // A change from a head it does not hold is a protocol error: it reconnects naming none.
     d.on(Event::Trained(Err("dropped".into())));
@@ -691,14 +690,7 @@ fn a_lossy_task_is_held_and_the_next_is_a_change_from_it() {
             !out.iter().any(|a| matches!(a, Action::Train(_))),
             "{out:?}"
         );
-        let deadline = d.session.next_deadline().unwrap().0;
-        match &d.at(deadline, Event::Tick)[..] {
-            [Action::Connect(hello)] => match hello.as_ref() {
-                Message::Hello(h) => h.clone(),
-                other => panic!("{other:?}"),
-            },
-            other => panic!("expected a connect, got {other:?}"),
-        }
+        hello_after_backoff(&mut d)
     };
     assert_eq!(hello.held, None);
 }

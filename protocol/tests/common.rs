@@ -18,6 +18,44 @@ pub fn params(encoding: Encoding) -> EncodedParams {
     EncodedParams::encode(&values, &RowLayout::of_head(&spec), encoding).unwrap()
 }
 
+/// The sample round task carrying `global` (a change from `base`, if any).
+fn round_task(global: EncodedParams, base: Option<HeadRef>) -> RoundTask {
+    RoundTask {
+        run_id: 42,
+        round: 3,
+        shape: shape(),
+        global,
+        base,
+        targets: vec![
+            WireScope {
+                mean: 0.0,
+                std: 0.5,
+            },
+            WireScope {
+                mean: -0.25,
+                std: 1.0,
+            },
+        ],
+        train: TrainSpec {
+            epochs: 5,
+            batch_size: 64,
+            lr: 0.05,
+            momentum: 0.9,
+            weight_decay: 1e-5,
+            seed: 7,
+            prox_mu: None,
+            wsa: Some(WsaSpec {
+                lambda: 10.0,
+                include_biases: false,
+                eps: 1e-8,
+                tensor_lambdas: vec![10.0, 0.0],
+            }),
+        },
+        encoding: Encoding::Int8RowScaled,
+        deadline_ms: 30_000,
+    }
+}
+
 pub fn samples() -> Vec<(&'static str, Message)> {
     vec![
         (
@@ -49,80 +87,17 @@ pub fn samples() -> Vec<(&'static str, Message)> {
         ),
         (
             "round-task",
-            Message::RoundTask(RoundTask {
-                run_id: 42,
-                round: 3,
-                shape: shape(),
-                global: params(Encoding::F32),
-                base: None,
-                targets: vec![
-                    WireScope {
-                        mean: 0.0,
-                        std: 0.5,
-                    },
-                    WireScope {
-                        mean: -0.25,
-                        std: 1.0,
-                    },
-                ],
-                train: TrainSpec {
-                    epochs: 5,
-                    batch_size: 64,
-                    lr: 0.05,
-                    momentum: 0.9,
-                    weight_decay: 1e-5,
-                    seed: 7,
-                    prox_mu: None,
-                    wsa: Some(WsaSpec {
-                        lambda: 10.0,
-                        include_biases: false,
-                        eps: 1e-8,
-                        tensor_lambdas: vec![10.0, 0.0],
-                    }),
-                },
-                encoding: Encoding::Int8RowScaled,
-                deadline_ms: 30_000,
-            }),
+            Message::RoundTask(round_task(params(Encoding::F32), None)),
         ),
         (
             "round-task-delta",
-            Message::RoundTask(RoundTask {
-                run_id: 42,
-                round: 3,
-                shape: shape(),
-                global: params(Encoding::Int8RowScaled),
-                base: Some(HeadRef {
+            Message::RoundTask(round_task(
+                params(Encoding::Int8RowScaled),
+                Some(HeadRef {
                     round: 2,
                     digest: [9; 32],
                 }),
-                targets: vec![
-                    WireScope {
-                        mean: 0.0,
-                        std: 0.5,
-                    },
-                    WireScope {
-                        mean: -0.25,
-                        std: 1.0,
-                    },
-                ],
-                train: TrainSpec {
-                    epochs: 5,
-                    batch_size: 64,
-                    lr: 0.05,
-                    momentum: 0.9,
-                    weight_decay: 1e-5,
-                    seed: 7,
-                    prox_mu: None,
-                    wsa: Some(WsaSpec {
-                        lambda: 10.0,
-                        include_biases: false,
-                        eps: 1e-8,
-                        tensor_lambdas: vec![10.0, 0.0],
-                    }),
-                },
-                encoding: Encoding::Int8RowScaled,
-                deadline_ms: 30_000,
-            }),
+            )),
         ),
         (
             "update-int8",
