@@ -11,7 +11,7 @@
 # time, rounds per second after the first round, the test accuracy (final, and the mean of
 # the last 5 rounds), and the Flower/wsa-fl ratios of the times. Needs the model and data
 # (scripts/fetch-*.sh) or the feature caches in cache/; installs Flower in .venv-flower.
-# Writes runs/flower-compare/ and docs/results/flower/{compare.json,compare.csv}.
+# Writes runs/flower-compare/ and docs/results/flower/{compare.json,compare.csv,compare.png}.
 #   scripts/compare-flower.sh [--rounds N]   (default 20)
 #
 # What a round's time holds, on each side:
@@ -57,9 +57,9 @@ end=$(date +%s.%N)
 wsa_total=$(awk "BEGIN { print $end - $start }")
 
 if [ ! -x .venv-flower/bin/python ]; then python3 -m venv .venv-flower; fi
-if ! .venv-flower/bin/python -c 'import importlib.metadata as m, numpy, ray
+if ! .venv-flower/bin/python -c 'import importlib.metadata as m, numpy, ray, matplotlib
 assert m.version("flwr") == "1.42.0"' 2>/dev/null; then
-  .venv-flower/bin/pip install --quiet "flwr[simulation]==1.42.0" numpy
+  .venv-flower/bin/pip install --quiet "flwr[simulation]==1.42.0" numpy "matplotlib==3.10.*"
 fi
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
 export FLWR_TELEMETRY_ENABLED=0 RAY_USAGE_STATS_ENABLED=0 RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0
@@ -116,4 +116,27 @@ for r in rows:
           f"{r['last5_test_accuracy']:.4f} |")
 print(f"Flower/wsa-fl: median round {ratios['round_s_median']:.2f}×, total {ratios['total_s']:.2f}× "
       f"(flwr {flower['versions']['flwr']}, ray {flower['versions']['ray']})")
+PY
+# The per-round figures as a picture beside the numbers.
+.venv-flower/bin/python - "$docs" <<'PY'
+import json, sys
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+docs = sys.argv[1]
+per_round = json.load(open(f"{docs}/compare.json"))["per_round"]
+fig, (time_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
+for name, rounds in per_round.items():
+    x = [r["round"] for r in rounds]
+    time_ax.plot(x, [r["seconds"] for r in rounds], marker=".", label=name)
+    acc_ax.plot(x, [r["test_accuracy"] for r in rounds], marker=".", label=name)
+time_ax.set(xlabel="round", ylabel="seconds", yscale="log",
+            title="round time (Flower's first holds Ray's start-up)")
+acc_ax.set(xlabel="round", ylabel="test accuracy (10k rows)", title="accuracy after each round")
+for ax in (time_ax, acc_ax):
+    ax.grid(alpha=0.3)
+    ax.legend()
+fig.tight_layout()
+fig.savefig(f"{docs}/compare.png", dpi=110)
+print(f"plot: {docs}/compare.png")
 PY
