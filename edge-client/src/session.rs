@@ -1096,8 +1096,9 @@ impl HeldHeads {
     /// held head it names (the aggregator's rule, `EncodedParams::add_to`). Kept, named by
     /// its digest, when the task was lossy.
     fn start_of(&mut self, wire: &RoundTask) -> Result<Vec<f32>, String> {
+        let layout = layout_of(wire)?;
         let head = match wire.base {
-            None => decode_head(wire)?,
+            None => decode_with(wire, &layout)?,
             Some(base) => {
                 let Some((_, held)) = self.0.iter().find(|(r, _)| r.digest == base.digest) else {
                     // Asked again, the client reports what it holds and gets a keyframe.
@@ -1108,12 +1109,8 @@ impl HeldHeads {
                         base.round
                     ));
                 };
-                let spec = wire
-                    .shape
-                    .to_spec()
-                    .map_err(|e| format!("task head: {e}"))?;
                 wire.global
-                    .add_to(held, &RowLayout::of_head(&spec))
+                    .add_to(held, &layout)
                     .map_err(|e| format!("protocol: task head change: {e}"))?
             }
         };
@@ -1139,12 +1136,20 @@ impl HeldHeads {
 
 /// The head a task carries whole, decoded against its shape.
 fn decode_head(wire: &RoundTask) -> Result<Vec<f32>, String> {
+    decode_with(wire, &layout_of(wire)?)
+}
+
+fn layout_of(wire: &RoundTask) -> Result<RowLayout, String> {
     let spec = wire
         .shape
         .to_spec()
         .map_err(|e| format!("task head: {e}"))?;
+    Ok(RowLayout::of_head(&spec))
+}
+
+fn decode_with(wire: &RoundTask, layout: &RowLayout) -> Result<Vec<f32>, String> {
     wire.global
-        .decode(&RowLayout::of_head(&spec))
+        .decode(layout)
         .map_err(|_| "protocol: task head parameters do not decode".to_owned())
 }
 

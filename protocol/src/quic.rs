@@ -80,9 +80,9 @@ pub struct QuicLimits {
     pub udp_buffer: usize,
 }
 
-/// 8 MiB: with the OS default (208 KiB on Linux) an aggregator taking a thousand 1.3 MB
-/// updates at once drops datagrams by the million, and every drop costs a retransmission and a
-/// halved congestion window.
+/// 8 MiB: with the OS default (208 KiB on Linux) a 1,000-client f32 run on one machine dropped
+/// 591k datagrams (420k with 8 MiB; `docs/benchmarks.md`), and every drop costs a
+/// retransmission and a halved congestion window.
 fn default_udp_buffer() -> usize {
     8 << 20
 }

@@ -124,14 +124,18 @@ impl RoundDownlink {
         &self.starts[index]
     }
 
-    /// The head a client holds once it decodes start `index`'s task; `None` for the global
-    /// head itself, which nothing starts a delta from.
+    /// The head a client holds once it decodes start `index`'s task, for a delta from it;
+    /// `None` without deltas, and for the global head itself (f32).
     pub(super) fn given(&self, index: usize) -> Option<HeadRef> {
         let start = &self.starts[index];
-        start.head.as_ref().map(|_| HeadRef {
-            round: self.round,
-            digest: start.digest,
-        })
+        start
+            .head
+            .as_ref()
+            .filter(|_| self.deltas)
+            .map(|_| HeadRef {
+                round: self.round,
+                digest: start.digest,
+            })
     }
 
     /// The start for a client that reports holding `reported`, sent its first task of the

@@ -57,7 +57,8 @@ use downlink::{HeldHeads, KEYFRAME, RoundDownlink};
 struct ClientInfo {
     n_samples: u64,
     capabilities: Capabilities,
-    /// The head its hello said it holds from an earlier lossy task.
+    /// The head it holds from an earlier lossy task: what its hello named, then what the
+    /// engine last sent it.
     held: Option<HeadRef>,
 }
 
@@ -631,12 +632,16 @@ impl Engine {
             } else {
                 sel.start = open.downlink.start_on_return(sel.start, held);
             }
-            if let Some(info) = self.clients.get_mut(&client) {
-                info.held = open.downlink.given(sel.start);
-            }
             let (encoding, start) = (sel.encoding, sel.start);
-            open.delta_tasks += u64::from(start != KEYFRAME);
-            let task = open.task(encoding, start);
+            let task = hand_out(
+                &mut open.tasks,
+                &open.template,
+                &open.downlink,
+                &mut open.delta_tasks,
+                self.clients.get_mut(&client).map(|info| &mut info.held),
+                encoding,
+                start,
+            );
             let mut task = RoundTask::clone(&task);
             task.deadline_ms = open.deadline.since(now);
             out.push(Action::SendTask {
@@ -1240,7 +1245,6 @@ impl Engine {
                             },
                         );
                     }
-                    tasks.insert((Encoding::F32 as u8, KEYFRAME), task);
                     Some(state)
                 }
                 Err(e) => {
@@ -1253,16 +1257,6 @@ impl Engine {
         } else {
             None
         };
-        if secure.is_none() && self.config.sampling.population == Population::Registered {
-            // Always there, for a sampled client that connects later to be asked from.
-            tasks.insert(
-                (self.config.update_encoding as u8, KEYFRAME),
-                Arc::new(RoundTask {
-                    encoding: self.config.update_encoding,
-                    ..template.clone()
-                }),
-            );
-        }
         for client in order.iter().filter(|_| secure.is_none()) {
             let info = self.clients.get(client);
             // A client that has not connected is asked in the run's encoding if it can take
@@ -1289,11 +1283,15 @@ impl Engine {
             let Some(info) = self.clients.get_mut(client) else {
                 continue;
             };
-            // What it holds once it decodes the task, for the next round's delta; a client
-            // that loses it says so in its next hello.
-            info.held = downlink.given(start);
-            delta_tasks += u64::from(start != KEYFRAME);
-            let task = task_of(&mut tasks, &template, &downlink, encoding, start);
+            let task = hand_out(
+                &mut tasks,
+                &template,
+                &downlink,
+                &mut delta_tasks,
+                Some(&mut info.held),
+                encoding,
+                start,
+            );
             out.push(Action::SendTask {
                 client: client.clone(),
                 task,
@@ -1331,14 +1329,22 @@ impl Engine {
     }
 }
 
-/// The task for updates in `encoding` from `start`, made from `template` the first time.
-fn task_of(
+/// The task for updates in `encoding` from `start` (made from `template` the first time), as
+/// it goes to a client: counted, and recorded as the head the client will hold for the next
+/// round's delta (a client that loses it says so in its next hello).
+fn hand_out(
     tasks: &mut BTreeMap<(EncodingKey, usize), Arc<RoundTask>>,
     template: &RoundTask,
     downlink: &RoundDownlink,
+    delta_tasks: &mut u64,
+    held: Option<&mut Option<HeadRef>>,
     encoding: Encoding,
     start: usize,
 ) -> Arc<RoundTask> {
+    if let Some(held) = held {
+        *held = downlink.given(start);
+    }
+    *delta_tasks += u64::from(start != KEYFRAME);
     let made = tasks.entry((encoding as u8, start)).or_insert_with(|| {
         let start = downlink.start(start);
         Arc::new(RoundTask {
@@ -1349,18 +1355,6 @@ fn task_of(
         })
     });
     Arc::clone(made)
-}
-
-impl OpenRound {
-    fn task(&mut self, encoding: Encoding, start: usize) -> Arc<RoundTask> {
-        task_of(
-            &mut self.tasks,
-            &self.template,
-            &self.downlink,
-            encoding,
-            start,
-        )
-    }
 }
 
 /// The most update bytes a registry-sampled round may hold until its close.
