@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Convert torchvision's ImageNet MobileNetV2 checkpoint to two ONNX files, without torch.
+"""Convert torchvision's ImageNet MobileNetV2 checkpoint to ONNX files, without torch.
 
 Input: `mobilenet_v2-b0353104.pth`, a LEGACY (non-zip) torch pickle holding a state dict.
 It is read with a restricted unpickler that can build nothing but an OrderedDict, tensors
@@ -9,9 +9,17 @@ so loading the file executes no code from it.
 Outputs (opset 13, input `input` float32 [N,3,H,W], N/H/W dynamic):
   mobilenet_v2_features.onnx    -> `features` [N,1280] (after ReLU6, global average pool)
   mobilenet_v2_classifier.onnx  -> `logits`   [N,1000] (features + Linear(1280,1000))
+  mobilenet_v2_features_int8w.onnx -> the features with int8 conv weights (below)
 
 Every BatchNorm (eps 1e-5) is folded into the convolution before it (in float64, then cast to
 float32); ReLU6 becomes Clip(0, 6). Needs numpy and onnx only.
+
+int8 weights: each folded conv weight is stored as int8 with one float32 scale per output
+channel (symmetric, max |w| / 127, round half to even) and a DequantizeLinear in front of its
+Conv; biases and all arithmetic stay float32. The file is 27% of the f32 one, and a runtime
+folds the DequantizeLinear into float weights at load, so it runs at the f32 speed: the
+shipping size of int8 without int8 arithmetic (docs/benchmarks.md compares it with static
+quantization, models/quantize.py).
 
 Usage: convert.py CHECKPOINT.pth OUT_DIR
 """
@@ -218,8 +226,9 @@ def load_legacy_state_dict(path: Path) -> "collections.OrderedDict[str, np.ndarr
 
 
 class GraphBuilder:
-    def __init__(self, sd: dict[str, np.ndarray]):
+    def __init__(self, sd: dict[str, np.ndarray], int8_weights: bool = False):
         self.sd = sd
+        self.int8_weights = int8_weights
         self.used: set[str] = set()
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
@@ -241,6 +250,19 @@ class GraphBuilder:
         self.counter += 1
         return f"{stem}_{self.counter}"
 
+    def conv_weight(self, name: str, w: np.ndarray) -> str:
+        if not self.int8_weights:
+            return self.add_init(name, w)
+        scale = (np.abs(w).reshape(len(w), -1).max(axis=1) / 127.0).astype(np.float32)
+        scale[scale == 0] = 1.0
+        q = np.clip(np.rint(w / scale[:, None, None, None]), -127, 127).astype(np.int8)
+        self.nodes.append(helper.make_node(
+            "DequantizeLinear",
+            [self.add_init(f"{name}.int8", q), self.add_init(f"{name}.scale", scale)],
+            [name], name=f"{name}.dequantize", axis=0,
+        ))
+        return name
+
     def conv_bn(self, x: str, conv: str, bn: str, stride: int, groups: int, relu6: bool) -> str:
         """Conv (no bias) followed by BatchNorm, folded; optional ReLU6."""
         w = self.take(f"{conv}.weight").astype(np.float64)
@@ -258,7 +280,7 @@ class GraphBuilder:
         scale = gamma / np.sqrt(var + BN_EPS)
         wf = (w * scale[:, None, None, None]).astype(np.float32)
         bf = (beta - mean * scale).astype(np.float32)
-        wn = self.add_init(f"{conv}.weight", wf)
+        wn = self.conv_weight(f"{conv}.weight", wf)
         bnm = self.add_init(f"{conv}.bias", bf)
         pad = kh // 2
         y = self.fresh(conv)
@@ -335,7 +357,7 @@ def _model(builder: GraphBuilder, out_name: str, out_dim: int, doc: str) -> onnx
     return model
 
 
-def build_models(sd: dict[str, np.ndarray]) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+def build_models(sd: dict[str, np.ndarray]) -> dict[str, onnx.ModelProto]:
     doc = ("torchvision MobileNetV2 IMAGENET1K_V1 (mobilenet_v2-b0353104.pth), BatchNorm folded, "
            "ReLU6 as Clip(0,6). Input: RGB in [0,1] normalised with mean (0.485,0.456,0.406), "
            "std (0.229,0.224,0.225), NCHW float32.")
@@ -347,10 +369,17 @@ def build_models(sd: dict[str, np.ndarray]) -> tuple[onnx.ModelProto, onnx.Model
     cb.classifier(cb.backbone("input"))
     classifier = _model(cb, "logits", NUM_CLASSES, doc + " Output: 1000 ImageNet logits.")
 
+    qb = GraphBuilder(sd, int8_weights=True)
+    qb.backbone("input")
+    int8w = _model(qb, "features", FEATURE_DIM,
+                   doc + " Conv weights int8, one scale per output channel. Output: 1280-d "
+                   "pooled features.")
+
     unused = sorted(set(sd) - cb.used)
     if unused:
         raise ValueError(f"checkpoint entries not consumed: {unused}")
-    return features, classifier
+    return {"mobilenet_v2_features.onnx": features, "mobilenet_v2_classifier.onnx": classifier,
+            "mobilenet_v2_features_int8w.onnx": int8w}
 
 
 def main(argv: list[str]) -> int:
@@ -361,10 +390,9 @@ def main(argv: list[str]) -> int:
     sd = load_legacy_state_dict(ckpt)
     n_params = sum(v.size for k, v in sd.items() if not k.endswith("num_batches_tracked"))
     print(f"convert: {len(sd)} state-dict entries, {n_params} values, from {ckpt}")
-    features, classifier = build_models(sd)
+    models = build_models(sd)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for model, name in [(features, "mobilenet_v2_features.onnx"),
-                        (classifier, "mobilenet_v2_classifier.onnx")]:
+    for name, model in models.items():
         dest = out_dir / name
         tmp = dest.with_suffix(".onnx.tmp")
         tmp.write_bytes(model.SerializeToString(deterministic=True))

@@ -18,6 +18,7 @@ headerless little-endian array in C order; `dtype` is "f32" (IEEE float32) or "u
 gives its dimensions. Per input size S there are three files:
   input_S.f32     [3,3,S,S]  preprocessed NCHW batch: 2 foolbox images, 1 seeded N(0,1) tensor
   features_S.f32  [3,1280]   onnxruntime output `features` for that batch (batch of 3, 1 thread)
+  features_int8w_S.f32 [3,1280] the same from mobilenet_v2_features_int8w.onnx (int8 weights)
   rgb_S.u8        [2,S,S,3]  the two resized images as RGB bytes (HWC), before normalisation
 """
 
@@ -42,6 +43,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
 FEATURES_ONNX = MODELS / "mobilenet_v2_features.onnx"
+INT8W_ONNX = MODELS / "mobilenet_v2_features_int8w.onnx"
 CLASSIFIER_ONNX = MODELS / "mobilenet_v2_classifier.onnx"
 IMAGES = MODELS / "testdata" / "imagenet"
 REFERENCE = MODELS / "testdata" / "reference"
@@ -165,6 +167,7 @@ def write_array(path: Path, arr: np.ndarray, dtype: str) -> dict:
 def write_reference() -> None:
     REFERENCE.mkdir(parents=True, exist_ok=True)
     sess = session(FEATURES_ONNX, 1)
+    int8w = session(INT8W_ONNX, 1)
     cases = []
     for size in REFERENCE_SIZES:
         rgb = np.stack([load_rgb(IMAGES / name, size) for name in REFERENCE_IMAGES])
@@ -172,6 +175,7 @@ def write_reference() -> None:
         noise = rng.standard_normal((1, 3, size, size)).astype(np.float32)
         x = np.concatenate([preprocess(rgb), noise])
         feats = sess.run(["features"], {"input": x})[0]
+        feats_int8w = int8w.run(["features"], {"input": x})[0]
         # Batch of 3 vs one at a time: how far onnxruntime itself moves with batch size.
         single = np.concatenate([sess.run(["features"], {"input": x[i:i + 1]})[0] for i in range(3)])
         cases.append({
@@ -181,6 +185,8 @@ def write_reference() -> None:
                          "generator": "numpy.random.default_rng(seed).standard_normal"}],
             "input": write_array(REFERENCE / f"input_{size}.f32", x, "f32"),
             "features": write_array(REFERENCE / f"features_{size}.f32", feats, "f32"),
+            "features_int8w": write_array(REFERENCE / f"features_int8w_{size}.f32", feats_int8w,
+                                          "f32"),
             "rgb": write_array(REFERENCE / f"rgb_{size}.u8", rgb, "u8"),
             "features_max_abs": float(np.max(np.abs(feats))),
             "ort_batch1_vs_batch3_max_abs_diff": float(np.max(np.abs(single - feats))),
@@ -191,6 +197,7 @@ def write_reference() -> None:
         "format": "headerless little-endian arrays, C order; dtype f32 = IEEE float32, u8 = bytes",
         "model": {"file": FEATURES_ONNX.name, "sha256": sha256(FEATURES_ONNX),
                   "input": "input", "output": "features"},
+        "model_int8w": {"file": INT8W_ONNX.name, "sha256": sha256(INT8W_ONNX)},
         "preprocessing": {"resize": "PIL bilinear (antialiased), whole image to SxS",
                           "scale": "1/255", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
                           "layout": "NCHW", "normalise": "(rgb/255 - mean) / std in float32"},

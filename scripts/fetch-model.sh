@@ -35,7 +35,7 @@ weights_sha256=b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889
 foolbox_req=foolbox==3.3.4
 foolbox_wheel=foolbox-3.3.4-py3-none-any.whl
 foolbox_wheel_sha256=11049d515d38e765e206a73ace9cc648b81a0d6d1da9ad9057e149ee117989cb
-onnx_files=(mobilenet_v2_features.onnx mobilenet_v2_classifier.onnx)
+onnx_files=(mobilenet_v2_features.onnx mobilenet_v2_classifier.onnx mobilenet_v2_features_int8w.onnx)
 images=models/testdata/imagenet
 
 say() { echo "fetch-model: $*"; }
@@ -119,7 +119,7 @@ sums_ok() {
   done
 }
 if sums_ok; then
-  say "models/{${onnx_files[0]},${onnx_files[1]}} match models/SHA256SUMS; nothing to convert"
+  say "models/{$(IFS=,; echo "${onnx_files[*]}")} match models/SHA256SUMS; nothing to convert"
   exit 0
 fi
 

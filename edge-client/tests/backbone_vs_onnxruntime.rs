@@ -134,6 +134,48 @@ fn the_nnef_archive_gives_the_onnx_features() {
     }
 }
 
+/// `mobilenet_v2_features_int8w.onnx` (int8 conv weights, float arithmetic; models/convert.py):
+/// tract folds the dequantization at load, so it must agree with onnxruntime as closely as the
+/// f32 file does, from the ONNX and from its NNEF archive alike.
+#[test]
+fn int8_weights_give_onnxruntimes_features() {
+    let Some((model, reference, cases)) = model_and_reference() else {
+        return;
+    };
+    let model = model.with_file_name("mobilenet_v2_features_int8w.onnx");
+    let dir = tempfile::tempdir().unwrap();
+    let nnef = dir.path().join("int8w.nnef.tgz");
+    edge_client::convert_onnx_to_nnef(&model, &nnef).unwrap();
+    for case in &cases {
+        let side = case["size"].as_u64().unwrap() as usize;
+        let inputs = read_f32(&reference.join(case["input"]["file"].as_str().unwrap()));
+        let want = read_f32(&reference.join(case["features_int8w"]["file"].as_str().unwrap()));
+        let f32_features = read_f32(&reference.join(case["features"]["file"].as_str().unwrap()));
+        let max_mag = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        for path in [&model, &nnef] {
+            let got = Backbone::load(path, side)
+                .unwrap()
+                .features_of_inputs(&inputs, 2)
+                .unwrap();
+            let max_diff = max_abs_diff(got.iter().copied(), want.iter().copied());
+            eprintln!(
+                "side {side}, {}: max |tract − onnxruntime| = {max_diff:e}",
+                path.display()
+            );
+            assert!(
+                max_diff <= 1e-4 * max_mag,
+                "side {side}: {max_diff} > 1e-4 × {max_mag}"
+            );
+        }
+        // The reference itself is the int8 file's, not the f32 one's under another name.
+        let moved = max_abs_diff(want.iter().copied(), f32_features.iter().copied());
+        assert!(
+            moved > 1e-3 * max_mag,
+            "int8 weights left the features unchanged"
+        );
+    }
+}
+
 #[test]
 fn a_missing_or_broken_model_is_a_typed_error() {
     let dir = tempfile::tempdir().unwrap();
