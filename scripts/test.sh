@@ -14,6 +14,8 @@ cargo fmt --all -- --check
 cargo clippy --locked --workspace --all-targets -- -D warnings
 # The ARM builds' configuration: the edge client without the ONNX front end.
 cargo clippy --locked -p edge-client --no-default-features --all-targets -- -D warnings
+# tract's threading within one image, off by default (docs/benchmarks.md): kept compiling.
+cargo clippy --locked -p edge-client --features multithread-mm --example profile_backbone -- -D warnings
 WSA_REQUIRE_MODEL=1 cargo test --locked --workspace --all-targets
 # The CUDA backend (crate aggregator-cuda, a workspace member) builds, lints and runs its tests
 # above without a GPU or the CUDA toolkit (cudarc loads the driver at run time; its tests say

@@ -2,6 +2,11 @@
 //! runs at one input side. A diagnostic for the backbone benchmark, not part of the client.
 //!
 //! `cargo run --release -p edge-client --example profile_backbone -- [side] [runs]`
+//!
+//! Environment: `MODEL=<onnx>` profiles another file (the int8 one from `models/quantize.py`);
+//! `NCHW=1` skips the channel-last transform the client applies. With `--features
+//! multithread-mm`, `MT=<n>` runs the image's matmuls on an n-thread pool, and `MACS=<n>` /
+//! `PANELS=<n>` set tract's thresholds below which a matmul stays on one thread.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -13,10 +18,13 @@ fn main() -> TractResult<()> {
     let mut args = std::env::args().skip(1);
     let side: usize = args.next().map_or(96, |s| s.parse().expect("side"));
     let runs: usize = args.next().map_or(200, |s| s.parse().expect("runs"));
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../models/mobilenet_v2_features.onnx"
-    );
+    let path = std::env::var("MODEL").unwrap_or_else(|_| {
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../models/mobilenet_v2_features.onnx"
+        )
+        .into()
+    });
     let mut model = tract_onnx::onnx()
         .model_for_path(path)?
         .with_input_fact(0, f32::fact([1, 3, side, side]).into())?
@@ -26,7 +34,27 @@ fn main() -> TractResult<()> {
         model.transform(&*t)?;
     }
     let plan = model.into_optimized()?.into_runnable()?;
-    let mut state = TypedSimpleState::new(&plan)?;
+    #[cfg(feature = "multithread-mm")]
+    {
+        use tract_linalg::multithread as mt;
+        let env = |name: &str| std::env::var(name).ok().map(|v| v.parse().expect(name));
+        if let Some(panels) = env("PANELS") {
+            mt::set_threading_panel_threshold(panels);
+        }
+        if let Some(macs) = env("MACS") {
+            mt::set_threading_mac_threshold(macs);
+        }
+        if let Some(threads) = env("MT").filter(|&n| n > 1) {
+            return mt::multithread_tract_scope(mt::Executor::multithread(threads), || {
+                profile(&plan, side, runs)
+            });
+        }
+    }
+    profile(&plan, side, runs)
+}
+
+fn profile(plan: &Arc<TypedSimplePlan>, side: usize, runs: usize) -> TractResult<()> {
+    let mut state = TypedSimpleState::new(plan)?;
     let input = Tensor::zero::<f32>(&[1, 3, side, side])?;
     let mut per_op: HashMap<String, (f64, usize)> = HashMap::new();
     let total = Instant::now();
