@@ -4,9 +4,13 @@
 # the shipped default strategy, at Dirichlet 0.1 and IID. Three ways to send the head:
 #   f32            f32 both ways;
 #   int8-keyframes int8 both ways, every task the quantized head (--no-downlink-deltas);
-#   int8           int8 both ways, a client holding its last task's head gets the change.
+#   int8           int8 both ways, a client holding its last task's head gets the change;
+# and two that change the features instead of the wire (issue 19, part 3), f32 both ways:
+#   int8-backbone  features from the statically quantized backbone (models/quantize.py);
+#   int8w-backbone features from the backbone with int8 weights (models/convert.py).
 # Writes docs/results/downlink/<partition>-<variant>/ and downlink.{csv,json} beside them.
 #   [VARIANTS="f32 int8-keyframes int8"] scripts/downlink.sh [PART...]
+#   VARIANTS="int8-backbone int8w-backbone" scripts/downlink.sh a0.1     (part 3's runs)
 #   PART: a0.1 | iid (default: both). A run folder left from an earlier run counts in the table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +34,11 @@ for part in "${parts[@]}"; do
       f32) wire=() ;;
       int8-keyframes) wire=(--encoding int8 --downlink-encoding int8 --no-downlink-deltas) ;;
       int8) wire=(--encoding int8 --downlink-encoding int8) ;;
+      int8-backbone)
+        [ -f models/mobilenet_v2_features_int8.onnx ] || .venv-models/bin/python models/quantize.py
+        wire=(--model models/mobilenet_v2_features_int8.onnx --cache-dir cache/int8) ;;
+      int8w-backbone)
+        wire=(--model models/mobilenet_v2_features_int8w.onnx --cache-dir cache/int8w) ;;
       *) echo "unknown variant $variant" >&2; exit 2 ;;
     esac
     target/release/wsa-fl "${setup[@]}" "${partition[@]}" "${wire[@]}" --out "$out/$part-$variant"
@@ -41,6 +50,11 @@ python3 - "$out" <<'PY'
 import csv, json, statistics, sys
 from pathlib import Path
 out = Path(sys.argv[1])
+# Byte counts come from each run's aggregator-rounds.jsonl, which is not kept in git: a run
+# without it keeps the figures the last table recorded.
+previous = {}
+if (out / "downlink.json").exists():
+    previous = {(r["partition"], r["variant"]): r for r in json.load(open(out / "downlink.json"))}
 rows = []
 for run in sorted(p for p in out.iterdir() if (p / "rounds.csv").exists()):
     part, _, variant = run.name.partition("-")
@@ -50,19 +64,22 @@ for run in sorted(p for p in out.iterdir() if (p / "rounds.csv").exists()):
     last10 = {s: statistics.mean(float(r["test_accuracy"]) for r in rs[-10:])
               for s, rs in by_seed.items()}
     jsonl = run / "aggregator-rounds.jsonl"
-    out_b = in_b = deltas = n = 0
+    wire_keys = ("bytes_out_per_round", "bytes_in_per_round", "delta_tasks_per_round")
     if jsonl.exists():
+        out_b = in_b = deltas = n = 0
         for line in open(jsonl):
             d = json.loads(line)
             out_b += d["transport"]["bytes_out"]; in_b += d["wire_bytes_in"]
             deltas += d.get("delta_tasks", 0); n += 1
+        wire = dict(zip(wire_keys, (out_b / max(n, 1), in_b / max(n, 1), deltas / max(n, 1))))
+    else:
+        old = previous.get((part, variant), {})
+        wire = {k: old.get(k, 0.0) for k in wire_keys}
     rows.append({"partition": part, "variant": variant,
                  "last10_by_seed": last10,
                  "mean": statistics.mean(last10.values()),
                  "std": statistics.stdev(last10.values()) if len(last10) > 1 else 0.0,
-                 "bytes_out_per_round": out_b / max(n, 1),
-                 "bytes_in_per_round": in_b / max(n, 1),
-                 "delta_tasks_per_round": deltas / max(n, 1)})
+                 **wire})
 base = {r["partition"]: r for r in rows if r["variant"] == "f32"}
 for r in rows:
     b = base.get(r["partition"])
@@ -83,3 +100,5 @@ with open(out / "downlink.csv", "w", newline="") as f:
                     f"{r['delta_tasks_per_round']:.1f}"])
 print(open(out / "downlink.csv").read())
 PY
+# The per-round logs are large; their byte counts now live in downlink.json.
+rm -f "$out"/*/aggregator-rounds.jsonl
