@@ -163,7 +163,8 @@ def main() -> int:
     print(f"wrote {INT8_ONNX} ({INT8_ONNX.stat().st_size:,} B, sha256 {sha256(INT8_ONNX.read_bytes())})")
     # Beside it, the int8-weights file that models/convert.py writes (scripts/fetch-model.sh).
     files = {"f32": FEATURES_ONNX, "int8": INT8_ONNX, "int8w": INT8W_ONNX}
-    report = {"bench": "int8_backbone", "calibration": {
+    report = {"bench": "int8_backbone", "int8_sha256": sha256(INT8_ONNX.read_bytes()),
+              "calibration": {
         "photos": CALIBRATION_PHOTOS, "wheel": SKIMAGE_WHEEL, "inputs": args.calibration,
         "side": args.side, "method": "MinMax", "seed": SEED}, "format": args.format,
         "sizes_bytes": {k: p.stat().st_size for k, p in files.items()},

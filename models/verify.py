@@ -316,7 +316,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=7, help="bench repeats (median taken)")
     ap.add_argument("--seconds", type=float, default=1.0, help="bench seconds per repeat")
     args = ap.parse_args()
-    for p in (FEATURES_ONNX, CLASSIFIER_ONNX):
+    for p in (FEATURES_ONNX, CLASSIFIER_ONNX, INT8W_ONNX):
         if not p.exists():
             sys.exit(f"verify: {p} missing; run scripts/fetch-model.sh")
     if args.bench:

@@ -72,8 +72,10 @@ fn main() {
     }
     let json = serde_json::json!({
         "bench": "tract_backbone",
-        "models": files.iter().map(|(w, m)| (w.to_string(), m.display().to_string()))
-            .collect::<std::collections::BTreeMap<_, _>>(),
+        "models": files.iter().map(|(w, m)| {
+            let name = m.file_name().unwrap_or_default().to_string_lossy();
+            (w.to_string(), format!("models/{name}"))
+        }).collect::<std::collections::BTreeMap<_, _>>(),
         "batch": 1, "threading": "one plan, one state per thread, images split across threads",
         "repeats": repeats, "rows": rows,
     });

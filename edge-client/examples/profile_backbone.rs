@@ -34,6 +34,10 @@ fn main() -> TractResult<()> {
         model.transform(&*t)?;
     }
     let plan = model.into_optimized()?.into_runnable()?;
+    #[cfg(not(feature = "multithread-mm"))]
+    if std::env::var_os("MT").is_some() {
+        eprintln!("MT is ignored: build the example with --features multithread-mm");
+    }
     #[cfg(feature = "multithread-mm")]
     {
         use tract_linalg::multithread as mt;

@@ -143,6 +143,13 @@ fn int8_weights_give_onnxruntimes_features() {
         return;
     };
     let model = model.with_file_name("mobilenet_v2_features_int8w.onnx");
+    if !model.exists() || cases.iter().any(|c| c.get("features_int8w").is_none()) {
+        let why = "no int8-weights model or reference (run scripts/fetch-model.sh, then \
+                   .venv-models/bin/python models/verify.py)";
+        assert!(!require_model(), "WSA_REQUIRE_MODEL=1 but {why}");
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let nnef = dir.path().join("int8w.nnef.tgz");
     edge_client::convert_onnx_to_nnef(&model, &nnef).unwrap();
@@ -157,6 +164,7 @@ fn int8_weights_give_onnxruntimes_features() {
                 .unwrap()
                 .features_of_inputs(&inputs, 2)
                 .unwrap();
+            assert_eq!(got.len(), want.len());
             let max_diff = max_abs_diff(got.iter().copied(), want.iter().copied());
             eprintln!(
                 "side {side}, {}: max |tract − onnxruntime| = {max_diff:e}",
