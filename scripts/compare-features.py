@@ -2,8 +2,10 @@
 """Row-by-row agreement of two feature caches of the same images (edge_client::cache layout),
 e.g. the f32 and the int8 backbone's features of the Fashion-MNIST test set, as JSON:
 
-  scripts/compare-features.py cache/fashion-mnist-test-96-10000.feat \
-      cache/int8/fashion-mnist-test-96-10000.feat [--out file.json]
+  scripts/compare-features.py cache/fashion-mnist-test-96-10000-aff2468fdaca.feat \
+      cache/fashion-mnist-test-96-10000-bcd2cfe69e60.feat [--out file.json]
+
+(cache files end in the first 12 hex digits of their backbone's sha256)
 """
 
 import argparse

@@ -63,10 +63,13 @@ assert m.version("flwr") == "1.42.0"' 2>/dev/null; then
 fi
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
 export FLWR_TELEMETRY_ENABLED=0 RAY_USAGE_STATS_ENABLED=0 RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0
+# The feature caches wsa-fl built, named by the backbone's sha256 (first 6 bytes).
+backbone=$(sha256sum models/mobilenet_v2_features.onnx | cut -c1-12)
 start=$(date +%s.%N)
 .venv-flower/bin/python scripts/flower_sim.py --rounds "$rounds" \
   --partition "$runs/wsa-fl/partition-seed0.json" \
-  --train cache/fashion-mnist-train-96-60000.feat --test cache/fashion-mnist-test-96-10000.feat \
+  --train "cache/fashion-mnist-train-96-60000-$backbone.feat" \
+  --test "cache/fashion-mnist-test-96-10000-$backbone.feat" \
   --out "$runs/flower.json"
 end=$(date +%s.%N)
 flower_total=$(awk "BEGIN { print $end - $start }")

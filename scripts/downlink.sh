@@ -36,9 +36,9 @@ for part in "${parts[@]}"; do
       int8) wire=(--encoding int8 --downlink-encoding int8) ;;
       int8-backbone)
         [ -f models/mobilenet_v2_features_int8.onnx ] || .venv-models/bin/python models/quantize.py
-        wire=(--model models/mobilenet_v2_features_int8.onnx --cache-dir cache/int8) ;;
+        wire=(--model models/mobilenet_v2_features_int8.onnx) ;;
       int8w-backbone)
-        wire=(--model models/mobilenet_v2_features_int8w.onnx --cache-dir cache/int8w) ;;
+        wire=(--model models/mobilenet_v2_features_int8w.onnx) ;;
       *) echo "unknown variant $variant" >&2; exit 2 ;;
     esac
     target/release/wsa-fl "${setup[@]}" "${partition[@]}" "${wire[@]}" --out "$out/$part-$variant"

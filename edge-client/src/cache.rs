@@ -124,6 +124,21 @@ pub enum CacheError {
     },
 }
 
+/// Where a data set's features live under `dir`: named by the data set, its split, the input
+/// side, the row count and the backbone (the first 6 bytes of its sha256 in hex), so the
+/// caches of two backbones sit side by side instead of each rebuilding over the other.
+pub fn cache_path(
+    dir: &Path,
+    dataset: &str,
+    split: &str,
+    side: usize,
+    rows: usize,
+    backbone_sha256: &[u8; 32],
+) -> PathBuf {
+    let backbone = hex::encode(&backbone_sha256[..6]);
+    dir.join(format!("{dataset}-{split}-{side}-{rows}-{backbone}.feat"))
+}
+
 /// sha256 over every image's size, channels and pixels and every label, in order: two data
 /// sets with the same digest give the same features under the same backbone.
 pub fn digest_images(set: &ImageSet) -> [u8; 32] {

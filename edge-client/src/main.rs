@@ -472,11 +472,14 @@ fn features(
         set.images.truncate(limit);
         set.labels.truncate(limit);
     }
-    let cache = source.cache_dir.join(format!(
-        "fashion-mnist-{split}-{}-{}.feat",
+    let cache = edge_client::cache::cache_path(
+        &source.cache_dir,
+        "fashion-mnist",
+        split,
         source.side,
-        set.len()
-    ));
+        set.len(),
+        &backbone.sha256(),
+    );
     let started = Instant::now();
     let (features, outcome) = cached_features(backbone, &set, &cache, source.threads, true)?;
     tracing::info!(

@@ -172,3 +172,15 @@ fn a_non_finite_feature_in_an_intact_file_is_refused() {
         Err(CacheError::Invalid { .. })
     ));
 }
+
+#[test]
+fn each_backbone_has_its_own_cache_file() {
+    let dir = Path::new("cache");
+    let (f32_sha, int8_sha) = ([1u8; 32], [2u8; 32]);
+    let f32_file = edge_client::cache::cache_path(dir, "fmnist", "train", 96, 600, &f32_sha);
+    assert_eq!(f32_file, dir.join("fmnist-train-96-600-010101010101.feat"));
+    assert_ne!(
+        f32_file,
+        edge_client::cache::cache_path(dir, "fmnist", "train", 96, 600, &int8_sha)
+    );
+}

@@ -85,7 +85,14 @@ pub(crate) fn load_data(source: &DataSource) -> Result<Dataset> {
                     set.images.truncate(limit);
                     set.labels.truncate(limit);
                 }
-                let cache = cache_dir.join(format!("{stem}-{name}-{side}-{}.feat", set.len()));
+                let cache = edge_client::cache::cache_path(
+                    cache_dir,
+                    &stem,
+                    name,
+                    *side,
+                    set.len(),
+                    &backbone.sha256(),
+                );
                 tracing::info!(
                     split = name,
                     images = set.len(),
