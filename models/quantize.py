@@ -10,8 +10,8 @@ tract runs as float convs on dequantized weights with quantized activations: abo
 f32 time in tract 0.23.9, against 50x for the QOperator format's QLinearConv, see docs/benchmarks.md;
 `--format qoperator` writes that one). Residual adds and the pooling stay float. Also writes
 target/bench/int8_backbone.json with the features' agreement with the f32 model on the test
-images, for this file and for the int8-weights one of models/convert.py, and onnxruntime's
-images/s for all three.
+images, for this file and for the int8-weights one of models/convert.py. onnxruntime's
+images/s for all three come from `verify.py --bench`, in one interleaved run.
 
 Calibration uses natural photographs that ship inside the scikit-image wheel (astronaut, cat,
 coffee, rocket, motorcycles, ...), never the test images: random crops and flips of them, resized
@@ -22,12 +22,10 @@ to the side and preprocessed exactly as verify.py does. The wheel is fetched by 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 
@@ -44,10 +42,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from verify import (  # noqa: E402
-    FEATURES_ONNX, INT8W_ONNX, ROOT, imagenet_files, load_rgb, preprocess, session,
+    FEATURES_ONNX, INT8_ONNX, INT8W_ONNX, ROOT, imagenet_files, load_rgb, preprocess, session,
+    sha256,
 )
 
-INT8_ONNX = ROOT / "models" / "mobilenet_v2_features_int8.onnx"
 OUT_JSON = ROOT / "target" / "bench" / "int8_backbone.json"
 CACHE = ROOT / ".cache" / "wheels"
 # A fixed platform so every host downloads the same file; only its PNG/JPEG members are read.
@@ -62,10 +60,6 @@ CALIBRATION_PHOTOS = [
 SEED = 20261201
 
 
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def skimage_photos() -> list[Image.Image]:
     wheel = CACHE / SKIMAGE_WHEEL
     if not wheel.exists():
@@ -77,8 +71,8 @@ def skimage_photos() -> list[Image.Image]:
             check=True,
         )
     data = wheel.read_bytes()
-    if sha256(data) != SKIMAGE_SHA256:
-        sys.exit(f"quantize: {wheel} has sha256 {sha256(data)}, expected {SKIMAGE_SHA256}")
+    if (got := sha256(wheel)) != SKIMAGE_SHA256:
+        sys.exit(f"quantize: {wheel} has sha256 {got}, expected {SKIMAGE_SHA256}")
     with zipfile.ZipFile(io.BytesIO(data)) as z:
         return [Image.open(io.BytesIO(z.read(f"skimage/data/{n}"))).convert("RGB")
                 for n in CALIBRATION_PHOTOS]
@@ -107,20 +101,6 @@ class Reader(CalibrationDataReader):
 
     def get_next(self):
         return next(self.items, None)
-
-
-def images_per_s(sess, x: np.ndarray, seconds: float = 3.0) -> float:
-    name = sess.get_inputs()[0].name
-    for _ in range(5):
-        sess.run(None, {name: x})
-    rates = []
-    for _ in range(5):
-        n, t = 0, time.perf_counter()
-        while time.perf_counter() - t < seconds / 5:
-            sess.run(None, {name: x})
-            n += 1
-        rates.append(n / (time.perf_counter() - t))
-    return sorted(rates)[2]
 
 
 def agreement(path: Path, side: int) -> dict:
@@ -160,30 +140,20 @@ def main() -> int:
     model = onnx.load(str(INT8_ONNX))
     del model.graph.value_info[:]
     onnx.save(model, str(INT8_ONNX))
-    print(f"wrote {INT8_ONNX} ({INT8_ONNX.stat().st_size:,} B, sha256 {sha256(INT8_ONNX.read_bytes())})")
+    print(f"wrote {INT8_ONNX} ({INT8_ONNX.stat().st_size:,} B, sha256 {sha256(INT8_ONNX)})")
     # Beside it, the int8-weights file that models/convert.py writes (scripts/fetch-model.sh).
     files = {"f32": FEATURES_ONNX, "int8": INT8_ONNX, "int8w": INT8W_ONNX}
-    report = {"bench": "int8_backbone", "int8_sha256": sha256(INT8_ONNX.read_bytes()),
+    report = {"bench": "int8_backbone", "int8_sha256": sha256(INT8_ONNX),
               "calibration": {
         "photos": CALIBRATION_PHOTOS, "wheel": SKIMAGE_WHEEL, "inputs": args.calibration,
         "side": args.side, "method": "MinMax", "seed": SEED}, "format": args.format,
         "sizes_bytes": {k: p.stat().st_size for k, p in files.items()},
-        "agreement": {k: [agreement(files[k], s) for s in (96, 224)] for k in ("int8", "int8w")},
-        "onnxruntime_images_per_s": []}
+        "agreement": {k: [agreement(files[k], s) for s in (96, 224)] for k in ("int8", "int8w")}}
     for k, rows in report["agreement"].items():
         for a in rows:
             print(f"{k} features at {a['side']}²: cosine min {a['cosine_min']:.4f} mean "
                   f"{a['cosine_mean']:.4f}, relative L2 mean {a['relative_l2_mean']:.4f} "
                   f"max {a['relative_l2_max']:.4f}")
-    rng = np.random.default_rng(SEED)
-    for side in (96, 224):
-        x = rng.standard_normal((1, 3, side, side), dtype=np.float32)
-        for threads in (1, 2):
-            row = {"side": side, "threads": threads}
-            row |= {k: images_per_s(session(p, threads), x) for k, p in files.items()}
-            print(f"onnxruntime {side}² {threads} thread(s) images/s: "
-                  + ", ".join(f"{k} {row[k]:.1f}" for k in files))
-            report["onnxruntime_images_per_s"].append(row)
     OUT_JSON.parent.mkdir(parents=True, exist_ok=True)
     OUT_JSON.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {OUT_JSON}")

@@ -7,7 +7,9 @@
                           96x96 and 224x224, format below).
   verify.py --bench   onnxruntime images/s of mobilenet_v2_features.onnx at 96x96 and 224x224,
                       batch 1, intra_op_num_threads 1 and 2, preprocessing excluded, median of
-                      repeats -> target/bench/ort_backbone.json. Runs only the benchmark.
+                      repeats -> target/bench/ort_backbone.json; also of the int8-weights file
+                      and of quantize.py's static int8 file when it exists, interleaved with
+                      the f32 runs. Runs only the benchmark.
 
 Preprocessing (as the Rust side must do it): RGB, /255, minus mean (0.485,0.456,0.406), divided
 by std (0.229,0.224,0.225), NCHW float32. For classification every image is resized (PIL bilinear,
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import os
 import platform
@@ -44,6 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
 FEATURES_ONNX = MODELS / "mobilenet_v2_features.onnx"
 INT8W_ONNX = MODELS / "mobilenet_v2_features_int8w.onnx"
+INT8_ONNX = MODELS / "mobilenet_v2_features_int8.onnx"  # models/quantize.py, not fetched
 CLASSIFIER_ONNX = MODELS / "mobilenet_v2_classifier.onnx"
 IMAGES = MODELS / "testdata" / "imagenet"
 REFERENCE = MODELS / "testdata" / "reference"
@@ -244,11 +248,14 @@ def bench(repeats: int, seconds: float) -> None:
     processes kept busy meanwhile, and `quiet_*` figures use only the repeats where that was
     under 0.25 CPU."""
     load_before = loadavg()
+    models = {"f32": FEATURES_ONNX, "int8w": INT8W_ONNX}
+    if INT8_ONNX.exists():
+        models["int8"] = INT8_ONNX
     configs = []
-    for size in (96, 224):
+    for (model, path), size in itertools.product(models.items(), (96, 224)):
         x = np.random.default_rng(size).standard_normal((1, 3, size, size)).astype(np.float32)
         for threads in (1, 2):
-            sess = session(FEATURES_ONNX, threads)
+            sess = session(path, threads)
             feed = {"input": x}
             # Warm up, and find how many runs fill about `seconds`.
             t0 = time.perf_counter()
@@ -257,7 +264,8 @@ def bench(repeats: int, seconds: float) -> None:
                 sess.run(["features"], feed)
                 n += 1
             runs = max(3, int(seconds * n / (time.perf_counter() - t0)))
-            configs.append({"size": size, "threads": threads, "sess": sess, "feed": feed,
+            configs.append({"model": model, "size": size, "threads": threads, "sess": sess,
+                            "feed": feed,
                             "runs": runs, "rates": [], "other": []})
     for _ in range(repeats):
         for c in configs:
@@ -279,7 +287,7 @@ def bench(repeats: int, seconds: float) -> None:
         quiet = [r for r, o in zip(rates, other) if o < 0.25]
         qmed = statistics.median(quiet) if quiet else None
         results.append({
-            "size": c["size"], "threads": c["threads"], "batch": 1,
+            "model": c["model"], "size": c["size"], "threads": c["threads"], "batch": 1,
             "images_per_s": round(med, 2), "ms_per_image": round(1000.0 / med, 3),
             "runs_per_repeat": c["runs"], "repeats": repeats,
             "min_images_per_s": round(min(rates), 2), "max_images_per_s": round(max(rates), 2),
@@ -287,13 +295,13 @@ def bench(repeats: int, seconds: float) -> None:
             "quiet_repeats": len(quiet),
             "quiet_images_per_s": round(qmed, 2) if qmed else None,
         })
-        print(f"bench: {c['size']:3d}x{c['size']:<3d} threads {c['threads']}: {med:7.1f} images/s "
+        print(f"bench: {c['model']:5s} {c['size']:3d}x{c['size']:<3d} threads {c['threads']}: {med:7.1f} images/s "
               f"({1000.0 / med:.2f} ms/image; range {min(rates):.1f}..{max(rates):.1f}; "
               f"others busy {statistics.median(other):.2f} CPUs; "
               f"quiet repeats {len(quiet)}/{repeats}" + (f" median {qmed:.1f})" if qmed else ")"))
     out = {
         "benchmark": "onnxruntime MobileNetV2 features, batch 1, preprocessing excluded",
-        "model": {"file": FEATURES_ONNX.name, "sha256": sha256(FEATURES_ONNX)},
+        "models": {k: {"file": p.name, "sha256": sha256(p)} for k, p in models.items()},
         "onnxruntime": ort.__version__,
         "session": {"inter_op_num_threads": 1, "execution_mode": "sequential",
                     "graph_optimization_level": "all", "provider": "CPUExecutionProvider"},

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 export PATH="$HOME/.cargo/bin:$PATH"
 scripts/fetch-model.sh
-# Writes models/mobilenet_v2_features_int8.onnx and onnxruntime's figures for both files.
+# Writes models/mobilenet_v2_features_int8.onnx, which both benches below time too.
 .venv-models/bin/python models/quantize.py
 cargo bench --locked -p wsa --bench train_epoch
 cargo bench --locked -p edge-client --bench backbone
@@ -15,10 +15,8 @@ cargo bench --locked -p edge-client --bench backbone
 .venv-models/bin/python - <<'PY'
 import json
 tract = json.load(open("target/bench/tract_backbone.json"))["rows"]
-ort = {("f32", r["size"], r["threads"]): r["images_per_s"]
+ort = {(r["model"], r["size"], r["threads"]): r["images_per_s"]
        for r in json.load(open("target/bench/ort_backbone.json"))["results"]}
-ort |= {(k, r["side"], r["threads"]): r[k] for k in ("int8", "int8w")
-        for r in json.load(open("target/bench/int8_backbone.json"))["onnxruntime_images_per_s"]}
 print("| weights | side | threads | tract images/s | onnxruntime images/s | tract time / ort time |")
 print("|---|---|---|---|---|---|")
 for r in tract:
